@@ -1,0 +1,132 @@
+"""Training throughput of the default CNN: per-step loop vs compiled loop.
+
+    python benchmarks/train_throughput.py --config configs/default.py --rounds 5 \
+        [--time_to_accuracy]
+
+Each round times both loops on the same real Fashion-MNIST batches, one after
+the other, so their ratio is measured under the same machine load. Reports
+medians over rounds: training images/s for each loop and their ratio, compile
+seconds, eval images/s, peak RSS, and (with --time_to_accuracy) the wall
+seconds of `train_and_evaluate` from start to 91% test accuracy.
+"""
+
+import resource
+import statistics
+import tempfile
+import time
+
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from cnnflat_jax import models, train_lib, trainer
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Config to time.")
+_ROUNDS = flags.DEFINE_integer("rounds", 5, "Timed rounds; medians are reported.")
+_STEPS = flags.DEFINE_integer("steps", 40, "Training steps timed per loop per round.")
+_TIME_TO_ACCURACY = flags.DEFINE_boolean(
+    "time_to_accuracy", False, "Also train the config until 91% test accuracy."
+)
+
+
+def timed(fn):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    return time.perf_counter() - start
+
+
+def main(_):
+    config = _CONFIG.value
+    data = trainer.load_data(config)
+    fields = dict(config.model)
+    model = models.create_model(fields.pop("name"), data.num_classes, **fields)
+    steps = train_lib.steps_per_epoch(len(data.train_labels), config.batch_size)
+    tx = train_lib.create_optimizer(config, steps)
+    state = train_lib.create_train_state(model, data.image_shape, tx, jax.random.key(0))
+    batch = config.batch_size
+    indices, mask = train_lib.epoch_plan(
+        jax.random.key(1), 1, len(data.train_labels), batch, _STEPS.value
+    )
+    images, labels = jax.device_put(data.train_images), jax.device_put(data.train_labels)
+    eval_data = train_lib.eval_arrays(data.test_images, data.test_labels, config.eval_batch_size)
+
+    compile_sec = {}
+    start = time.perf_counter()
+    compiled_loop = train_lib.train_steps.lower(
+        state, images, labels, indices[0], mask[0]
+    ).compile()
+    compile_sec["compiled"] = time.perf_counter() - start
+    start = time.perf_counter()
+    host_batch = next(
+        train_lib.per_step_batches(data.train_images, data.train_labels, indices[0], mask[0])
+    )
+    per_step = train_lib.train_step.lower(state, host_batch).compile()
+    compile_sec["per_step"] = time.perf_counter() - start
+    start = time.perf_counter()
+    eval_fn = train_lib.eval_batches.lower(state, *eval_data).compile()
+    compile_sec["eval"] = time.perf_counter() - start
+
+    def run_per_step(plan):
+        nonlocal state
+        for host_batch in train_lib.per_step_batches(data.train_images, data.train_labels, *plan):
+            state, metrics = per_step(state, host_batch)
+        return state
+
+    def run_compiled(plan):
+        nonlocal state
+        state, metrics = compiled_loop(state, images, labels, *plan)
+        return state
+
+    # Warm-up, then rounds: both loops on the same plans, back to back.
+    timed(lambda: run_per_step((indices[0], mask[0])))
+    timed(lambda: run_compiled((indices[0], mask[0])))
+    rates = {"per_step": [], "compiled": [], "ratio": [], "eval": []}
+    for r in range(_ROUNDS.value):
+        plan = (indices[1 + r % (len(indices) - 1)], mask[1 + r % (len(indices) - 1)])
+        per = _STEPS.value * batch / timed(lambda plan=plan: run_per_step(plan))
+        comp = _STEPS.value * batch / timed(lambda plan=plan: run_compiled(plan))
+        ev = len(data.test_labels) / timed(lambda: eval_fn(state, *eval_data))
+        for name, value in zip(rates, (per, comp, comp / per, ev)):
+            rates[name].append(value)
+        logging.info(
+            "round %d: per-step %.0f, compiled %.0f img/s (x%.2f), eval %.0f img/s",
+            r,
+            per,
+            comp,
+            comp / per,
+            ev,
+        )
+
+    median = {name: statistics.median(values) for name, values in rates.items()}
+    rows = [
+        ("train images/s, per-step loop", f"{median['per_step']:.0f}"),
+        ("train images/s, compiled loop", f"{median['compiled']:.0f}"),
+        ("compiled / per-step (same round)", f"{median['ratio']:.2f}"),
+        ("eval images/s", f"{median['eval']:.0f}"),
+        (f"compile s, compiled loop ({_STEPS.value} steps)", f"{compile_sec['compiled']:.2f}"),
+        ("compile s, per-step train_step", f"{compile_sec['per_step']:.2f}"),
+        ("compile s, eval", f"{compile_sec['eval']:.2f}"),
+    ]
+    if _TIME_TO_ACCURACY.value:
+        config.stop_at_test_accuracy = 0.91
+        config.progress_bar = False
+        with tempfile.TemporaryDirectory() as workdir:
+            start = time.perf_counter()
+            result = trainer.train_and_evaluate(config, workdir)
+            wall = time.perf_counter() - start
+        reached = result["test_accuracy"] >= 0.91
+        rows.append(
+            ("wall s to 91% test accuracy" if reached else "91% NOT reached; wall s",
+             f"{wall:.0f} (epoch {result['epoch']}, {result['test_accuracy']:.4f})")
+        )  # fmt: skip
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rows.append(("peak RSS MiB", f"{peak_mib:.0f}"))
+    print(f"\nDefault CNN, batch {batch}, {_ROUNDS.value} rounds x {_STEPS.value} steps, "
+          f"{jax.devices()[0].device_kind}, jax {jax.__version__}")  # fmt: skip
+    print("| measure | median |\n|---|---|")
+    for name, value in rows:
+        print(f"| {name} | {value} |")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,19 @@
+"""cnnflat_jax: CNNs as pure JAX functions, a Flax model and a compiled trainer.
+
+The public API is re-exported here; other names may change.
+"""
+
+from cnnflat_jax.models import CNN, MLP, create_model
+from cnnflat_jax.ops import avg_pool, conv2d, dense, flatten, max_pool, relu
+
+__all__ = [
+    "CNN",
+    "MLP",
+    "avg_pool",
+    "conv2d",
+    "create_model",
+    "dense",
+    "flatten",
+    "max_pool",
+    "relu",
+]

@@ -1,0 +1,71 @@
+"""Reads MNIST-format IDX files (raw or gzip), checking them as it goes.
+
+Format: two zero bytes, a type code (0x08 = unsigned byte), the number of
+dimensions, one big-endian uint32 per dimension, then the data in row-major
+order. Every defect raises ``IdxError`` naming the file and what is wrong.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+import zlib
+
+import numpy as np
+
+_UBYTE = 0x08
+
+
+class IdxError(ValueError):
+    """A missing, truncated or corrupt IDX file."""
+
+
+def read_idx(path: str | os.PathLike, *, ndim: int) -> np.ndarray:
+    """Reads an unsigned-byte IDX file with ``ndim`` dimensions.
+
+    Args:
+      path: ``*.gz`` (gzip) or a raw IDX file.
+      ndim: 1 for label files, 3 for image files.
+
+    Returns:
+      A uint8 array with the shape stored in the header.
+
+    Raises:
+      IdxError: the file is missing, not gzip although named ``.gz``, truncated,
+        has the wrong magic number or dimension count, or holds extra bytes.
+    """
+    path = os.fspath(path)
+    try:
+        if path.endswith(".gz"):
+            with gzip.open(path, "rb") as f:
+                data = f.read()
+        else:
+            with open(path, "rb") as f:
+                data = f.read()
+    except FileNotFoundError:
+        raise IdxError(f"{path}: file not found") from None
+    except (OSError, EOFError, zlib.error) as e:
+        raise IdxError(f"{path}: not a readable gzip file ({e}); is it truncated?") from None
+    if len(data) < 4:
+        raise IdxError(f"{path}: {len(data)} bytes, too short for an IDX header")
+    zero, dtype_code, dims = struct.unpack(">HBB", data[:4])
+    if zero != 0 or dtype_code != _UBYTE:
+        raise IdxError(
+            f"{path}: bad magic number 0x{data[:4].hex()}; "
+            f"expected 0x0000080{ndim} (unsigned-byte IDX with {ndim} dimensions)"
+        )
+    if dims != ndim:
+        raise IdxError(f"{path}: has {dims} dimensions, expected {ndim}")
+    header_size = 4 + 4 * dims
+    if len(data) < header_size:
+        raise IdxError(f"{path}: truncated inside the header")
+    shape = struct.unpack(f">{dims}I", data[4:header_size])
+    expected = int(np.prod(shape)) + header_size
+    if len(data) != expected:
+        problem = "truncated" if len(data) < expected else "has trailing bytes"
+        raise IdxError(
+            f"{path}: {problem}: header says shape {shape} ({expected} bytes), "
+            f"file holds {len(data)} bytes"
+        )
+    return np.frombuffer(data, np.uint8, offset=header_size).reshape(shape)

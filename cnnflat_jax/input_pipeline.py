@@ -1,0 +1,234 @@
+"""Datasets -> in-memory uint8 arrays; the only module that knows about TFDS.
+
+Two sources feed the same ``Dataset``: a TFDS catalog dataset (prepared in
+``data_dir``, or downloaded when online) and a local directory of MNIST-format
+IDX files, such as Debian's ``dataset-fashion-mnist`` package. TensorFlow is
+imported only for the TFDS source, and is kept off accelerators.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+
+import numpy as np
+from absl import logging
+
+from cnnflat_jax.idx import IdxError, read_idx
+
+SOURCES = ("auto", "tfds", "idx")
+
+# Where Debian packages put IDX copies (`apt-get install dataset-fashion-mnist`).
+DEBIAN_IDX_DIRS = {"fashion_mnist": "/usr/share/datasets/fashion-mnist"}
+
+_IDX_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+
+class DatasetError(RuntimeError):
+    """No source could provide the dataset; the message says what was tried."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    """A labelled image dataset held in host memory.
+
+    Images are uint8 NHWC ``(N, H, W, C)``; labels are int32 ``(N,)`` in
+    ``[0, num_classes)``.
+    """
+
+    name: str
+    source: str
+    num_classes: int
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.train_images.shape[1:])
+
+    def take(self, num_train: int = 0, num_test: int = 0) -> Dataset:
+        """The first ``num_train``/``num_test`` examples (0 keeps all)."""
+        return dataclasses.replace(
+            self,
+            train_images=self.train_images[: num_train or None],
+            train_labels=self.train_labels[: num_train or None],
+            test_images=self.test_images[: num_test or None],
+            test_labels=self.test_labels[: num_test or None],
+        )
+
+
+def load_dataset(
+    name: str,
+    *,
+    source: str = "auto",
+    data_dir: str | None = None,
+    idx_dir: str | None = None,
+) -> Dataset:
+    """Loads the train and test splits of ``name``.
+
+    Args:
+      name: a TFDS catalog name, e.g. "fashion_mnist", "mnist", "kmnist",
+        "cifar10".
+      source: "tfds", "idx", or "auto", which tries in turn: IDX files in
+        ``idx_dir``; TFDS data already prepared in ``data_dir``; the Debian
+        IDX copy of the dataset; a TFDS download into ``data_dir``.
+      data_dir: the TFDS data directory (TFDS's default when None).
+      idx_dir: a directory holding ``train-images-idx3-ubyte[.gz]``,
+        ``train-labels-idx1-ubyte[.gz]``, ``t10k-images-idx3-ubyte[.gz]`` and
+        ``t10k-labels-idx1-ubyte[.gz]``.
+
+    Raises:
+      ValueError: an unknown ``source``.
+      IdxError: an IDX file that exists but is truncated or corrupt.
+      DatasetError: no source could provide the data; lists what was tried.
+    """
+    if source not in SOURCES:
+        raise ValueError(f"unknown data source {source!r}; choose one of {SOURCES}")
+    debian_dir = DEBIAN_IDX_DIRS.get(name)
+    if source == "idx":
+        plan = [("idx", idx_dir or debian_dir)] if idx_dir or debian_dir else []
+    elif source == "tfds":
+        plan = [("tfds", True)]
+    else:
+        plan = [("idx", idx_dir)] if idx_dir else []
+        plan.append(("tfds", False))
+        if debian_dir and debian_dir != idx_dir:
+            plan.append(("idx", debian_dir))
+        plan.append(("tfds", True))
+    attempts: list[str] = []
+    for kind, arg in plan:
+        if kind == "idx" and not os.path.isdir(arg):
+            attempts.append(f"IDX files in {arg}: no such directory")
+            continue
+        try:
+            dataset = (
+                _load_idx(name, arg) if kind == "idx" else _load_tfds(name, data_dir, download=arg)
+            )
+        except _NotAvailable as e:
+            attempts.append(f"TFDS {name!r} ({'download' if arg else 'prepared copy'}): {e}")
+            continue
+        logging.info("Loaded %s from %s", name, dataset.source)
+        return dataset
+    raise DatasetError(_not_found_message(name, source, attempts))
+
+
+def _not_found_message(name: str, source: str, attempts: list[str]) -> str:
+    tried = "\n".join(f"  - {a}" for a in attempts) or "  - nothing: no IDX directory given"
+    fixes = [
+        "pass a directory of MNIST-format IDX files: --config.idx_dir=/path/to/dir",
+        "or go online so TFDS can download it (--config.data_source=tfds), "
+        "or point --config.data_dir at a TFDS data directory where it is prepared",
+    ]
+    if name == "fashion_mnist":
+        fixes.insert(0, "install Debian's copy: sudo apt-get install -y dataset-fashion-mnist")
+    fix = "\n".join(f"  - {f}" for f in fixes)
+    return f"could not load dataset {name!r} (source={source!r}). Tried:\n{tried}\nTo fix:\n{fix}"
+
+
+def _find_idx_file(directory: str, stem: str) -> str:
+    for candidate in (stem + ".gz", stem):
+        path = os.path.join(directory, candidate)
+        if os.path.exists(path):
+            return path
+    raise IdxError(f"{directory}: no {stem} or {stem}.gz")
+
+
+def _load_idx(name: str, directory: str) -> Dataset:
+    arrays = {}
+    for split, (images_stem, labels_stem) in _IDX_FILES.items():
+        images_path = _find_idx_file(directory, images_stem)
+        labels_path = _find_idx_file(directory, labels_stem)
+        images = read_idx(images_path, ndim=3)
+        labels = read_idx(labels_path, ndim=1)
+        if len(images) != len(labels):
+            raise IdxError(
+                f"{labels_path}: {len(labels)} labels for {len(images)} images in {images_path}"
+            )
+        arrays[split] = (images[..., None], labels.astype(np.int32))
+    # IDX files carry no class list: the classes are the labels that occur.
+    num_classes = int(max(arrays["train"][1].max(), arrays["test"][1].max())) + 1
+    return Dataset(
+        name=name,
+        source=f"IDX files in {directory}",
+        num_classes=num_classes,
+        train_images=arrays["train"][0],
+        train_labels=arrays["train"][1],
+        test_images=arrays["test"][0],
+        test_labels=arrays["test"][1],
+    )
+
+
+class _NotAvailable(Exception):
+    """TFDS could not provide the dataset (not prepared, or download failed)."""
+
+
+def _import_tensorflow_cpu_only():
+    import tensorflow as tf
+
+    try:
+        # TF must not take accelerator memory that JAX needs.
+        tf.config.set_visible_devices([], "GPU")
+        tf.config.set_visible_devices([], "TPU")
+    except (RuntimeError, ValueError):
+        pass  # Devices already initialised (hidden earlier) or no TPU type.
+    return tf
+
+
+def _load_tfds(name: str, data_dir: str | None, *, download: bool) -> Dataset:
+    import tensorflow_datasets as tfds  # Light: TensorFlow itself loads below.
+
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError as e:
+        raise DatasetError(f"{name!r} is not in the TFDS catalog: {e}") from None
+    if not download and not builder.is_prepared():
+        raise _NotAvailable(f"not prepared in {builder.data_dir}")
+    _import_tensorflow_cpu_only()
+    if not builder.is_prepared():
+        _download_and_prepare(builder)
+    info = builder.info
+    splits = {}
+    for split in ("train", "test"):
+        ds = builder.as_dataset(split=split, shuffle_files=False).batch(10_000)
+        batches = list(tfds.as_numpy(ds))
+        images = np.concatenate([b["image"] for b in batches])
+        labels = np.concatenate([b["label"] for b in batches]).astype(np.int32)
+        splits[split] = (images, labels)
+    return Dataset(
+        name=name,
+        source=f"TFDS {name} {info.version} in {builder.data_dir}",
+        num_classes=info.features["label"].num_classes,
+        train_images=splits["train"][0],
+        train_labels=splits["train"][1],
+        test_images=splits["test"][0],
+        test_labels=splits["test"][1],
+    )
+
+
+def _download_and_prepare(builder) -> None:
+    """Downloads and prepares; on failure removes whatever this call created."""
+    roots = [os.path.dirname(builder.data_dir)]
+    roots += [os.path.join(os.path.dirname(roots[0]), "downloads")]
+    before = {root: set(os.listdir(root)) if os.path.isdir(root) else None for root in roots}
+    try:
+        builder.download_and_prepare()
+    except Exception as e:  # Any failure (network, disk) must leave no debris.
+        for root, entries in before.items():
+            if not os.path.isdir(root):
+                continue
+            if entries is None:
+                shutil.rmtree(root, ignore_errors=True)
+                continue
+            for entry in set(os.listdir(root)) - entries:
+                path = os.path.join(root, entry)
+                if os.path.isdir(path):
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    os.remove(path)
+        raise _NotAvailable(f"download failed: {type(e).__name__}: {e}") from e

@@ -1,0 +1,116 @@
+"""Flax Linen models built only from the pure functions in ``ops``.
+
+``CNN`` is the classic recipe (conv -> ReLU -> pool blocks, flatten, dense
+layers); ``MLP`` flattens raw pixels straight into dense layers. Layer sizes
+after the flatten are read from the shapes at initialisation, never written
+down.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from cnnflat_jax import ops
+
+POOLS: dict[str, Callable] = {"max": ops.max_pool, "avg": ops.avg_pool}
+
+
+class Conv2D(nn.Module):
+    """``ops.conv2d`` with its HWIO kernel and bias as parameters."""
+
+    features: int
+    kernel_size: int = 3
+    padding: str = "SAME"
+
+    @nn.compact
+    def __call__(self, x_NHWC: jnp.ndarray) -> jnp.ndarray:
+        c_in = x_NHWC.shape[-1]
+        kernel = self.param(
+            "kernel",
+            nn.initializers.lecun_normal(),
+            (self.kernel_size, self.kernel_size, c_in, self.features),
+        )
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
+        return ops.conv2d(x_NHWC, kernel, bias, padding=self.padding)
+
+
+class Dense(nn.Module):
+    """``ops.dense`` with its ``(in, out)`` kernel and bias as parameters."""
+
+    features: int
+
+    @nn.compact
+    def __call__(self, x_NxD: jnp.ndarray) -> jnp.ndarray:
+        kernel = self.param(
+            "kernel", nn.initializers.lecun_normal(), (x_NxD.shape[-1], self.features)
+        )
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
+        return ops.dense(x_NxD, kernel, bias)
+
+
+class CNN(nn.Module):
+    """Conv blocks -> flatten -> dense layers -> logits.
+
+    Each block is conv2d (``kernel_size`` square, SAME) -> relu -> pool
+    (``pool`` "max" or "avg", window and stride ``pool_window``). The defaults
+    are the classic MNIST network: conv32 -> pool -> conv64 -> pool -> flatten
+    (7x7x64 = 3136 on 28x28 inputs) -> dense 256 -> dense ``num_classes``.
+    """
+
+    num_classes: int = 10
+    conv_features: Sequence[int] = (32, 64)
+    kernel_size: int = 3
+    pool: str = "max"
+    pool_window: int = 2
+    dense_features: Sequence[int] = (256,)
+
+    @nn.compact
+    def __call__(self, x_NHWC: jnp.ndarray) -> jnp.ndarray:
+        pool = POOLS[self.pool]
+        for features in self.conv_features:
+            x_NHWC = Conv2D(features, self.kernel_size)(x_NHWC)
+            x_NHWC = pool(ops.relu(x_NHWC), self.pool_window)
+        x_NxD = ops.flatten(x_NHWC)
+        for features in self.dense_features:
+            x_NxD = ops.relu(Dense(features)(x_NxD))
+        return Dense(self.num_classes)(x_NxD)
+
+
+class MLP(nn.Module):
+    """Flattens raw pixels, then dense layers with ReLU -> logits."""
+
+    num_classes: int = 10
+    dense_features: Sequence[int] = (256,)
+
+    @nn.compact
+    def __call__(self, x_NHWC: jnp.ndarray) -> jnp.ndarray:
+        x_NxD = ops.flatten(x_NHWC)
+        for features in self.dense_features:
+            x_NxD = ops.relu(Dense(features)(x_NxD))
+        return Dense(self.num_classes)(x_NxD)
+
+
+MODELS: dict[str, type[nn.Module]] = {"cnn": CNN, "mlp": MLP}
+
+
+def create_model(name: str, num_classes: int, **fields) -> nn.Module:
+    """Builds ``MODELS[name]`` with ``num_classes`` and the given fields.
+
+    Raises:
+      ValueError: for an unknown model name, field or pooling kind.
+    """
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
+    cls = MODELS[name]
+    known = set(cls.__dataclass_fields__) - {"parent", "name", "num_classes"}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ValueError(
+            f"model {name!r} has no field(s) {unknown}; its fields are {sorted(known)}"
+        )
+    if fields.get("pool", "max") not in POOLS:
+        raise ValueError(f"unknown pool {fields['pool']!r}; choose one of {sorted(POOLS)}")
+    return cls(num_classes=num_classes, **fields)

@@ -1,0 +1,428 @@
+"""Pure CNN layer functions: conv2d, relu, max_pool, avg_pool, flatten, dense.
+
+Layouts are channels-last: images NHWC ``(N, H, W, C)`` or a single example
+HWC ``(H, W, C)``; convolution kernels HWIO ``(kh, kw, C_in, C_out)``; dense
+kernels ``(in, out)``. Every function is pure and works under ``jax.jit``,
+``jax.grad`` and ``jax.vmap``. Shapes are checked in Python, so a mistake
+raises a ``ValueError``/``TypeError`` naming the argument instead of an XLA
+error.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.typing import ArrayLike
+
+Array = jnp.ndarray
+IntOrPair = int | tuple[int, int]
+Padding = str | Sequence[tuple[int, int]]
+
+__all__ = ["conv2d", "relu", "max_pool", "avg_pool", "flatten", "dense"]
+
+
+def _pair(value: IntOrPair, name: str, fn: str) -> tuple[int, int]:
+    """Returns ``value`` as a pair of positive ints, or raises naming ``name``."""
+    pair = (value, value) if isinstance(value, int) else value
+    if (
+        not isinstance(pair, (tuple, list))
+        or len(pair) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair)
+    ):
+        raise TypeError(f"{fn}: {name} must be an int or a pair of ints, got {value!r}")
+    if min(pair) < 1:
+        raise ValueError(f"{fn}: {name} must be >= 1, got {value!r}")
+    return int(pair[0]), int(pair[1])
+
+
+def _as_nhwc(x: ArrayLike, name: str, fn: str) -> tuple[Array, bool]:
+    """Returns ``x`` as NHWC and whether it was a single HWC example."""
+    x = jnp.asarray(x)
+    if x.ndim == 3:
+        return x[None], True
+    if x.ndim == 4:
+        return x, False
+    raise ValueError(
+        f"{fn}: {name} must be NHWC (N, H, W, C) or HWC (H, W, C), got shape {tuple(x.shape)}"
+    )
+
+
+def _explicit_padding(
+    padding: Padding,
+    in_hw: tuple[int, int],
+    window_hw: tuple[int, int],
+    stride_hw: tuple[int, int],
+    fn: str,
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Resolves "SAME"/"VALID"/explicit padding to ((top, bottom), (left, right)).
+
+    SAME follows TensorFlow: output size ceil(in / stride), and an odd total pad
+    puts the extra cell at the end (bottom/right).
+    """
+    if isinstance(padding, str):
+        mode = padding.upper()
+        if mode == "VALID":
+            return (0, 0), (0, 0)
+        if mode == "SAME":
+            pads = []
+            for size, window, stride in zip(in_hw, window_hw, stride_hw):
+                out = -(-size // stride)
+                total = max((out - 1) * stride + window - size, 0)
+                pads.append((total // 2, total - total // 2))
+            return pads[0], pads[1]
+        raise ValueError(
+            f"{fn}: padding must be 'SAME', 'VALID' or ((top, bottom), (left, right)), "
+            f"got {padding!r}"
+        )
+    try:
+        (top, bottom), (left, right) = padding
+        pads = ((int(top), int(bottom)), (int(left), int(right)))
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"{fn}: padding must be 'SAME', 'VALID' or ((top, bottom), (left, right)), "
+            f"got {padding!r}"
+        ) from None
+    if min(min(p) for p in pads) < 0:
+        raise ValueError(f"{fn}: explicit padding must be >= 0, got {padding!r}")
+    return pads
+
+
+def _check_output_size(in_hw, pads, window_hw, stride_hw, fn: str, what: str) -> tuple[int, int]:
+    out = tuple(
+        (size + lo + hi - window) // stride + 1
+        for size, (lo, hi), window, stride in zip(in_hw, pads, window_hw, stride_hw)
+    )
+    if min(out) < 1:
+        raise ValueError(
+            f"{fn}: {what} {window_hw} does not fit the input's spatial size {in_hw} "
+            f"with padding {pads}; the output would be {out}"
+        )
+    return out
+
+
+def conv2d(
+    x: ArrayLike,
+    kernel: ArrayLike,
+    bias: ArrayLike | None = None,
+    *,
+    stride: IntOrPair = 1,
+    padding: Padding = "SAME",
+    dilation: IntOrPair = 1,
+    lowering: str = "auto",
+) -> Array:
+    r"""2-D cross-correlation, as ``keras.layers.Conv2D`` and ``flax.linen.Conv``.
+
+    .. math::
+        y[n, i, j, o] = b[o] + \sum_{p, q, c}
+            x_{pad}[n, s_h i + d_h p, s_w j + d_w q, c] \; k[p, q, c, o]
+
+    Args:
+      x: input, NHWC ``(N, H, W, C_in)`` or a single example ``(H, W, C_in)``.
+      kernel: HWIO ``(kh, kw, C_in, C_out)``.
+      bias: optional ``(C_out,)``.
+      stride: ``s``, an int or ``(s_h, s_w)``.
+      padding: "SAME" (TensorFlow semantics: output ``ceil(H / s_h)``, an odd
+        pad puts the extra row/column at the bottom/right), "VALID", or
+        explicit ``((top, bottom), (left, right))`` zero padding.
+      dilation: kernel dilation ``d``, an int or ``(d_h, d_w)``.
+      lowering: how gradients are computed; the forward values are the same.
+        "lax": JAX's own convolution rules; supports forward mode (``jvp``,
+        ``jacfwd``) as well as reverse. "nhwc_grads": both gradients written
+        as plain NHWC/HWIO convolutions, which XLA:CPU runs fast inside
+        ``lax.scan`` (JAX's rules run up to ~400x slower there); reverse mode
+        only (``grad``, ``vjp``, also grad of grad). "auto" (default):
+        "nhwc_grads" on CPU, "lax" on other backends.
+
+    Returns:
+      ``(N, H_out, W_out, C_out)``, or ``(H_out, W_out, C_out)`` for a single
+      example.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> x = jnp.arange(9.0).reshape(3, 3, 1)
+      >>> conv2d(x, jnp.ones((2, 2, 1, 1)), padding="VALID")[..., 0]
+      Array([[ 8., 12.],
+             [20., 24.]], dtype=float32)
+    """
+    fn = "conv2d"
+    x_NHWC, single = _as_nhwc(x, "x", fn)
+    kernel = jnp.asarray(kernel)
+    if kernel.ndim != 4:
+        raise ValueError(
+            f"{fn}: kernel must be HWIO (kh, kw, C_in, C_out), got shape {tuple(kernel.shape)}"
+        )
+    kh, kw, c_in, c_out = kernel.shape
+    if kernel.shape[2] != x_NHWC.shape[3]:
+        raise ValueError(
+            f"{fn}: kernel C_in={c_in} (kernel shape {tuple(kernel.shape)}) does not "
+            f"match the channels of x, C={x_NHWC.shape[3]} (x shape {tuple(jnp.shape(x))})"
+        )
+    stride_hw = _pair(stride, "stride", fn)
+    dilation_hw = _pair(dilation, "dilation", fn)
+    effective_hw = tuple(d * (k - 1) + 1 for k, d in zip((kh, kw), dilation_hw))
+    in_hw = tuple(x_NHWC.shape[1:3])
+    pads = _explicit_padding(padding, in_hw, effective_hw, stride_hw, fn)
+    _check_output_size(in_hw, pads, effective_hw, stride_hw, fn, "dilated kernel")
+    if lowering == "auto":
+        lowering = "nhwc_grads" if jax.default_backend() == "cpu" else "lax"
+    if lowering not in _CONV_LOWERINGS:
+        raise ValueError(
+            f"{fn}: lowering must be 'auto' or one of {sorted(_CONV_LOWERINGS)}, got {lowering!r}"
+        )
+    dtype = jnp.result_type(x_NHWC, kernel)
+    conv = _CONV_LOWERINGS[lowering]
+    y_NHWC = conv(x_NHWC.astype(dtype), kernel.astype(dtype), stride_hw, pads, dilation_hw)
+    if bias is not None:
+        y_NHWC = y_NHWC + _channel_vector(bias, c_out, fn).reshape(1, 1, 1, c_out)
+    return y_NHWC[0] if single else y_NHWC
+
+
+_NHWC_HWIO = ("NHWC", "HWIO", "NHWC")
+
+
+def _canonical_conv(x_NHWC, kernel_HWIO, stride, pads, lhs_dilation, rhs_dilation):
+    return lax.conv_general_dilated(
+        x_NHWC,
+        kernel_HWIO,
+        window_strides=stride,
+        padding=pads,
+        lhs_dilation=lhs_dilation,
+        rhs_dilation=rhs_dilation,
+        dimension_numbers=_NHWC_HWIO,
+    )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _conv(x_NHWC, kernel_HWIO, stride, pads, dilation):
+    """Convolution whose gradients are also NHWC/HWIO convolutions.
+
+    JAX's own conv transpose rules produce convolutions with permuted dimension
+    numbers. Inside a ``lax.scan`` body XLA:CPU cannot re-layout those and
+    falls back to a slow loop (the kernel gradient ran ~400x slower there), so
+    both gradients are written here as canonical convolutions with explicit
+    transposes. The values are the same as JAX's rules give.
+    """
+    return _canonical_conv(x_NHWC, kernel_HWIO, stride, pads, (1, 1), dilation)
+
+
+def _conv_fwd(x_NHWC, kernel_HWIO, stride, pads, dilation):
+    return _conv(x_NHWC, kernel_HWIO, stride, pads, dilation), (x_NHWC, kernel_HWIO)
+
+
+def _conv_bwd(stride, pads, dilation, residuals, g_NHWO):
+    x_NHWC, kernel_HWIO = residuals
+    in_hw, out_hw, k_hw = x_NHWC.shape[1:3], g_NHWO.shape[1:3], kernel_HWIO.shape[:2]
+    dx_pads, dk_pads = [], []
+    for size, out, k, s, d, (lo, _) in zip(in_hw, out_hw, k_hw, stride, dilation, pads):
+        # dx: full correlation of the stride-dilated g with the flipped kernel.
+        before = d * (k - 1) - lo
+        dx_pads.append((before, size - 1 - (out - 1) * s + lo))
+        # dk: correlate x (batch as channels) with g (stride as dilation);
+        # the high pad makes the output exactly k taps long (may crop).
+        dk_pads.append((lo, (k - 1) * d + (out - 1) * s + 1 - size - lo))
+    kernel_flipped_HWOI = jnp.flip(kernel_HWIO, (0, 1)).transpose(0, 1, 3, 2)
+    dx_NHWC = _canonical_conv(g_NHWO, kernel_flipped_HWOI, (1, 1), dx_pads, stride, dilation)
+    x_CHWN = x_NHWC.transpose(3, 1, 2, 0)
+    g_HWNO = g_NHWO.transpose(1, 2, 0, 3)
+    dk_CHWO = _canonical_conv(x_CHWN, g_HWNO, dilation, dk_pads, (1, 1), stride)
+    return dx_NHWC, dk_CHWO.transpose(1, 2, 0, 3)
+
+
+_conv.defvjp(_conv_fwd, _conv_bwd)
+
+_CONV_LOWERINGS = {
+    "lax": lambda x, k, stride, pads, dilation: _canonical_conv(
+        x, k, stride, pads, (1, 1), dilation
+    ),
+    "nhwc_grads": _conv,
+}
+
+
+def _channel_vector(bias: ArrayLike, size: int, fn: str) -> Array:
+    bias = jnp.asarray(bias)
+    if bias.shape != (size,):
+        raise ValueError(
+            f"{fn}: bias must have shape ({size},) to match the kernel's outputs, "
+            f"got shape {tuple(bias.shape)}"
+        )
+    return bias
+
+
+def relu(x: ArrayLike) -> Array:
+    r"""Rectified linear unit, :math:`\max(x, 0)`, elementwise; any shape.
+
+    The gradient at exactly 0 is 0 (as ``jax.nn.relu``).
+
+    Example:
+      >>> relu(jnp.array([-1.0, 0.0, 2.0]))
+      Array([0., 0., 2.], dtype=float32)
+    """
+    x = jnp.asarray(x)
+    return jnp.where(x > 0, x, jnp.zeros_like(x))
+
+
+def _pool(x, window, stride, padding, fn: str, reducer: str) -> Array:
+    x_NHWC, single = _as_nhwc(x, "x", fn)
+    window_hw = _pair(window, "window", fn)
+    stride_hw = window_hw if stride is None else _pair(stride, "stride", fn)
+    in_hw = tuple(x_NHWC.shape[1:3])
+    pads = _explicit_padding(padding, in_hw, window_hw, stride_hw, fn)
+    _check_output_size(in_hw, pads, window_hw, stride_hw, fn, "window")
+    dims = (1, *window_hw, 1)
+    strides = (1, *stride_hw, 1)
+    padding_4d = ((0, 0), *pads, (0, 0))
+    # Python-scalar init values let JAX pick its differentiable max/sum windows.
+    if reducer == "max":
+        if jnp.issubdtype(x_NHWC.dtype, jnp.floating):
+            init = -math.inf
+        else:
+            init = int(jnp.iinfo(x_NHWC.dtype).min)
+        y_NHWC = lax.reduce_window(x_NHWC, init, lax.max, dims, strides, padding_4d)
+    else:
+        if not jnp.issubdtype(x_NHWC.dtype, jnp.floating):
+            x_NHWC = x_NHWC.astype(jnp.float32)
+        total = lax.reduce_window(x_NHWC, 0.0, lax.add, dims, strides, padding_4d)
+        if pads == ((0, 0), (0, 0)):
+            y_NHWC = total / math.prod(window_hw)
+        else:
+            # Padded cells are not counted (Keras AveragePooling2D semantics).
+            ones_HW = jnp.ones((1, *in_hw, 1), x_NHWC.dtype)
+            count = lax.reduce_window(ones_HW, 0.0, lax.add, dims, strides, padding_4d)
+            y_NHWC = total / count
+    return y_NHWC[0] if single else y_NHWC
+
+
+def max_pool(
+    x: ArrayLike,
+    window: IntOrPair = 2,
+    *,
+    stride: IntOrPair | None = None,
+    padding: Padding = "VALID",
+) -> Array:
+    r"""Max pooling over spatial windows, as ``keras.layers.MaxPooling2D``.
+
+    .. math:: y[n, i, j, c] = \max_{p < w_h, q < w_w} x_{pad}[n, s_h i + p, s_w j + q, c]
+
+    Args:
+      x: NHWC ``(N, H, W, C)`` or a single example ``(H, W, C)``.
+      window: ``(w_h, w_w)`` or an int for a square window.
+      stride: ``(s_h, s_w)`` or an int; defaults to ``window``.
+      padding: "VALID" (default), "SAME" (TensorFlow semantics; padded cells
+        never win) or explicit ``((top, bottom), (left, right))``.
+
+    Returns:
+      ``(N, H_out, W_out, C)`` (or ``(H_out, W_out, C)``), with
+      ``H_out = (H + pads - w_h) // s_h + 1``.
+
+    Example:
+      >>> x = jnp.arange(16.0).reshape(4, 4, 1)
+      >>> max_pool(x, 2)[..., 0]
+      Array([[ 5.,  7.],
+             [13., 15.]], dtype=float32)
+    """
+    return _pool(x, window, stride, padding, "max_pool", "max")
+
+
+def avg_pool(
+    x: ArrayLike,
+    window: IntOrPair = 2,
+    *,
+    stride: IntOrPair | None = None,
+    padding: Padding = "VALID",
+) -> Array:
+    r"""Average pooling over spatial windows, as ``keras.layers.AveragePooling2D``.
+
+    .. math:: y[n, i, j, c] = \frac{1}{|W_{ij}|} \sum_{(p, q) \in W_{ij}} x[n, p, q, c]
+
+    where :math:`W_{ij}` is the set of *real* (unpadded) cells under window
+    ``(i, j)``: with "SAME" or explicit padding, padded cells are not counted.
+
+    Args:
+      x: NHWC ``(N, H, W, C)`` or a single example ``(H, W, C)``.
+      window: ``(w_h, w_w)`` or an int for a square window.
+      stride: ``(s_h, s_w)`` or an int; defaults to ``window``.
+      padding: "VALID" (default), "SAME" or ``((top, bottom), (left, right))``.
+
+    Returns:
+      ``(N, H_out, W_out, C)`` (or ``(H_out, W_out, C)``); integer inputs give
+      float32.
+
+    Example:
+      >>> x = jnp.arange(16.0).reshape(4, 4, 1)
+      >>> avg_pool(x, 2)[..., 0]
+      Array([[ 2.5,  4.5],
+             [10.5, 12.5]], dtype=float32)
+    """
+    return _pool(x, window, stride, padding, "avg_pool", "avg")
+
+
+def flatten(x: ArrayLike, *, batch_dims: int = 1) -> Array:
+    """Flattens all but the leading ``batch_dims`` axes, in row-major (C) order.
+
+    For NHWC maps, ``(N, H, W, C) -> (N, H * W * C)`` and element
+    ``x[n, h, w, c]`` lands at position ``(h * W + w) * C + c``: channels vary
+    fastest, then columns, then rows. This is exactly what
+    ``keras.layers.Flatten()`` gives on channels_last data (PyTorch's
+    ``nn.Flatten`` on NCHW maps gives the ``(c, h, w)`` order instead).
+
+    Args:
+      x: array of rank ``>= batch_dims``.
+      batch_dims: leading axes to keep. Use ``batch_dims=0`` in a per-example
+        function that you ``jax.vmap`` over a batch: ``(H, W, C) -> (H*W*C,)``.
+
+    Returns:
+      ``x.shape[:batch_dims] + (prod(x.shape[batch_dims:]),)``.
+
+    Example:
+      >>> flatten(jnp.zeros((8, 7, 7, 64))).shape
+      (8, 3136)
+      >>> flatten(jnp.arange(4).reshape(2, 1, 2), batch_dims=0)
+      Array([0, 1, 2, 3], dtype=int32)
+    """
+    x = jnp.asarray(x)
+    if not isinstance(batch_dims, int) or batch_dims < 0:
+        raise ValueError(f"flatten: batch_dims must be an int >= 0, got {batch_dims!r}")
+    if x.ndim < batch_dims:
+        raise ValueError(
+            f"flatten: x must have at least batch_dims={batch_dims} axes, "
+            f"got shape {tuple(x.shape)}"
+        )
+    keep = tuple(x.shape[:batch_dims])
+    return x.reshape(*keep, math.prod(x.shape[batch_dims:]))
+
+
+def dense(x: ArrayLike, kernel: ArrayLike, bias: ArrayLike | None = None) -> Array:
+    r"""Affine layer :math:`y = x W + b` over the last axis.
+
+    Args:
+      x: ``(..., in)``, e.g. ``(N, in)`` or one example ``(in,)``.
+      kernel: ``W``, shape ``(in, out)``.
+      bias: optional ``b``, shape ``(out,)``.
+
+    Returns:
+      ``(..., out)``.
+
+    Example:
+      >>> dense(jnp.array([1.0, 2.0]), jnp.array([[1.0], [10.0]]), jnp.array([0.5]))
+      Array([21.5], dtype=float32)
+    """
+    fn = "dense"
+    x = jnp.asarray(x)
+    kernel = jnp.asarray(kernel)
+    if kernel.ndim != 2:
+        raise ValueError(f"{fn}: kernel must have shape (in, out), got shape {tuple(kernel.shape)}")
+    if x.ndim < 1 or x.shape[-1] != kernel.shape[0]:
+        raise ValueError(
+            f"{fn}: the last axis of x (shape {tuple(x.shape)}) must equal the "
+            f"kernel's input size {kernel.shape[0]} (kernel shape {tuple(kernel.shape)})"
+        )
+    y = jnp.matmul(x, kernel)
+    if bias is not None:
+        out = kernel.shape[1]
+        y = y + _channel_vector(bias, out, fn).reshape((1,) * (y.ndim - 1) + (out,))
+    return y

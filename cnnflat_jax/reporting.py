@@ -1,0 +1,43 @@
+"""What a run writes and shows: metrics.jsonl, the config, a progress bar."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any
+
+import ml_collections
+import tqdm
+
+
+class MetricsLog:
+    """Appends one JSON object per line to ``workdir/metrics.jsonl``."""
+
+    def __init__(self, workdir: str):
+        self.path = os.path.join(workdir, "metrics.jsonl")
+
+    def write(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+    """Writes the resolved config as ``config.json`` (atomically)."""
+    path = os.path.join(workdir, "config.json")
+    with open(path + ".tmp", "w") as f:
+        f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+    os.replace(path + ".tmp", path)
+
+
+def progress_bar(total_steps: int, epoch: int, num_epochs: int, enabled: bool) -> tqdm.tqdm:
+    """A bar over one epoch's steps; ``set_postfix`` adds loss and images/s."""
+    return tqdm.tqdm(
+        total=total_steps,
+        desc=f"epoch {epoch}/{num_epochs}",
+        unit="step",
+        disable=not enabled,
+        file=sys.stderr,
+        dynamic_ncols=True,
+        leave=False,
+    )

@@ -1,0 +1,46 @@
+"""Default: the classic CNN on Fashion-MNIST, Adam with warmup + cosine decay.
+
+python train.py --config configs/default.py --workdir runs/default
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    # Data: a TFDS catalog name; "auto" also finds local IDX copies (README).
+    config.dataset = "fashion_mnist"
+    config.data_source = "auto"  # auto | tfds | idx
+    config.data_dir = ""  # TFDS data directory; "" = TFDS's default.
+    config.idx_dir = ""  # Directory of MNIST-format IDX files.
+    config.num_train_examples = 0  # 0 = all; else the first N.
+    config.num_test_examples = 0
+
+    config.model = ml_collections.ConfigDict(
+        dict(
+            name="cnn",
+            conv_features=(32, 64),
+            kernel_size=3,
+            pool="max",  # max | avg
+            pool_window=2,
+            dense_features=(256,),
+        )
+    )
+
+    config.optimizer = "adam"  # sgd | adam | adamw
+    config.learning_rate = 2e-3
+    config.momentum = 0.9  # sgd only
+    config.weight_decay = 0.0  # adamw only
+    config.schedule = "warmup_cosine"  # constant | warmup_cosine
+    config.warmup_epochs = 1.0
+
+    config.batch_size = 128
+    config.eval_batch_size = 1000
+    config.num_epochs = 10
+    config.seed = 0
+
+    config.loop = "compiled"  # compiled | per_step
+    config.steps_per_dispatch = 50  # Steps per compiled program call.
+    config.progress_bar = True
+    config.stop_at_test_accuracy = 0.0  # > 0: stop once an epoch reaches it.
+    return config

@@ -1,0 +1,91 @@
+"""Test helpers: independent numpy references and tiny IDX datasets."""
+
+from __future__ import annotations
+
+import gzip
+import math
+import os
+import struct
+
+import numpy as np
+
+
+def same_pads(size: int, window: int, stride: int) -> tuple[int, int]:
+    """TensorFlow SAME padding for one dimension, extra cell at the end."""
+    out = math.ceil(size / stride)
+    total = max((out - 1) * stride + window - size, 0)
+    return total // 2, total - total // 2
+
+
+def resolve_pads(padding, hw, windows, strides):
+    if padding == "VALID":
+        return ((0, 0), (0, 0))
+    if padding == "SAME":
+        return tuple(same_pads(s, w, st) for s, w, st in zip(hw, windows, strides))
+    return padding
+
+
+def conv2d_ref(x, k, b=None, stride=(1, 1), padding="SAME", dilation=(1, 1)):
+    """Direct float64 cross-correlation, NHWC x HWIO, by summing kernel taps."""
+    x = np.asarray(x, np.float64)
+    k = np.asarray(k, np.float64)
+    kh, kw, _, c_out = k.shape
+    eff = (dilation[0] * (kh - 1) + 1, dilation[1] * (kw - 1) + 1)
+    (t, bo), (le, r) = resolve_pads(padding, x.shape[1:3], eff, stride)
+    xp = np.pad(x, ((0, 0), (t, bo), (le, r), (0, 0)))
+    ho = (xp.shape[1] - eff[0]) // stride[0] + 1
+    wo = (xp.shape[2] - eff[1]) // stride[1] + 1
+    y = np.zeros((x.shape[0], ho, wo, c_out))
+    for p in range(kh):
+        for q in range(kw):
+            i0, j0 = p * dilation[0], q * dilation[1]
+            patch = xp[:, i0 : i0 + stride[0] * (ho - 1) + 1 : stride[0],
+                       j0 : j0 + stride[1] * (wo - 1) + 1 : stride[1], :]  # fmt: skip
+            y += patch @ k[p, q]
+    return y if b is None else y + np.asarray(b, np.float64)
+
+
+def pool_ref(x, window, stride, padding, kind):
+    """Loop-based pooling; padded cells are ignored (never max, never counted)."""
+    x = np.asarray(x, np.float64)
+    (t, bo), (le, r) = resolve_pads(padding, x.shape[1:3], window, stride)
+    xp = np.pad(x, ((0, 0), (t, bo), (le, r), (0, 0)), constant_values=np.nan)
+    ho = (xp.shape[1] - window[0]) // stride[0] + 1
+    wo = (xp.shape[2] - window[1]) // stride[1] + 1
+    y = np.zeros((x.shape[0], ho, wo, x.shape[3]))
+    reduce = np.nanmax if kind == "max" else np.nanmean
+    for i in range(ho):
+        for j in range(wo):
+            win = xp[:, i * stride[0] : i * stride[0] + window[0],
+                     j * stride[1] : j * stride[1] + window[1], :]  # fmt: skip
+            y[:, i, j, :] = reduce(win, axis=(1, 2))
+    return y
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    """Serialises a uint8 array in the IDX format."""
+    header = struct.pack(">HBB", 0, 0x08, array.ndim)
+    header += struct.pack(f">{array.ndim}I", *array.shape)
+    return header + np.ascontiguousarray(array, np.uint8).tobytes()
+
+
+def write_idx_dataset(directory, num_train=64, num_test=37, size=8, num_classes=3, seed=0):
+    """Writes a tiny learnable IDX dataset: each class lights one image band."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(directory, exist_ok=True)
+    for prefix, n, compress in (("train", num_train, True), ("t10k", num_test, False)):
+        labels = (np.arange(n) % num_classes).astype(np.uint8)
+        rng.shuffle(labels)
+        images = rng.integers(0, 60, (n, size, size), dtype=np.uint8)
+        band = size // num_classes
+        for i, label in enumerate(labels):
+            images[i, label * band : (label + 1) * band, :] += 180
+        for kind, data in (("images-idx3", images), ("labels-idx1", labels)):
+            path = os.path.join(directory, f"{prefix}-{kind}-ubyte")
+            if compress:
+                with gzip.open(path + ".gz", "wb") as f:
+                    f.write(idx_bytes(data))
+            else:
+                with open(path, "wb") as f:
+                    f.write(idx_bytes(data))
+    return directory

@@ -1,0 +1,315 @@
+"""ops vs numpy/scipy references, hand-computed values, gradients and errors."""
+
+import doctest
+import itertools
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.signal
+from helpers import conv2d_ref, pool_ref, resolve_pads
+from jax import lax
+from jax.test_util import check_grads
+
+from cnnflat_jax import ops
+
+RNG = np.random.default_rng(0)
+
+
+def rand(*shape):
+    return jnp.asarray(RNG.normal(size=shape), jnp.float32)
+
+
+def out_size(size, window, stride, pads):
+    return (size + sum(pads) - window) // stride + 1
+
+
+CONV_GRID = list(
+    itertools.product(
+        [(7, 7), (8, 5)],  # input H, W
+        [(3, 3), (1, 1), (2, 3)],  # kernel
+        [1, 2, (2, 1)],  # stride
+        [1, 2],  # dilation
+        ["SAME", "VALID", ((1, 2), (0, 1))],
+    )
+)
+
+
+@pytest.mark.parametrize("hw,khw,stride,dilation,padding", CONV_GRID)
+def test_conv2d_matches_numpy_reference_and_predicted_shape(hw, khw, stride, dilation, padding):
+    x, k, b = rand(2, *hw, 3), rand(*khw, 3, 4), rand(4)
+    s = (stride, stride) if isinstance(stride, int) else stride
+    d = (dilation, dilation)
+    y = ops.conv2d(x, k, b, stride=stride, padding=padding, dilation=dilation)
+    eff = tuple(di * (kk - 1) + 1 for di, kk in zip(d, khw))
+    if padding == "SAME":  # TF rule: ceil(in / stride), whatever the kernel.
+        expected_hw = tuple(-(-size // st) for size, st in zip(hw, s))
+    else:
+        pads = resolve_pads(padding, hw, eff, s)
+        expected_hw = tuple(out_size(*args) for args in zip(hw, eff, s, pads))
+    assert y.shape == (2, *expected_hw, 4)
+    np.testing.assert_allclose(y, conv2d_ref(x, k, b, s, padding, d), rtol=1e-5, atol=1e-5)
+
+
+def test_conv2d_matches_scipy_correlate2d():
+    x, k = rand(9, 11), rand(3, 4)
+    y = ops.conv2d(x[:, :, None], k[:, :, None, None], padding="VALID")[:, :, 0]
+    np.testing.assert_allclose(
+        y, scipy.signal.correlate2d(x, k, mode="valid"), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_conv2d_same_puts_the_extra_pad_at_the_end():
+    x = jnp.arange(1.0, 5.0).reshape(1, 4, 1)  # one row: 1 2 3 4
+    k = jnp.array([10.0, 1.0]).reshape(1, 2, 1, 1)
+    # Width-2 kernel, SAME: total pad 1, all of it on the right.
+    np.testing.assert_array_equal(ops.conv2d(x, k)[0, :, 0], [12.0, 23.0, 34.0, 40.0])
+
+
+def test_conv2d_hand_computed_with_stride_and_bias():
+    x = jnp.arange(16.0).reshape(4, 4, 1)
+    k = jnp.array([[1.0, 0.0], [0.0, -1.0]]).reshape(2, 2, 1, 1)
+    y = ops.conv2d(x, k, jnp.array([0.5]), stride=2, padding="VALID")
+    # Each output is x[i, j] - x[i+1, j+1] = -5, plus the bias.
+    np.testing.assert_array_equal(y[..., 0], [[-4.5, -4.5], [-4.5, -4.5]])
+
+
+def test_relu_hand_values_and_gradient_at_zero():
+    x = jnp.array([-2.0, 0.0, 3.0])
+    np.testing.assert_array_equal(ops.relu(x), [0.0, 0.0, 3.0])
+    np.testing.assert_array_equal(jax.grad(lambda x: ops.relu(x).sum())(x), [0.0, 0.0, 1.0])
+
+
+POOL_GRID = list(
+    itertools.product(
+        [(7, 7), (6, 9)],
+        [2, 3, (2, 3)],  # window
+        [None, 1, 2],  # stride
+        ["VALID", "SAME", ((1, 0), (0, 1))],
+        ["max", "avg"],
+    )
+)
+
+
+@pytest.mark.parametrize("hw,window,stride,padding,kind", POOL_GRID)
+def test_pools_match_numpy_reference(hw, window, stride, padding, kind):
+    x = rand(2, *hw, 3)
+    pool = ops.max_pool if kind == "max" else ops.avg_pool
+    y = pool(x, window, stride=stride, padding=padding)
+    w = (window, window) if isinstance(window, int) else window
+    s = w if stride is None else (stride, stride)
+    np.testing.assert_allclose(y, pool_ref(x, w, s, padding, kind), rtol=1e-5, atol=1e-6)
+
+
+def test_avg_pool_same_does_not_count_padded_cells():
+    x = jnp.arange(9.0).reshape(3, 3, 1)
+    y = ops.avg_pool(x, 2, padding="SAME")[..., 0]
+    # Windows: {0,1,3,4}, {2,5}, {6,7}, {8}: padding adds nothing to the count.
+    np.testing.assert_allclose(y, [[2.0, 3.5], [6.5, 8.0]])
+
+
+def test_max_pool_same_ignores_padding_for_negative_inputs():
+    x = -jnp.arange(1.0, 10.0).reshape(3, 3, 1)
+    np.testing.assert_array_equal(ops.max_pool(x, 2, padding="SAME")[..., 0], [[-1, -3], [-7, -9]])
+
+
+def test_flatten_is_row_major_hwc_like_keras():
+    n, h, w, c = 2, 3, 4, 5
+    x = rand(n, h, w, c)
+    y = ops.flatten(x)
+    assert y.shape == (n, h * w * c)
+    for i, j, ch in [(0, 0, 1), (2, 3, 4), (1, 2, 0)]:
+        assert y[1, (i * w + j) * c + ch] == x[1, i, j, ch]
+    np.testing.assert_array_equal(y, np.asarray(x).reshape(n, -1))
+
+
+def test_dense_matches_numpy():
+    x, k, b = rand(5, 7), rand(7, 3), rand(3)
+    np.testing.assert_allclose(
+        ops.dense(x, k, b), np.asarray(x, np.float64) @ np.asarray(k, np.float64) + np.asarray(b),
+        rtol=1e-5, atol=1e-5,
+    )  # fmt: skip
+
+
+GRAD_CASES = [
+    lambda x, k, low: ops.conv2d(x, k, stride=2, padding="SAME", lowering=low),
+    lambda x, k, low: ops.conv2d(x, k, padding=((2, 0), (1, 1)), dilation=2, lowering=low),
+    lambda x, k, low: ops.max_pool(ops.conv2d(x, k, lowering=low), 2, padding="SAME"),
+    lambda x, k, low: ops.avg_pool(
+        ops.relu(ops.conv2d(x, k, lowering=low)), 3, stride=2, padding="SAME"
+    ),
+    lambda x, k, low: ops.dense(ops.flatten(ops.conv2d(x, k, lowering=low)), jnp.ones((60, 3))),
+]
+
+
+@pytest.mark.parametrize("fn", GRAD_CASES)
+@pytest.mark.parametrize("lowering,modes", [("lax", ["fwd", "rev"]), ("nhwc_grads", ["rev"])])
+def test_gradients_match_finite_differences(fn, lowering, modes):
+    with jax.enable_x64(True):
+        x = jnp.asarray(RNG.normal(size=(2, 6, 5, 3)))
+        k = jnp.asarray(RNG.normal(size=(3, 3, 3, 2)))
+        check_grads(lambda x, k: fn(x, k, lowering), (x, k), order=2, modes=modes, eps=1e-4)
+
+
+@pytest.mark.parametrize(
+    "stride,padding,dilation", [(1, "SAME", 1), (2, "VALID", 1), ((2, 1), ((0, 2), (1, 0)), 2)]
+)
+def test_conv2d_gradients_equal_lax_gradients(stride, padding, dilation):
+    x, k = rand(3, 9, 8, 4), rand(3, 2, 4, 5)
+    s = (stride, stride) if isinstance(stride, int) else stride
+    d = (dilation, dilation)
+    pads = resolve_pads(padding, (9, 8), tuple(di * (kk - 1) + 1 for di, kk in zip(d, (3, 2))), s)
+
+    def lax_conv(x, k):
+        return lax.conv_general_dilated(
+            x, k, s, pads, rhs_dilation=d, dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+
+    def ours(x, k):
+        return ops.conv2d(
+            x, k, stride=stride, padding=padding, dilation=dilation, lowering="nhwc_grads"
+        )
+
+    g = rand(*lax_conv(x, k).shape)
+    loss = lambda f: lambda x, k: jnp.sum(f(x, k) * g)  # noqa: E731
+    ours_dx, ours_dk = jax.grad(loss(ours), (0, 1))(x, k)
+    lax_dx, lax_dk = jax.grad(loss(lax_conv), (0, 1))(x, k)
+    np.testing.assert_allclose(ours_dx, lax_dx, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ours_dk, lax_dk, rtol=1e-5, atol=1e-5)
+
+
+def per_example_net(x_HWC, k1, k2):
+    """A small CNN on one example, written with the ops."""
+    h = ops.max_pool(ops.relu(ops.conv2d(x_HWC, k1)), 2)
+    h = ops.avg_pool(ops.relu(ops.conv2d(h, k2, stride=1, padding="VALID")), 1)
+    return ops.dense(ops.flatten(h, batch_dims=0), jnp.ones((2 * 2 * 4, 3)))
+
+
+def test_vmap_of_per_example_function_equals_batched_call():
+    x, k1, k2 = rand(5, 8, 8, 2), rand(3, 3, 2, 3), rand(3, 3, 3, 4)
+    vmapped = jax.vmap(per_example_net, in_axes=(0, None, None))(x, k1, k2)
+    h = ops.max_pool(ops.relu(ops.conv2d(x, k1)), 2)
+    h = ops.avg_pool(ops.relu(ops.conv2d(h, k2, padding="VALID")), 1)
+    batched = ops.dense(ops.flatten(h), jnp.ones((16, 3)))
+    np.testing.assert_allclose(vmapped, batched, rtol=1e-5, atol=1e-5)
+
+
+def test_vmap_of_per_example_gradients_equals_one_at_a_time():
+    x, k1, k2 = rand(4, 8, 8, 2), rand(3, 3, 2, 3), rand(3, 3, 3, 4)
+    grad_fn = jax.grad(lambda k1, x: jnp.sum(per_example_net(x, k1, k2) ** 2))
+    vmapped = jax.vmap(grad_fn, in_axes=(None, 0))(k1, x)
+    for i in range(4):
+        np.testing.assert_allclose(vmapped[i], grad_fn(k1, x[i]), rtol=1e-4, atol=1e-5)
+
+
+def test_jit_equals_eager():
+    x, k1, k2 = rand(8, 8, 2), rand(3, 3, 2, 3), rand(3, 3, 3, 4)
+    np.testing.assert_allclose(
+        jax.jit(per_example_net)(x, k1, k2), per_example_net(x, k1, k2), rtol=1e-6, atol=1e-6
+    )
+
+
+BAD_CALLS = [
+    (
+        lambda: ops.conv2d(jnp.ones((4, 4)), jnp.ones((3, 3, 1, 1))),
+        ValueError,
+        r"x must be NHWC .* got shape \(4, 4\)",
+    ),
+    (
+        lambda: ops.conv2d(jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 1))),
+        ValueError,
+        r"kernel must be HWIO",
+    ),
+    (
+        lambda: ops.conv2d(jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 3, 8))),
+        ValueError,
+        r"C_in=3 .* C=2",
+    ),
+    (
+        lambda: ops.conv2d(jnp.ones((1, 4, 4, 1)), jnp.ones((3, 3, 1, 8)), jnp.ones(4)),
+        ValueError,
+        r"bias must have shape \(8,\)",
+    ),
+    (
+        lambda: ops.conv2d(jnp.ones((1, 4, 4, 1)), jnp.ones((3, 3, 1, 1)), padding="FULL"),
+        ValueError,
+        r"padding must be 'SAME', 'VALID'",
+    ),
+    (
+        lambda: ops.conv2d(
+            jnp.ones((1, 4, 4, 1)), jnp.ones((3, 3, 1, 1)), padding=((1, -1), (0, 0))
+        ),
+        ValueError,
+        r"padding must be >= 0",
+    ),
+    (
+        lambda: ops.conv2d(jnp.ones((1, 2, 2, 1)), jnp.ones((3, 3, 1, 1)), padding="VALID"),
+        ValueError,
+        r"does not fit",
+    ),
+    (
+        lambda: ops.conv2d(jnp.ones((1, 4, 4, 1)), jnp.ones((3, 3, 1, 1)), stride=0),
+        ValueError,
+        r"stride must be >= 1",
+    ),
+    (
+        lambda: ops.conv2d(jnp.ones((1, 4, 4, 1)), jnp.ones((3, 3, 1, 1)), dilation=1.5),
+        TypeError,
+        r"dilation must be an int or a pair",
+    ),
+    (
+        lambda: ops.conv2d(jnp.ones((1, 4, 4, 1)), jnp.ones((3, 3, 1, 1)), lowering="fft"),
+        ValueError,
+        r"lowering must be",
+    ),
+    (lambda: ops.max_pool(jnp.ones((1, 4, 4, 1)), 0), ValueError, r"max_pool: window must be >= 1"),
+    (
+        lambda: ops.avg_pool(jnp.ones((1, 4, 4, 1)), (2, 2, 2)),
+        TypeError,
+        r"avg_pool: window must be an int or a pair",
+    ),
+    (lambda: ops.max_pool(jnp.ones((1, 4, 4, 1)), 5), ValueError, r"window \(5, 5\) does not fit"),
+    (lambda: ops.avg_pool(jnp.ones((4, 4)), 2), ValueError, r"avg_pool: x must be NHWC"),
+    (
+        lambda: ops.max_pool(jnp.ones((1, 4, 4, 1)), 2, padding="same-ish"),
+        ValueError,
+        r"max_pool: padding",
+    ),
+    (
+        lambda: ops.dense(jnp.ones((2, 5)), jnp.ones((4, 3))),
+        ValueError,
+        r"last axis of x \(shape \(2, 5\)\) must equal .* 4",
+    ),
+    (
+        lambda: ops.dense(jnp.ones((2, 4)), jnp.ones((4, 3, 1))),
+        ValueError,
+        r"kernel must have shape \(in, out\)",
+    ),
+    (lambda: ops.flatten(jnp.ones(3), batch_dims=2), ValueError, r"at least batch_dims=2 axes"),
+]
+
+
+@pytest.mark.parametrize("call,error,message", BAD_CALLS)
+def test_bad_input_raises_a_python_error_naming_the_problem(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
+    with pytest.raises(error, match=message):  # The same under jit: raised while tracing.
+        jax.jit(call)()
+
+
+def test_docstring_examples_run():
+    result = doctest.testmod(ops, extraglobs={"jnp": jnp}, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted >= 7
+    assert result.failed == 0
+
+
+def test_importing_the_library_loads_neither_tensorflow_nor_tfds():
+    code = (
+        "import sys, cnnflat_jax, cnnflat_jax.ops, cnnflat_jax.trainer;"
+        "bad = [m for m in ('tensorflow', 'tensorflow_datasets') if m in sys.modules];"
+        "sys.exit(f'imported {bad}' if bad else 0)"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,0 +1,72 @@
+"""End-to-end: `python train.py` as a user runs it, on real Fashion-MNIST."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from cnnflat_jax import input_pipeline
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REAL_DATA = os.path.isdir(input_pipeline.DEBIAN_IDX_DIRS["fashion_mnist"])
+
+
+def train(workdir, *flags):
+    command = [sys.executable, "train.py", "--config", "configs/smoke.py"]
+    command += ["--workdir", str(workdir), *flags]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.skipif(
+    not REAL_DATA, reason="needs Debian's dataset-fashion-mnist (.ci/run installs it)"
+)
+def test_smoke_run_on_real_fashion_mnist_writes_metrics_config_and_params(tmp_path):
+    result = train(tmp_path, "--config.num_epochs=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
+    for key in [
+        "step",
+        "train_loss",
+        "train_accuracy",
+        "test_loss",
+        "test_accuracy",
+        "images_per_sec",
+    ]:
+        assert key in records[-1]
+    assert records[-1]["step"] == 2 * 16  # 2000 images, batch 128: 15 full + 1 partial.
+    assert records[-1]["test_count"] == 1000
+    assert records[-1]["test_loss"] < records[0]["test_loss"]
+    assert records[-1]["test_accuracy"] > 0.6  # 10 classes: chance is 0.1.
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["num_epochs"] == 2 and config["dataset"] == "fashion_mnist"
+    assert (tmp_path / "final_params").is_dir()
+    assert "IDX files in /usr/share/datasets/fashion-mnist" in result.stderr
+    assert "Compiled the compiled training loop" in result.stderr
+    assert "Done: 2 epochs" in result.stderr
+
+
+def test_unknown_config_override_fails_with_a_clear_message(tmp_path):
+    result = train(tmp_path, "--config.lerning_rate=0.1")
+    assert result.returncode != 0
+    assert "lerning_rate" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_data_fails_with_a_clear_message_and_writes_nothing(tmp_path):
+    result = train(
+        tmp_path / "run", "--config.data_source=idx", f"--config.idx_dir={tmp_path / 'none'}"
+    )
+    assert result.returncode == 1
+    assert "error: could not load dataset 'fashion_mnist'" in result.stderr
+    assert f"IDX files in {tmp_path / 'none'}: no such directory" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_invalid_config_value_fails_before_any_work(tmp_path):
+    result = train(tmp_path, "--config.optimizer=lamb")
+    assert result.returncode == 1
+    assert "error: config.optimizer='lamb'; choose one of ('sgd', 'adam', 'adamw')" in result.stderr
