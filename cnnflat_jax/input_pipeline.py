@@ -8,9 +8,12 @@ imported only for the TFDS source, and is kept off accelerators.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import glob
 import os
 import shutil
+from collections.abc import Iterator
 
 import numpy as np
 from absl import logging
@@ -181,17 +184,21 @@ def _import_tensorflow_cpu_only():
 
 
 def _load_tfds(name: str, data_dir: str | None, *, download: bool) -> Dataset:
-    import tensorflow_datasets as tfds  # Light: TensorFlow itself loads below.
+    if not download and not _tfds_prepared(name, data_dir):
+        raise _NotAvailable(f"not prepared in {_tfds_data_dir(data_dir)}")
+    _import_tensorflow_cpu_only()
+    import tensorflow_datasets as tfds
 
+    root = _tfds_data_dir(data_dir)
     try:
-        builder = tfds.builder(name, data_dir=data_dir)
+        with _removed_on_failure([root, os.path.join(root, name), os.path.join(root, "downloads")]):
+            builder = tfds.builder(name, data_dir=data_dir)
+            if not builder.is_prepared():
+                builder.download_and_prepare()
     except tfds.core.registered.DatasetNotFoundError as e:
         raise DatasetError(f"{name!r} is not in the TFDS catalog: {e}") from None
-    if not download and not builder.is_prepared():
-        raise _NotAvailable(f"not prepared in {builder.data_dir}")
-    _import_tensorflow_cpu_only()
-    if not builder.is_prepared():
-        _download_and_prepare(builder)
+    except Exception as e:  # Network, disk, checksum: report and go on to the next source.
+        raise _NotAvailable(f"download failed: {type(e).__name__}: {e}") from e
     info = builder.info
     splits = {}
     for split in ("train", "test"):
@@ -211,24 +218,40 @@ def _load_tfds(name: str, data_dir: str | None, *, download: bool) -> Dataset:
     )
 
 
-def _download_and_prepare(builder) -> None:
-    """Downloads and prepares; on failure removes whatever this call created."""
-    roots = [os.path.dirname(builder.data_dir)]
-    roots += [os.path.join(os.path.dirname(roots[0]), "downloads")]
-    before = {root: set(os.listdir(root)) if os.path.isdir(root) else None for root in roots}
+def _tfds_data_dir(data_dir: str | None) -> str:
+    """TFDS's data directory: ``data_dir``, else $TFDS_DATA_DIR, else its default."""
+    return (
+        data_dir or os.environ.get("TFDS_DATA_DIR") or os.path.expanduser("~/tensorflow_datasets")
+    )
+
+
+def _tfds_prepared(name: str, data_dir: str | None) -> bool:
+    """Whether ``name`` is prepared, found without ``tfds.builder``, which
+    creates empty directories in the data directory as a side effect."""
+    pattern = os.path.join(_tfds_data_dir(data_dir), name, "**", "dataset_info.json")
+    return bool(glob.glob(pattern, recursive=True))
+
+
+@contextlib.contextmanager
+def _removed_on_failure(directories: list[str]) -> Iterator[None]:
+    """On an exception, removes what the block added to ``directories``.
+
+    A directory that did not exist before is removed whole; in one that did,
+    only the new entries go. List parents before their children.
+    """
+    before = {d: set(os.listdir(d)) if os.path.isdir(d) else None for d in directories}
     try:
-        builder.download_and_prepare()
-    except Exception as e:  # Any failure (network, disk) must leave no debris.
-        for root, entries in before.items():
-            if not os.path.isdir(root):
+        yield
+    except BaseException:
+        for directory, entries in before.items():
+            if not os.path.isdir(directory):
                 continue
-            if entries is None:
-                shutil.rmtree(root, ignore_errors=True)
-                continue
-            for entry in set(os.listdir(root)) - entries:
-                path = os.path.join(root, entry)
-                if os.path.isdir(path):
+            new = [directory] if entries is None else [
+                os.path.join(directory, e) for e in set(os.listdir(directory)) - entries
+            ]  # fmt: skip
+            for path in new:
+                if os.path.isdir(path) and not os.path.islink(path):
                     shutil.rmtree(path, ignore_errors=True)
                 else:
                     os.remove(path)
-        raise _NotAvailable(f"download failed: {type(e).__name__}: {e}") from e
+        raise

@@ -122,19 +122,29 @@ def test_failed_download_removes_what_it_wrote(tmp_path):
     data_dir = tmp_path / "tfds"
     (data_dir / "downloads").mkdir(parents=True)
     (data_dir / "downloads" / "keep.txt").write_text("from an earlier run")
-
-    class HalfDownload:
-        data_dir = str(tmp_path / "tfds" / "fake" / "1.0.0")
-
-        def download_and_prepare(self):
+    watched = [str(data_dir), str(data_dir / "fake"), str(data_dir / "downloads")]
+    with pytest.raises(ConnectionError):
+        with input_pipeline._removed_on_failure(watched):
             (data_dir / "downloads" / "part.tmp").write_bytes(b"half")
             os.makedirs(data_dir / "fake" / "1.0.0.incomplete")
             raise ConnectionError("network unreachable")
-
-    with pytest.raises(input_pipeline._NotAvailable, match="ConnectionError: network unreachable"):
-        input_pipeline._download_and_prepare(HalfDownload())
     assert sorted(os.listdir(data_dir)) == ["downloads"]
     assert os.listdir(data_dir / "downloads") == ["keep.txt"]
+
+
+def test_a_fresh_data_dir_is_removed_whole_on_failure(tmp_path):
+    data_dir = tmp_path / "new"
+    with pytest.raises(OSError):
+        with input_pipeline._removed_on_failure([str(data_dir)]):
+            (data_dir / "x").mkdir(parents=True)
+            raise OSError("disk full")
+    assert not data_dir.exists()
+
+
+def test_looking_for_a_prepared_tfds_copy_writes_nothing(tmp_path):
+    with pytest.raises(input_pipeline._NotAvailable, match="not prepared"):
+        input_pipeline._load_tfds("mnist", str(tmp_path / "tfds"), download=False)
+    assert not (tmp_path / "tfds").exists()
 
 
 def test_unknown_source_is_rejected():
