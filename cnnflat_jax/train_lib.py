@@ -20,57 +20,123 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from flax.training import train_state
+from flax import struct
+
+from cnnflat_jax import per_example
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "warmup_cosine")
+HPARAMS = ("learning_rate", "weight_decay", "momentum", "clip_norm", "noise_multiplier")
 
 
-class TrainState(train_state.TrainState):
-    """Flax's TrainState: step, params, optimizer state, apply_fn and tx."""
+class TrainState(struct.PyTreeNode):
+    """Step, parameters, optimizer state, hyperparameters and a PRNG key.
+
+    ``hparams`` (see ``HPARAMS``) are arrays rather than Python constants, so
+    a vmapped population can give each member its own; the optimizer is
+    rebuilt from them by ``make_tx`` inside the step. ``key`` seeds per-step
+    randomness as ``fold_in(key, step)``. ``clip_per_example`` turns on the
+    DP-SGD update (per-example clipping by ``clip_norm`` plus Gaussian noise
+    of std ``noise_multiplier * clip_norm``).
+    """
+
+    step: jax.Array
+    params: Any
+    opt_state: optax.OptState
+    hparams: dict[str, jax.Array]
+    key: jax.Array
+    apply_fn: Callable = struct.field(pytree_node=False)
+    make_tx: Callable[..., optax.GradientTransformation] = struct.field(pytree_node=False)
+    clip_per_example: bool = struct.field(pytree_node=False, default=False)
+
+    def apply_gradients(self, grads: Any) -> TrainState:
+        tx = self.make_tx(**self.hparams)
+        updates, opt_state = tx.update(grads, self.opt_state, self.params)
+        params = optax.apply_updates(self.params, updates)
+        return self.replace(step=self.step + 1, params=params, opt_state=opt_state)
 
 
-def create_optimizer(
+def optimizer_factory(
     config: ml_collections.ConfigDict, steps_per_epoch: int
-) -> optax.GradientTransformation:
-    """SGD with momentum, Adam or AdamW, with a constant or warmup+cosine rate."""
+) -> Callable[..., optax.GradientTransformation]:
+    """``make_tx(**hparams)``: SGD+momentum, Adam or AdamW on a schedule.
+
+    The schedule's shape (constant, or linear warmup then cosine decay to 0)
+    is fixed by the config; its peak is ``hparams["learning_rate"]``.
+    """
     if config.schedule == "constant":
-        learning_rate = config.learning_rate
+        shape = optax.constant_schedule(1.0)
     elif config.schedule == "warmup_cosine":
-        learning_rate = optax.warmup_cosine_decay_schedule(
+        shape = optax.warmup_cosine_decay_schedule(
             init_value=0.0,
-            peak_value=config.learning_rate,
+            peak_value=1.0,
             warmup_steps=int(config.warmup_epochs * steps_per_epoch),
             decay_steps=config.num_epochs * steps_per_epoch,
         )
     else:
         raise ValueError(f"unknown schedule {config.schedule!r}; choose one of {SCHEDULES}")
-    if config.optimizer == "sgd":
-        return optax.sgd(learning_rate, momentum=config.momentum or None)
-    if config.optimizer == "adam":
-        return optax.adam(learning_rate)
-    if config.optimizer == "adamw":
-        return optax.adamw(learning_rate, weight_decay=config.weight_decay)
-    raise ValueError(f"unknown optimizer {config.optimizer!r}; choose one of {OPTIMIZERS}")
+    if config.optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {config.optimizer!r}; choose one of {OPTIMIZERS}")
+    optimizer = config.optimizer
+
+    def make_tx(learning_rate, weight_decay, momentum, **_) -> optax.GradientTransformation:
+        def schedule(count):
+            return learning_rate * shape(count)
+
+        if optimizer == "sgd":
+            return optax.sgd(schedule, momentum=momentum)
+        if optimizer == "adam":
+            return optax.adam(schedule)
+        return optax.adamw(schedule, weight_decay=weight_decay)
+
+    return make_tx
+
+
+def config_hparams(config: ml_collections.ConfigDict) -> dict[str, float]:
+    """The config's hyperparameters, as ``TrainState.hparams`` holds them."""
+    return {
+        "learning_rate": config.learning_rate,
+        "weight_decay": config.weight_decay,
+        "momentum": config.momentum,
+        "clip_norm": config.per_example.clip_norm,
+        "noise_multiplier": config.per_example.noise_multiplier,
+    }
 
 
 def create_train_state(
     model: nn.Module,
     image_shape: tuple[int, ...],
-    tx: optax.GradientTransformation,
+    make_tx: Callable[..., optax.GradientTransformation],
+    hparams: dict[str, Any],
     key: jax.Array,
+    clip_per_example: bool = False,
 ) -> TrainState:
-    """Initialises parameters for ``(1, *image_shape)`` inputs and the optimizer."""
+    """Initialises parameters for ``(1, *image_shape)`` inputs and the optimizer.
+
+    ``key`` is split into the initialisation key and the state's own key.
+    Works under ``jax.vmap`` over ``hparams`` and ``key`` (a population).
+    """
 
     @jax.jit
-    def init(key):
-        params = model.init(key, jnp.zeros((1, *image_shape), jnp.float32))["params"]
-        return TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+    def init(key, hparams):
+        init_key, state_key = jax.random.split(key)
+        params = model.init(init_key, jnp.zeros((1, *image_shape), jnp.float32))["params"]
+        hparams = {name: jnp.asarray(hparams[name], jnp.float32) for name in HPARAMS}
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt_state=make_tx(**hparams).init(params),
+            hparams=hparams,
+            key=state_key,
+            apply_fn=model.apply,
+            make_tx=make_tx,
+            clip_per_example=clip_per_example,
+        )
 
-    return init(key)
+    return init(key, hparams)
 
 
 def normalize_images(images: jax.Array) -> jax.Array:
@@ -98,9 +164,30 @@ def loss_and_metrics(params: Any, apply_fn: Callable, batch: Batch) -> tuple[jax
     return loss, metrics
 
 
+def example_loss(params: Any, apply_fn: Callable, example: Batch) -> jax.Array:
+    """Cross-entropy of ONE example (``image`` HWC uint8, scalar ``label``)."""
+    logits = apply_fn({"params": params}, normalize_images(example["image"][None]))[0]
+    return optax.softmax_cross_entropy_with_integer_labels(logits, example["label"])
+
+
 def _train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
-    grad_fn = jax.grad(loss_and_metrics, has_aux=True)
-    grads, metrics = grad_fn(state.params, state.apply_fn, batch)
+    if state.clip_per_example:
+        _, metrics = loss_and_metrics(state.params, state.apply_fn, batch)
+        examples = {"image": batch["image"], "label": batch["label"]}
+        grads, _ = per_example.private_mean(
+            per_example.per_example_grads(
+                lambda params, example: example_loss(params, state.apply_fn, example),
+                state.params,
+                examples,
+            ),
+            batch["mask"],
+            state.hparams["clip_norm"],
+            state.hparams["noise_multiplier"],
+            jax.random.fold_in(state.key, state.step),
+        )
+    else:
+        grad_fn = jax.grad(loss_and_metrics, has_aux=True)
+        grads, metrics = grad_fn(state.params, state.apply_fn, batch)
     return state.apply_gradients(grads=grads), metrics
 
 
@@ -109,7 +196,24 @@ train_step.__doc__ = """One optimizer step: ``(state, batch) -> (state, metric s
 
 ``batch`` holds ``image`` (uint8 NHWC), ``label`` (int) and ``mask`` (float);
 ``state`` is donated. Metric sums: ``loss_sum``, ``correct`` and ``count``.
+With ``state.clip_per_example`` the gradient is DP-SGD's clipped, noised mean
+of per-example gradients.
 """
+
+# How a scan step treats the state and the batch: one model; a population
+# (stacked states) sharing each batch; a population with a batch per member
+# (images and labels ``(K, B, ...)``, the mask shared).
+STEP_FNS = {
+    "single": _train_step,
+    "shared": jax.vmap(_train_step, in_axes=(0, None)),
+    "independent": jax.vmap(_train_step, in_axes=(0, {"image": 0, "label": 0, "mask": None})),
+}
+
+
+@functools.cache
+def jitted_step(mode: str) -> Callable:
+    """``STEP_FNS[mode]`` jitted with the state donated; ``train_step`` for "single"."""
+    return train_step if mode == "single" else jax.jit(STEP_FNS[mode], donate_argnums=0)
 
 
 def epoch_plan(
@@ -141,44 +245,42 @@ def steps_per_epoch(num_examples: int, batch_size: int) -> int:
     return -(-num_examples // batch_size)
 
 
-@functools.partial(jax.jit, donate_argnums=0)
+@functools.partial(jax.jit, donate_argnums=0, static_argnames="mode")
 def train_steps(
     state: TrainState,
     images: jax.Array,
     labels: jax.Array,
     indices: jax.Array,
     mask: jax.Array,
+    mode: str = "single",
 ) -> tuple[TrainState, Metrics]:
     """Runs ``indices.shape[0]`` train steps in one XLA program.
 
     Args:
-      state: the train state (donated).
+      state: the train state (donated); stacked for a population.
       images, labels: the whole training set, resident on the device.
       indices, mask: ``(steps, batch)`` from ``epoch_plan``; all-masked steps
-        leave the state untouched.
+        leave the state untouched. With ``mode="independent"``, ``indices``
+        is ``(steps, K, batch)``: one order per member.
+      mode: a key of ``STEP_FNS``.
 
     Returns:
-      The new state and the metric sums over all steps.
+      The new state and the metric sums over all steps (``(K,)`` each for a
+      population).
     """
+    step_fn = STEP_FNS[mode]
+
+    def skip(state, batch):
+        metrics = jax.eval_shape(step_fn, state, batch)[1]
+        return state, jax.tree.map(lambda m: jnp.zeros(m.shape, m.dtype), metrics)
 
     def body(state, step_plan):
         idx, step_mask = step_plan
         batch = {"image": images[idx], "label": labels[idx], "mask": step_mask}
-        return jax.lax.cond(
-            jnp.any(step_mask > 0),
-            _train_step,
-            lambda state, batch: (state, _zero_metrics()),
-            state,
-            batch,
-        )
+        return jax.lax.cond(jnp.any(step_mask > 0), step_fn, skip, state, batch)
 
     state, metrics = jax.lax.scan(body, state, (indices, mask))
-    return state, jax.tree.map(jnp.sum, metrics)
-
-
-def _zero_metrics() -> Metrics:
-    zero = jnp.zeros((), jnp.float32)
-    return {"loss_sum": zero, "correct": zero, "count": zero}
+    return state, jax.tree.map(lambda m: jnp.sum(m, axis=0), metrics)
 
 
 def per_step_batches(
@@ -190,36 +292,54 @@ def per_step_batches(
             yield {"image": images[idx], "label": labels[idx], "mask": step_mask}
 
 
-@jax.jit
+@functools.partial(jax.jit, static_argnames="population")
 def eval_batches(
-    state: TrainState, images: jax.Array, labels: jax.Array, mask: jax.Array
+    state: TrainState,
+    images: jax.Array,
+    labels: jax.Array,
+    mask: jax.Array,
+    population: bool = False,
 ) -> Metrics:
-    """Loss sum, correct count and confusion matrix over ``(batches, B, ...)``.
+    """Loss sums and confusion matrices over ``(batches, B, ...)``.
 
-    Padded examples (mask 0) are excluded. The confusion matrix has true
-    labels on rows and predictions on columns.
+    Padded examples (mask 0) are excluded. Confusion matrices have true labels
+    on rows and predictions on columns. For a population (a stacked state)
+    ``loss_sum`` is ``(K,)`` and ``confusion`` ``(K, C, C)``, and the
+    ``ensemble_*`` entries score the members' averaged logits.
     """
 
-    def body(totals, batch):
-        image, label, batch_mask = batch
-        logits = state.apply_fn({"params": state.params}, normalize_images(image))
-        losses = optax.softmax_cross_entropy_with_integer_labels(logits, label)
-        predicted = jnp.argmax(logits, axis=-1)
-        confusion = totals["confusion"].at[label, predicted].add(batch_mask)
-        return {
-            "loss_sum": totals["loss_sum"] + jnp.sum(losses * batch_mask),
-            "confusion": confusion,
-        }, None
+    def logits_of(image):
+        def apply(state):
+            return state.apply_fn({"params": state.params}, normalize_images(image))
 
-    num_classes = jax.eval_shape(
-        state.apply_fn, {"params": state.params}, jnp.zeros((1, *images.shape[2:]))
-    ).shape[-1]
-    totals = {
-        "loss_sum": jnp.zeros((), jnp.float32),
-        "confusion": jnp.zeros((num_classes, num_classes), jnp.float32),
-    }
-    totals, _ = jax.lax.scan(body, totals, (images, labels, mask))
-    return totals
+        return jax.vmap(apply)(state) if population else apply(state)
+
+    def scores(logits, label, batch_mask):
+        label = jnp.broadcast_to(label, logits.shape[:-1])
+        mask = jnp.broadcast_to(batch_mask, label.shape)
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, label)
+        num_classes = logits.shape[-1]
+        true = jax.nn.one_hot(label, num_classes) * mask[..., None]
+        predicted = jax.nn.one_hot(jnp.argmax(logits, axis=-1), num_classes)
+        confusion = jnp.einsum("...bi,...bj->...ij", true, predicted)
+        return jnp.sum(losses * mask, axis=-1), confusion
+
+    def batch_totals(batch):
+        image, label, batch_mask = batch
+        logits = logits_of(image)
+        loss_sum, confusion = scores(logits, label, batch_mask)
+        totals = {"loss_sum": loss_sum, "confusion": confusion}
+        if population:
+            ensemble = scores(jnp.mean(logits, axis=0), label, batch_mask)
+            totals["ensemble_loss_sum"], totals["ensemble_confusion"] = ensemble
+        return totals
+
+    def body(totals, batch):
+        return jax.tree.map(jnp.add, totals, batch_totals(batch)), None
+
+    shapes = jax.eval_shape(batch_totals, (images[0], labels[0], mask[0]))
+    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
+    return jax.lax.scan(body, zeros, (images, labels, mask))[0]
 
 
 def eval_arrays(
@@ -254,14 +374,28 @@ def evaluate(
 
     Returns:
       ``loss``, ``accuracy``, ``count``, ``per_class_accuracy`` (a list) and
-      ``confusion`` (lists; true label by predicted label).
+      ``confusion`` (lists; true label by predicted label). For a population
+      compiled with ``population=True``: ``{"members": [one such dict per
+      member], "ensemble": the averaged-logits dict}``.
     """
-    totals = eval_fn(state, *arrays)
-    confusion = np.asarray(totals["confusion"]).astype(np.int64)
+    totals = jax.device_get(eval_fn(state, *arrays))
+    if "ensemble_confusion" not in totals:
+        return score_confusion(totals["confusion"], totals["loss_sum"])
+    members = [
+        score_confusion(confusion, loss)
+        for confusion, loss in zip(totals["confusion"], totals["loss_sum"])
+    ]
+    ensemble = score_confusion(totals["ensemble_confusion"], totals["ensemble_loss_sum"])
+    return {"members": members, "ensemble": ensemble}
+
+
+def score_confusion(confusion: np.ndarray, loss_sum: float) -> dict[str, Any]:
+    """Accuracy, per-class accuracy and mean loss from a confusion matrix."""
+    confusion = np.asarray(confusion).round().astype(np.int64)
     count = int(confusion.sum())
     per_class = np.diag(confusion) / np.maximum(confusion.sum(axis=1), 1)
     return {
-        "loss": float(totals["loss_sum"]) / count,
+        "loss": float(loss_sum) / count,
         "accuracy": float(np.trace(confusion)) / count,
         "count": count,
         "per_class_accuracy": per_class.tolist(),

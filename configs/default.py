@@ -15,6 +15,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.idx_dir = ""  # Directory of MNIST-format IDX files.
     config.num_train_examples = 0  # 0 = all; else the first N.
     config.num_test_examples = 0
+    config.validation_examples = 0  # Held out from the end of the training set.
 
     config.model = ml_collections.ConfigDict(
         dict(
@@ -43,4 +44,27 @@ def get_config() -> ml_collections.ConfigDict:
     config.steps_per_dispatch = 50  # Steps per compiled program call.
     config.progress_bar = True
     config.stop_at_test_accuracy = 0.0  # > 0: stop once an epoch reaches it.
+
+    # K models in one program (vmap). Lists give one value per member; empty
+    # lists use the values above (seeds: seed, seed + 1, ...).
+    config.population = ml_collections.ConfigDict(
+        dict(
+            size=1,
+            seeds=(),
+            learning_rates=(),
+            weight_decays=(),
+            momenta=(),
+            independent_data_order=False,  # True: each member's order from its seed.
+        )
+    )
+    # Per-example gradients: DP-SGD clipping + noise (on when clip_norm > 0),
+    # and a grid of the training examples with the largest gradient norms.
+    config.per_example = ml_collections.ConfigDict(
+        dict(
+            clip_norm=0.0,
+            noise_multiplier=0.0,
+            report_hardest=0,  # > 0: how many to show in hardest_examples.png.
+            report_scan_examples=5000,  # How many training examples to score.
+        )
+    )
     return config

@@ -10,14 +10,18 @@ from cnnflat_jax import checkpoints, models, train_lib, trainer
 from configs import smoke
 
 
-def small_state(optimizer="adam", num_classes=3, seed=0, shape=(8, 8, 1)):
+def small_state(optimizer="adam", num_classes=3, seed=0, shape=(8, 8, 1), **per_example):
     config = smoke.get_config()
     config.optimizer = optimizer
     config.schedule = "constant"
     config.learning_rate = 0.1 if optimizer == "sgd" else 0.01
+    config.per_example.update(per_example)
     model = models.CNN(num_classes=num_classes, conv_features=(4,), dense_features=(8,))
-    tx = train_lib.create_optimizer(config, steps_per_epoch=10)
-    return train_lib.create_train_state(model, shape, tx, jax.random.key(seed))
+    make_tx = train_lib.optimizer_factory(config, steps_per_epoch=10)
+    return train_lib.create_train_state(
+        model, shape, make_tx, train_lib.config_hparams(config), jax.random.key(seed),
+        clip_per_example=config.per_example.clip_norm > 0,
+    )  # fmt: skip
 
 
 def toy_data(n=40, num_classes=3, seed=0):

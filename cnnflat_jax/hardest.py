@@ -1,0 +1,77 @@
+"""The hardest training examples: largest per-example gradient norms and losses."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+import optax
+
+from cnnflat_jax import per_example, plots, train_lib
+
+
+@jax.jit
+def example_scores(
+    state: train_lib.TrainState, images: jax.Array, labels: jax.Array
+) -> dict[str, jax.Array]:
+    """Per-example gradient norm, loss and prediction for one batch."""
+
+    def loss(params, example):
+        return train_lib.example_loss(params, state.apply_fn, example)
+
+    grads = per_example.per_example_grads(loss, state.params, {"image": images, "label": labels})
+    logits = state.apply_fn({"params": state.params}, train_lib.normalize_images(images))
+    return {
+        "grad_norm": per_example.global_norms(grads),
+        "loss": optax.softmax_cross_entropy_with_integer_labels(logits, labels),
+        "predicted": logits.argmax(axis=-1),
+    }
+
+
+def report(
+    state: train_lib.TrainState,
+    images: np.ndarray,
+    labels: np.ndarray,
+    workdir: str,
+    *,
+    num_shown: int,
+    num_scanned: int,
+    batch_size: int = 128,
+) -> list[dict]:
+    """Scores the first ``num_scanned`` examples; writes the top ``num_shown``.
+
+    Writes ``hardest_examples.png`` (an image grid titled "label>prediction",
+    loss and gradient norm) and ``hardest_examples.json``, ordered by gradient
+    norm, largest first. Returns the JSON rows.
+    """
+    n = min(num_scanned, len(labels))
+    pad = -n % batch_size
+    padded_images = np.concatenate([images[:n], np.zeros((pad, *images.shape[1:]), images.dtype)])
+    padded_labels = np.concatenate([labels[:n], np.zeros(pad, labels.dtype)])
+    batches = [
+        example_scores(state, padded_images[i : i + batch_size], padded_labels[i : i + batch_size])
+        for i in range(0, n + pad, batch_size)
+    ]
+    scores = {k: np.concatenate([np.asarray(b[k]) for b in batches])[:n] for k in batches[0]}
+    top = np.argsort(-scores["grad_norm"], kind="stable")[:num_shown]
+    rows = [
+        {
+            "index": int(i),
+            "label": int(labels[i]),
+            "predicted": int(scores["predicted"][i]),
+            "loss": float(scores["loss"][i]),
+            "grad_norm": float(scores["grad_norm"][i]),
+        }
+        for i in top
+    ]
+    with open(os.path.join(workdir, "hardest_examples.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    titles = [
+        f"#{r['index']} {r['label']}>{r['predicted']}\n"
+        f"loss {r['loss']:.2f} |g| {r['grad_norm']:.1f}"
+        for r in rows
+    ]
+    plots.save_image_grid(os.path.join(workdir, "hardest_examples.png"), images[top], titles)
+    return rows

@@ -1,0 +1,122 @@
+"""Populations: K models in one vmapped program, checked against single runs."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import write_idx_dataset
+
+from cnnflat_jax import checkpoints, models, population, train_lib, trainer
+from configs import smoke
+
+
+def tiny_config(data_dir, **population_fields):
+    config = smoke.get_config()
+    config.data_source = "idx"
+    config.idx_dir = str(data_dir)
+    config.num_test_examples = 0
+    config.batch_size = 16
+    config.eval_batch_size = 10
+    config.num_epochs = 2
+    config.optimizer = "sgd"
+    config.population.update(population_fields)
+    return config
+
+
+def final_params(workdir, config, members=None):
+    fields = dict(config.model)
+    model = models.create_model(fields.pop("name"), 3, **fields)
+    like = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))["params"]
+    if members:
+        like = jax.tree.map(lambda x: jnp.stack([x] * members), like)
+    return checkpoints.load_params(workdir / "final_params", like)
+
+
+def assert_trees_close(a, b):
+    leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(leaves_a) == len(leaves_b) == 8
+    for x, y in zip(leaves_a, leaves_b):
+        np.testing.assert_allclose(x, y, rtol=2e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("independent", [True, False])
+def test_member_k_trains_like_a_single_run_with_its_seed_and_hparams(tmp_path, independent):
+    data = write_idx_dataset(tmp_path / "data", num_train=80)
+    seeds, rates, momenta = (3, 5, 0), (0.05, 0.1, 0.2), (0.0, 0.9, 0.5)
+    config = tiny_config(
+        data, size=3, seeds=seeds, learning_rates=rates, momenta=momenta,
+        independent_data_order=independent,
+    )  # fmt: skip
+    config.seed = 0  # The shared data order is the seed-0 run's.
+    trainer.train_and_evaluate(config, str(tmp_path / "population"))
+    stacked = final_params(tmp_path / "population", config, members=3)
+    # With a shared order only the seed-0 member sees a single run's order.
+    checked = range(3) if independent else [2]
+    for k in checked:
+        single = tiny_config(data)
+        single.seed, single.learning_rate, single.momentum = seeds[k], rates[k], momenta[k]
+        trainer.train_and_evaluate(single, str(tmp_path / f"single{k}"))
+        member = jax.tree.map(lambda x, k=k: x[k], stacked)
+        assert_trees_close(member, final_params(tmp_path / f"single{k}", single))
+
+
+def test_metrics_have_a_line_per_member_and_the_ensemble(tmp_path):
+    data = write_idx_dataset(tmp_path / "data", num_train=80)
+    config = tiny_config(data, size=2, learning_rates=(0.01, 0.2))
+    config.validation_examples = 16
+    result = trainer.train_and_evaluate(config, str(tmp_path / "run"))
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["member"]) for r in lines] == [
+        (1, 0), (1, 1), (1, "ensemble"), (2, 0), (2, 1), (2, "ensemble"),
+    ]  # fmt: skip
+    members = lines[3:5]
+    assert [m["learning_rate"] for m in members] == [0.01, 0.2]
+    assert [m["seed"] for m in members] == [0, 1]
+    assert all(m["validation_count"] == 16 and m["test_count"] == 37 for m in members)
+    best = int(np.argmax([m["validation_accuracy"] for m in members]))
+    assert result["best_member"] == best
+    assert result["best_member_test_accuracy"] == members[best]["test_accuracy"]
+    assert result["step"] == 2 * 4  # 64 training images / 16.
+
+
+def test_ensemble_scores_the_averaged_logits(tmp_path):
+    config = smoke.get_config()
+    config.population.update(size=3, learning_rates=(0.1, 0.2, 0.3))
+    model = models.CNN(num_classes=3, conv_features=(4,), dense_features=(8,))
+    make_tx = train_lib.optimizer_factory(config, 10)
+    state = population.create_population(model, (8, 8, 1), make_tx, population.members(config))
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (45, 8, 8, 1), dtype=np.uint8)
+    labels = rng.integers(0, 3, 45).astype(np.int32)
+    arrays = train_lib.eval_arrays(images, labels, 20)
+    result = train_lib.evaluate(
+        state, arrays, lambda *a: train_lib.eval_batches(*a, population=True)
+    )
+    members = [population.member_state(state, k) for k in range(3)]
+    logits = np.stack([model.apply({"params": m.params}, images / 255.0) for m in members])
+    for k in range(3):
+        expected = (logits[k].argmax(axis=1) == labels).mean()
+        assert result["members"][k]["accuracy"] == pytest.approx(expected)
+    assert result["ensemble"]["accuracy"] == pytest.approx(
+        (logits.mean(axis=0).argmax(axis=1) == labels).mean()
+    )
+    assert result["ensemble"]["count"] == 45
+
+
+def test_member_lists_must_match_the_size():
+    config = smoke.get_config()
+    config.population.update(size=3, learning_rates=(0.1, 0.2))
+    with pytest.raises(trainer.ConfigError, match=r"population.learning_rates has 2 values"):
+        trainer.check_config(config)
+
+
+def test_members_default_to_consecutive_seeds_and_config_values():
+    config = smoke.get_config()
+    config.seed = 10
+    config.population.update(size=2, momenta=(0.5, 0.99))
+    members = population.members(config)
+    assert [m["seed"] for m in members] == [10, 11]
+    assert [m["momentum"] for m in members] == [0.5, 0.99]
+    assert [m["learning_rate"] for m in members] == [config.learning_rate] * 2
