@@ -1,6 +1,6 @@
 """Where convolution time goes: each conv of the default CNN, per pass and lowering.
 
-    python benchmarks/conv_profile.py --rounds 5
+    python -m benchmarks.conv_profile --rounds 5
 
 Times, at batch 128, the forward pass, the input gradient and the kernel
 gradient of conv1 (28x28, 1->32) and conv2 (14x14, 32->64), for each
@@ -61,12 +61,19 @@ def median_ms(fn, args, calls):
 def main(_):
     key = jax.random.key(0)
     print(f"batch {_BATCH.value}, {jax.devices()[0].device_kind}, medians of {_ROUNDS.value}, ms")
-    print("| layer | pass | lax | nhwc_grads | lax in scan | nhwc_grads in scan |")
-    print("|---|---|---|---|---|---|")
+    lowerings = ("lax", "nhwc_grads", "im2col")
+    print(
+        "| layer | pass | "
+        + " | ".join(lowerings)
+        + " | "
+        + " | ".join(f"{low} in scan" for low in lowerings)
+        + " |"
+    )
+    print("|---|---|" + "---|" * (2 * len(lowerings)))
     for layer, (size, c_in, c_out) in LAYERS.items():
         x = jax.random.normal(key, (_BATCH.value, size, size, c_in))
         k = jax.random.normal(key, (3, 3, c_in, c_out)) * 0.1
-        by_lowering = {low: passes(low) for low in ("lax", "nhwc_grads")}
+        by_lowering = {low: passes(low) for low in lowerings}
         for name in by_lowering["lax"]:
             cells = [median_ms(jax.jit(by_lowering[low][name]), (x, k), 1) for low in by_lowering]
             cells += [

@@ -1,6 +1,6 @@
 """Training throughput of the default CNN: per-step loop vs compiled loop.
 
-    python benchmarks/train_throughput.py --config configs/default.py --rounds 5 \
+    python -m benchmarks.train_throughput --config configs/default.py --rounds 5 \
         [--time_to_accuracy]
 
 Each round times both loops on the same real Fashion-MNIST batches, one after
@@ -41,8 +41,11 @@ def main(_):
     fields = dict(config.model)
     model = models.create_model(fields.pop("name"), data.num_classes, **fields)
     steps = train_lib.steps_per_epoch(len(data.train_labels), config.batch_size)
-    tx = train_lib.create_optimizer(config, steps)
-    state = train_lib.create_train_state(model, data.image_shape, tx, jax.random.key(0))
+    make_tx = train_lib.optimizer_factory(config, steps)
+    hparams = train_lib.config_hparams(config)
+    state = train_lib.create_train_state(
+        model, data.image_shape, make_tx, hparams, jax.random.key(0)
+    )
     batch = config.batch_size
     indices, mask = train_lib.epoch_plan(
         jax.random.key(1), 1, len(data.train_labels), batch, _STEPS.value

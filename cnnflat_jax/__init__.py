@@ -5,6 +5,7 @@ The public API is re-exported here; other names may change.
 
 from cnnflat_jax.models import CNN, MLP, create_model
 from cnnflat_jax.ops import avg_pool, conv2d, dense, flatten, max_pool, relu
+from cnnflat_jax.per_example import per_example_grads
 
 __all__ = [
     "CNN",
@@ -15,5 +16,6 @@ __all__ = [
     "dense",
     "flatten",
     "max_pool",
+    "per_example_grads",
     "relu",
 ]

@@ -24,6 +24,7 @@ class Conv2D(nn.Module):
     features: int
     kernel_size: int = 3
     padding: str = "SAME"
+    lowering: str = "auto"  # See ops.conv2d.
 
     @nn.compact
     def __call__(self, x_NHWC: jnp.ndarray) -> jnp.ndarray:
@@ -34,7 +35,7 @@ class Conv2D(nn.Module):
             (self.kernel_size, self.kernel_size, c_in, self.features),
         )
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
-        return ops.conv2d(x_NHWC, kernel, bias, padding=self.padding)
+        return ops.conv2d(x_NHWC, kernel, bias, padding=self.padding, lowering=self.lowering)
 
 
 class Dense(nn.Module):
@@ -66,12 +67,13 @@ class CNN(nn.Module):
     pool: str = "max"
     pool_window: int = 2
     dense_features: Sequence[int] = (256,)
+    conv_lowering: str = "auto"  # How ops.conv2d computes; values are the same.
 
     @nn.compact
     def __call__(self, x_NHWC: jnp.ndarray) -> jnp.ndarray:
         pool = POOLS[self.pool]
         for features in self.conv_features:
-            x_NHWC = Conv2D(features, self.kernel_size)(x_NHWC)
+            x_NHWC = Conv2D(features, self.kernel_size, lowering=self.conv_lowering)(x_NHWC)
             x_NHWC = pool(ops.relu(x_NHWC), self.pool_window)
         x_NxD = ops.flatten(x_NHWC)
         for features in self.dense_features:

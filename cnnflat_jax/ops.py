@@ -130,13 +130,15 @@ def conv2d(
         pad puts the extra row/column at the bottom/right), "VALID", or
         explicit ``((top, bottom), (left, right))`` zero padding.
       dilation: kernel dilation ``d``, an int or ``(d_h, d_w)``.
-      lowering: how gradients are computed; the forward values are the same.
-        "lax": JAX's own convolution rules; supports forward mode (``jvp``,
-        ``jacfwd``) as well as reverse. "nhwc_grads": both gradients written
-        as plain NHWC/HWIO convolutions, which XLA:CPU runs fast inside
-        ``lax.scan`` (JAX's rules run up to ~400x slower there); reverse mode
-        only (``grad``, ``vjp``, also grad of grad). "auto" (default):
-        "nhwc_grads" on CPU, "lax" on other backends.
+      lowering: how XLA computes it; values agree to float rounding.
+        "lax": one ``lax.conv_general_dilated`` with JAX's own gradient
+        rules. "nhwc_grads": the same forward, with both gradients written as
+        plain NHWC/HWIO convolutions, because XLA:CPU runs JAX's transposed
+        convolutions up to ~400x slower inside ``lax.scan``; reverse mode
+        only (``grad``, ``vjp``, grad of grad; not ``jvp``). "im2col": the
+        kernel taps as strided slices stacked along channels, then one
+        matmul; its gradients and its ``vmap`` over kernels (populations)
+        are plain GEMMs. "auto" (default): "im2col" on CPU, "lax" elsewhere.
 
     Returns:
       ``(N, H_out, W_out, C_out)``, or ``(H_out, W_out, C_out)`` for a single
@@ -169,7 +171,7 @@ def conv2d(
     pads = _explicit_padding(padding, in_hw, effective_hw, stride_hw, fn)
     _check_output_size(in_hw, pads, effective_hw, stride_hw, fn, "dilated kernel")
     if lowering == "auto":
-        lowering = "nhwc_grads" if jax.default_backend() == "cpu" else "lax"
+        lowering = "im2col" if jax.default_backend() == "cpu" else "lax"
     if lowering not in _CONV_LOWERINGS:
         raise ValueError(
             f"{fn}: lowering must be 'auto' or one of {sorted(_CONV_LOWERINGS)}, got {lowering!r}"
@@ -235,11 +237,41 @@ def _conv_bwd(stride, pads, dilation, residuals, g_NHWO):
 
 _conv.defvjp(_conv_fwd, _conv_bwd)
 
+
+def _im2col_conv(x_NHWC, kernel_HWIO, stride, pads, dilation):
+    """Convolution as one matmul: im2col patches times the reshaped kernel.
+
+    Each kernel tap ``(p, q)`` is a strided slice of the padded input; the
+    taps are stacked along channels in ``(p, q, c)`` order, which is the row
+    order of the HWIO kernel reshaped to ``(kh * kw * C_in, C_out)``. Only
+    slices, pads and matmuls, so its gradients and its ``vmap`` over kernels
+    (a population) are plain GEMMs for XLA:CPU.
+    """
+    kh, kw, c_in, c_out = kernel_HWIO.shape
+    x_NHWC = jnp.pad(x_NHWC, ((0, 0), *pads, (0, 0)))
+    n, h, w, _ = x_NHWC.shape
+    out_h = (h - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    out_w = (w - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    taps = []
+    for p in range(kh):
+        for q in range(kw):
+            top, left = p * dilation[0], q * dilation[1]
+            bottom = top + stride[0] * (out_h - 1) + 1
+            right = left + stride[1] * (out_w - 1) + 1
+            taps.append(
+                lax.slice(x_NHWC, (0, top, left, 0), (n, bottom, right, c_in), (1, *stride, 1))
+            )
+    patches_NHWK = taps[0] if len(taps) == 1 else jnp.concatenate(taps, axis=-1)
+    kernel_KO = kernel_HWIO.reshape(kh * kw * c_in, c_out)
+    return lax.dot_general(patches_NHWK, kernel_KO, (((3,), (0,)), ((), ())))
+
+
 _CONV_LOWERINGS = {
     "lax": lambda x, k, stride, pads, dilation: _canonical_conv(
         x, k, stride, pads, (1, 1), dilation
     ),
     "nhwc_grads": _conv,
+    "im2col": _im2col_conv,
 }
 
 

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from cnnflat_jax import train_lib
+from cnnflat_jax import reporting, train_lib
 
 # config.population list -> the member field it sets.
 MEMBER_LISTS = {
@@ -113,3 +113,67 @@ def stack_plans(plans: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray,
     """
     indices = np.stack([p[0] for p in plans], axis=2)
     return indices, plans[0][1]
+
+
+def epoch_record(
+    epoch: int,
+    state: train_lib.TrainState,
+    member_list: list[dict[str, Any]],
+    totals: dict[str, np.ndarray],
+    scores: dict[str, dict],
+    timing: dict[str, float],
+) -> dict[str, Any]:
+    """The ensemble's record for an epoch, with the members' under ``members``.
+
+    With a validation split it names the best member by validation accuracy.
+    """
+    step = int(np.max(state.step))
+    member_records = [
+        {
+            "epoch": epoch,
+            "step": step,
+            "member": k,
+            **member_list[k],
+            **reporting.scores_record(totals, scores, k),
+        }
+        for k in range(len(member_list))
+    ]
+    ensemble = scores["test"]["ensemble"]
+    record = {
+        "epoch": epoch,
+        "step": step,
+        "member": "ensemble",
+        "test_loss": ensemble["loss"],
+        "test_accuracy": ensemble["accuracy"],
+        "test_count": ensemble["count"],
+        "mean_member_test_accuracy": float(np.mean([r["test_accuracy"] for r in member_records])),
+        **timing,
+        "members": member_records,
+    }
+    if "validation" in scores:
+        best = int(np.argmax([r["validation_accuracy"] for r in member_records]))
+        record["best_member"] = best
+        record["best_member_validation_accuracy"] = member_records[best]["validation_accuracy"]
+        record["best_member_test_accuracy"] = member_records[best]["test_accuracy"]
+    return record
+
+
+def summary(member_list: list[dict[str, Any]], record: dict[str, Any]) -> str:
+    """The end-of-run table: each member's settings and accuracies, then the
+    ensemble and the best member by validation."""
+    columns = ["train_accuracy", "test_accuracy"]
+    if "best_member" in record:
+        columns.insert(1, "validation_accuracy")
+    scores = [{c: r[c] for c in columns} for r in record["members"]]
+    lines = [summary_table(member_list, scores)]
+    lines.append(
+        f"ensemble (averaged logits): test accuracy {record['test_accuracy']:.4f}; "
+        f"mean member {record['mean_member_test_accuracy']:.4f}"
+    )
+    if "best_member" in record:
+        lines.append(
+            f"best member by validation: {record['best_member']} (validation "
+            f"{record['best_member_validation_accuracy']:.4f}, test "
+            f"{record['best_member_test_accuracy']:.4f})"
+        )
+    return "\n".join(lines)

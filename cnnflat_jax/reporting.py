@@ -8,6 +8,7 @@ import sys
 from typing import Any
 
 import ml_collections
+import numpy as np
 import tqdm
 
 
@@ -41,3 +42,33 @@ def progress_bar(total_steps: int, epoch: int, num_epochs: int, enabled: bool) -
         dynamic_ncols=True,
         leave=False,
     )
+
+
+def scores_record(
+    totals: dict[str, np.ndarray], scores: dict[str, dict], k: int | None = None
+) -> dict[str, Any]:
+    """An epoch's metrics for the model, or for member ``k`` of a population.
+
+    ``totals`` are the epoch's training metric sums; ``scores`` maps a split
+    name ("test", "validation") to ``train_lib.evaluate``'s result.
+    """
+
+    def pick(value):
+        return value if k is None else value[k]
+
+    def member(result):
+        return result if k is None else result["members"][k]
+
+    record = {
+        "train_loss": float(pick(totals["loss_sum"]) / pick(totals["count"])),
+        "train_accuracy": float(pick(totals["correct"]) / pick(totals["count"])),
+    }
+    for name, result in scores.items():
+        result = member(result)
+        record[f"{name}_loss"] = result["loss"]
+        record[f"{name}_accuracy"] = result["accuracy"]
+        record[f"{name}_count"] = result["count"]
+    test = member(scores["test"])
+    record["test_per_class_accuracy"] = test["per_class_accuracy"]
+    record["test_confusion"] = test["confusion"]
+    return record

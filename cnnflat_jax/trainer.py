@@ -106,19 +106,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     make_tx = train_lib.optimizer_factory(config, steps)
     member_list = population.members(config)
     is_population = config.population.size > 1
-    clip = config.per_example.clip_norm > 0
-    if is_population:
-        state = population.create_population(model, data.image_shape, make_tx, member_list, clip)
-        mode = "independent" if config.population.independent_data_order else "shared"
-    else:
-        state = train_lib.create_train_state(
-            model, data.image_shape, make_tx, member_list[0],
-            population.run_keys(config.seed)[0], clip,
-        )  # fmt: skip
-        mode = "single"
-    # Data order: one per member, else the order a single run with config.seed uses.
-    seeds = [m["seed"] for m in member_list] if mode == "independent" else [config.seed]
-    data_keys = [population.run_keys(seed)[1] for seed in seeds]
+    state, mode, data_keys = _initial_state(config, model, data.image_shape, make_tx, member_list)
     num_params = sum(x.size for x in jax.tree.leaves(state.params)) // len(member_list)
     logging.info(
         "Model: %s, %d parameters%s", config.model.name, num_params,
@@ -166,7 +154,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             "elapsed_sec": time.perf_counter() - start,
         }
         if is_population:
-            record = _population_records(epoch, state, member_list, totals, scores, timing)
+            record = population.epoch_record(epoch, state, member_list, totals, scores, timing)
             for member_record in record["members"]:
                 metrics_log.write(member_record)
             metrics_log.write({k: v for k, v in record.items() if k != "members"})
@@ -180,7 +168,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     checkpoints.save_params(os.path.join(workdir, "final_params"), state.params)
     if is_population:
-        _log_population_summary(member_list, record)
+        logging.info("Population summary:\n%s", population.summary(member_list, record))
     if config.per_example.report_hardest:
         report_state = state
         if is_population:
@@ -197,6 +185,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         record["images_per_sec"], compile_sec, time.perf_counter() - start, workdir,
     )  # fmt: skip
     return {**record, "compile_sec": compile_sec, "source": data.source}
+
+
+def _initial_state(config, model, image_shape, make_tx, member_list):
+    """The (stacked, for a population) initial state, step mode and data-order keys."""
+    clip = config.per_example.clip_norm > 0
+    if config.population.size > 1:
+        state = population.create_population(model, image_shape, make_tx, member_list, clip)
+        mode = "independent" if config.population.independent_data_order else "shared"
+    else:
+        key = population.run_keys(config.seed)[0]
+        state = train_lib.create_train_state(model, image_shape, make_tx, member_list[0], key, clip)
+        mode = "single"
+    # Data order: one per member, else the order a single run with config.seed uses.
+    seeds = [m["seed"] for m in member_list] if mode == "independent" else [config.seed]
+    return state, mode, [population.run_keys(seed)[1] for seed in seeds]
 
 
 def _hold_out(data: input_pipeline.Dataset, num_validation: int):
@@ -234,58 +237,8 @@ def _train_epoch(run_dispatch, state, indices, mask, steps, epoch, config):
     return state, totals, time.perf_counter() - epoch_start
 
 
-def _scores(totals, scores, k=None) -> dict[str, Any]:
-    """Train/validation/test metrics of the model (or member ``k``)."""
-
-    def pick(value):
-        return value if k is None else value[k]
-
-    def member(result):
-        return result if k is None else result["members"][k]
-
-    record = {
-        "train_loss": float(pick(totals["loss_sum"]) / pick(totals["count"])),
-        "train_accuracy": float(pick(totals["correct"]) / pick(totals["count"])),
-    }
-    for name, result in scores.items():
-        result = member(result)
-        record[f"{name}_loss"] = result["loss"]
-        record[f"{name}_accuracy"] = result["accuracy"]
-        record[f"{name}_count"] = result["count"]
-    test = member(scores["test"])
-    record["test_per_class_accuracy"] = test["per_class_accuracy"]
-    record["test_confusion"] = test["confusion"]
-    return record
-
-
 def _record(epoch, step, totals, scores, timing) -> dict[str, Any]:
-    return {"epoch": epoch, "step": step, **_scores(totals, scores), **timing}
-
-
-def _population_records(epoch, state, member_list, totals, scores, timing) -> dict[str, Any]:
-    step = int(np.max(state.step))
-    member_records = [
-        {"epoch": epoch, "step": step, "member": k, **member_list[k], **_scores(totals, scores, k)}
-        for k in range(len(member_list))
-    ]
-    ensemble = scores["test"]["ensemble"]
-    record = {
-        "epoch": epoch,
-        "step": step,
-        "member": "ensemble",
-        "test_loss": ensemble["loss"],
-        "test_accuracy": ensemble["accuracy"],
-        "test_count": ensemble["count"],
-        "mean_member_test_accuracy": float(np.mean([r["test_accuracy"] for r in member_records])),
-        **timing,
-        "members": member_records,
-    }
-    if "validation" in scores:
-        best = int(np.argmax([r["validation_accuracy"] for r in member_records]))
-        record["best_member"] = best
-        record["best_member_validation_accuracy"] = member_records[best]["validation_accuracy"]
-        record["best_member_test_accuracy"] = member_records[best]["test_accuracy"]
-    return record
+    return {"epoch": epoch, "step": step, **reporting.scores_record(totals, scores), **timing}
 
 
 def _log_epoch(record: dict[str, Any], num_epochs: int) -> None:
@@ -302,25 +255,6 @@ def _log_epoch(record: dict[str, Any], num_epochs: int) -> None:
         record["epoch"], num_epochs, train, who, record["test_loss"], record["test_accuracy"],
         record["test_count"], validation, record["images_per_sec"],
     )  # fmt: skip
-
-
-def _log_population_summary(member_list, record) -> None:
-    columns = ["train_accuracy", "test_accuracy"]
-    if "best_member" in record:
-        columns.insert(1, "validation_accuracy")
-    scores = [{c: r[c] for c in columns} for r in record["members"]]
-    lines = [population.summary_table(member_list, scores)]
-    lines.append(
-        f"ensemble (averaged logits): test accuracy {record['test_accuracy']:.4f}; "
-        f"mean member {record['mean_member_test_accuracy']:.4f}"
-    )
-    if "best_member" in record:
-        lines.append(
-            f"best member by validation: {record['best_member']} (validation "
-            f"{record['best_member_validation_accuracy']:.4f}, test "
-            f"{record['best_member_test_accuracy']:.4f})"
-        )
-    logging.info("Population summary:\n%s", "\n".join(lines))
 
 
 def _compile_train(

@@ -25,6 +25,7 @@ def get_config() -> ml_collections.ConfigDict:
             pool="max",  # max | avg
             pool_window=2,
             dense_features=(256,),
+            conv_lowering="auto",  # auto | lax | nhwc_grads | im2col (ops.conv2d)
         )
     )
 

@@ -38,12 +38,15 @@ CONV_GRID = list(
 )
 
 
+@pytest.mark.parametrize("lowering", ["lax", "nhwc_grads", "im2col"])
 @pytest.mark.parametrize("hw,khw,stride,dilation,padding", CONV_GRID)
-def test_conv2d_matches_numpy_reference_and_predicted_shape(hw, khw, stride, dilation, padding):
+def test_conv2d_matches_numpy_reference_and_predicted_shape(
+    hw, khw, stride, dilation, padding, lowering
+):
     x, k, b = rand(2, *hw, 3), rand(*khw, 3, 4), rand(4)
     s = (stride, stride) if isinstance(stride, int) else stride
     d = (dilation, dilation)
-    y = ops.conv2d(x, k, b, stride=stride, padding=padding, dilation=dilation)
+    y = ops.conv2d(x, k, b, stride=stride, padding=padding, dilation=dilation, lowering=lowering)
     eff = tuple(di * (kk - 1) + 1 for di, kk in zip(d, khw))
     if padding == "SAME":  # TF rule: ceil(in / stride), whatever the kernel.
         expected_hw = tuple(-(-size // st) for size, st in zip(hw, s))
@@ -146,7 +149,10 @@ GRAD_CASES = [
 
 
 @pytest.mark.parametrize("fn", GRAD_CASES)
-@pytest.mark.parametrize("lowering,modes", [("lax", ["fwd", "rev"]), ("nhwc_grads", ["rev"])])
+@pytest.mark.parametrize(
+    "lowering,modes",
+    [("lax", ["fwd", "rev"]), ("nhwc_grads", ["rev"]), ("im2col", ["fwd", "rev"])],
+)
 def test_gradients_match_finite_differences(fn, lowering, modes):
     with jax.enable_x64(True):
         x = jnp.asarray(RNG.normal(size=(2, 6, 5, 3)))
@@ -154,10 +160,11 @@ def test_gradients_match_finite_differences(fn, lowering, modes):
         check_grads(lambda x, k: fn(x, k, lowering), (x, k), order=2, modes=modes, eps=1e-4)
 
 
+@pytest.mark.parametrize("lowering", ["nhwc_grads", "im2col"])
 @pytest.mark.parametrize(
     "stride,padding,dilation", [(1, "SAME", 1), (2, "VALID", 1), ((2, 1), ((0, 2), (1, 0)), 2)]
 )
-def test_conv2d_gradients_equal_lax_gradients(stride, padding, dilation):
+def test_conv2d_gradients_equal_lax_gradients(stride, padding, dilation, lowering):
     x, k = rand(3, 9, 8, 4), rand(3, 2, 4, 5)
     s = (stride, stride) if isinstance(stride, int) else stride
     d = (dilation, dilation)
@@ -170,7 +177,7 @@ def test_conv2d_gradients_equal_lax_gradients(stride, padding, dilation):
 
     def ours(x, k):
         return ops.conv2d(
-            x, k, stride=stride, padding=padding, dilation=dilation, lowering="nhwc_grads"
+            x, k, stride=stride, padding=padding, dilation=dilation, lowering=lowering
         )
 
     g = rand(*lax_conv(x, k).shape)

@@ -7,7 +7,8 @@ import pytest
 from helpers import write_idx_dataset
 
 from cnnflat_jax import checkpoints, models, train_lib, trainer
-from configs import smoke
+from configs import cifar10, default, mnist, smoke
+from configs import population as population_config
 
 
 def small_state(optimizer="adam", num_classes=3, seed=0, shape=(8, 8, 1), **per_example):
@@ -204,3 +205,8 @@ def test_check_config_rejects_unknown_keys_and_model_fields():
     config.model.dropout = 0.5
     with pytest.raises(trainer.ConfigError, match=r"config.model: .*\['dropout'\]"):
         trainer.check_config(config)
+
+
+@pytest.mark.parametrize("module", [default, mnist, cifar10, population_config, smoke])
+def test_every_shipped_config_is_valid(module):
+    trainer.check_config(module.get_config())

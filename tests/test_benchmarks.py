@@ -1,0 +1,41 @@
+"""The benchmark scripts run end to end (tiny settings; numbers not checked)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from cnnflat_jax import input_pipeline
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOKE = ["--config", "configs/smoke.py", "--rounds", "1", "--steps", "2"]
+
+
+@pytest.mark.skipif(
+    not os.path.isdir(input_pipeline.DEBIAN_IDX_DIRS["fashion_mnist"]),
+    reason="needs Debian's dataset-fashion-mnist (.ci/run installs it)",
+)
+@pytest.mark.parametrize(
+    "script,args,expected",
+    [
+        ("train_throughput", SMOKE, "| compiled / per-step (same round) |"),
+        ("population_throughput", [*SMOKE, "--sizes", "1,2"], "| 2 |"),
+    ],
+)
+def test_benchmark_runs(script, args, expected):
+    result = subprocess.run(
+        [sys.executable, "-m", f"benchmarks.{script}", *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert expected in result.stdout
+
+
+def test_conv_profile_runs():
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.conv_profile", "--rounds", "1", "--batch", "2"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("| conv") == 6
