@@ -154,14 +154,10 @@ def loss_and_metrics(params: Any, apply_fn: Callable, batch: Batch) -> tuple[jax
     mask = batch["mask"]
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
     count = jnp.sum(mask)
-    loss = jnp.sum(losses * mask) / jnp.maximum(count, 1.0)
+    loss_sum = jnp.sum(losses * mask)
     correct = (jnp.argmax(logits, axis=-1) == batch["label"]).astype(jnp.float32)
-    metrics = {
-        "loss_sum": jnp.sum(losses * mask),
-        "correct": jnp.sum(correct * mask),
-        "count": count,
-    }
-    return loss, metrics
+    metrics = {"loss_sum": loss_sum, "correct": jnp.sum(correct * mask), "count": count}
+    return loss_sum / jnp.maximum(count, 1.0), metrics
 
 
 def example_loss(params: Any, apply_fn: Callable, example: Batch) -> jax.Array:

@@ -9,6 +9,8 @@ import struct
 
 import numpy as np
 
+from configs import smoke
+
 
 def same_pads(size: int, window: int, stride: int) -> tuple[int, int]:
     """TensorFlow SAME padding for one dimension, extra cell at the end."""
@@ -89,3 +91,17 @@ def write_idx_dataset(directory, num_train=64, num_test=37, size=8, num_classes=
                 with open(path, "wb") as f:
                     f.write(idx_bytes(data))
     return directory
+
+
+def idx_config(directory, **overrides):
+    """The smoke config on a tiny IDX dataset: batch 16, eval batch 10, 2 epochs."""
+    config = smoke.get_config()
+    config.data_source = "idx"
+    config.idx_dir = str(directory)
+    config.num_test_examples = 0
+    config.batch_size = 16
+    config.eval_batch_size = 10
+    config.num_epochs = 2
+    for key, value in overrides.items():
+        config[key] = value
+    return config

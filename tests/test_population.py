@@ -6,21 +6,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import write_idx_dataset
+from helpers import idx_config, write_idx_dataset
 
 from cnnflat_jax import checkpoints, models, population, train_lib, trainer
 from configs import smoke
 
 
 def tiny_config(data_dir, **population_fields):
-    config = smoke.get_config()
-    config.data_source = "idx"
-    config.idx_dir = str(data_dir)
-    config.num_test_examples = 0
-    config.batch_size = 16
-    config.eval_batch_size = 10
-    config.num_epochs = 2
-    config.optimizer = "sgd"
+    config = idx_config(data_dir, optimizer="sgd")
     config.population.update(population_fields)
     return config
 

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import write_idx_dataset
+from helpers import idx_config, write_idx_dataset
 
 from cnnflat_jax import checkpoints, models, train_lib, trainer
 from configs import cifar10, default, mnist, smoke
@@ -132,19 +132,6 @@ def test_evaluate_counts_every_example_and_matches_numpy():
     assert result["loss"] == pytest.approx(-log_probs[np.arange(103), labels].mean(), rel=1e-5)
     per_class = [(predicted[labels == c] == c).mean() for c in range(3)]
     assert result["per_class_accuracy"] == pytest.approx(per_class)
-
-
-def idx_config(directory, **overrides):
-    config = smoke.get_config()
-    config.data_source = "idx"
-    config.idx_dir = str(directory)
-    config.num_test_examples = 0
-    config.batch_size = 16
-    config.eval_batch_size = 10
-    config.num_epochs = 2
-    for key, value in overrides.items():
-        config[key] = value
-    return config
 
 
 def test_same_seed_gives_bit_identical_parameters(tmp_path):
