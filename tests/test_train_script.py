@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from helpers import write_idx_dataset
 
 from cnnflat_jax import input_pipeline
 
@@ -70,3 +71,19 @@ def test_invalid_config_value_fails_before_any_work(tmp_path):
     result = train(tmp_path, "--config.optimizer=lamb")
     assert result.returncode == 1
     assert "error: config.optimizer='lamb'; choose one of ('sgd', 'adam', 'adamw')" in result.stderr
+
+
+def test_population_from_the_command_line(tmp_path):
+    data = write_idx_dataset(tmp_path / "data", num_train=64)
+    result = train(
+        tmp_path / "run",
+        "--config.data_source=idx",
+        f"--config.idx_dir={data}",
+        "--config.population.size=3",
+        "--config.population.learning_rates=(0.01,0.03,0.1)",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["member"] for r in lines] == [0, 1, 2, "ensemble"]
+    assert [r["learning_rate"] for r in lines[:3]] == [0.01, 0.03, 0.1]
+    assert "Population summary:" in result.stderr
