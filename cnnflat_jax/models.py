@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from cnnflat_jax import ops
 
 POOLS: dict[str, Callable] = {"max": ops.max_pool, "avg": ops.avg_pool}
+PADDINGS = ("SAME", "VALID")  # Conv padding, as ops.conv2d names it.
 
 
 class Conv2D(nn.Module):
@@ -55,15 +56,20 @@ class Dense(nn.Module):
 class CNN(nn.Module):
     """Conv blocks -> flatten -> dense layers -> logits.
 
-    Each block is conv2d (``kernel_size`` square, SAME) -> relu -> pool
-    (``pool`` "max" or "avg", window and stride ``pool_window``). The defaults
-    are the classic MNIST network: conv32 -> pool -> conv64 -> pool -> flatten
-    (7x7x64 = 3136 on 28x28 inputs) -> dense 256 -> dense ``num_classes``.
+    Each block is conv2d (``kernel_size`` square, stride 1, ``padding``
+    "SAME" or "VALID") -> relu -> pool (``pool`` "max" or "avg", window and
+    stride ``pool_window``). The defaults are the classic MNIST network:
+    conv32 -> pool -> conv64 -> pool -> flatten (7x7x64 = 3136 on 28x28
+    inputs) -> dense 256 -> dense ``num_classes``.
+
+    The maps that enter the flatten are sown as ``intermediates/flatten_input``
+    (read them with ``apply(..., mutable=["intermediates"])``).
     """
 
     num_classes: int = 10
     conv_features: Sequence[int] = (32, 64)
     kernel_size: int = 3
+    padding: str = "SAME"
     pool: str = "max"
     pool_window: int = 2
     dense_features: Sequence[int] = (256,)
@@ -73,8 +79,9 @@ class CNN(nn.Module):
     def __call__(self, x_NHWC: jnp.ndarray) -> jnp.ndarray:
         pool = POOLS[self.pool]
         for features in self.conv_features:
-            x_NHWC = Conv2D(features, self.kernel_size, lowering=self.conv_lowering)(x_NHWC)
-            x_NHWC = pool(ops.relu(x_NHWC), self.pool_window)
+            conv = Conv2D(features, self.kernel_size, self.padding, self.conv_lowering)
+            x_NHWC = pool(ops.relu(conv(x_NHWC)), self.pool_window)
+        self.sow("intermediates", "flatten_input", x_NHWC)
         x_NxD = ops.flatten(x_NHWC)
         for features in self.dense_features:
             x_NxD = ops.relu(Dense(features)(x_NxD))
@@ -115,4 +122,6 @@ def create_model(name: str, num_classes: int, **fields) -> nn.Module:
         )
     if fields.get("pool", "max") not in POOLS:
         raise ValueError(f"unknown pool {fields['pool']!r}; choose one of {sorted(POOLS)}")
+    if fields.get("padding", "SAME") not in PADDINGS:
+        raise ValueError(f"unknown padding {fields['padding']!r}; choose one of {PADDINGS}")
     return cls(num_classes=num_classes, **fields)

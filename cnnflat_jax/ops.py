@@ -23,7 +23,7 @@ Array = jnp.ndarray
 IntOrPair = int | tuple[int, int]
 Padding = str | Sequence[tuple[int, int]]
 
-__all__ = ["conv2d", "relu", "max_pool", "avg_pool", "flatten", "dense"]
+__all__ = ["conv2d", "relu", "max_pool", "avg_pool", "flatten", "reorder_flat_kernel", "dense"]
 
 
 def _pair(value: IntOrPair, name: str, fn: str) -> tuple[int, int]:
@@ -426,6 +426,66 @@ def flatten(x: ArrayLike, *, batch_dims: int = 1) -> Array:
         )
     keep = tuple(x.shape[:batch_dims])
     return x.reshape(*keep, math.prod(x.shape[batch_dims:]))
+
+
+FLAT_ORDERS = ("hwc", "chw")
+
+
+def reorder_flat_kernel(
+    kernel: ArrayLike, map_hwc: Sequence[int], *, source: str, target: str
+) -> Array:
+    """Reorders the rows of the first dense kernel after a flatten.
+
+    A flatten lays a map out as one vector, and the dense kernel after it has
+    one row per vector position. Keras (channels_last) and ``flatten`` here
+    give the ``(h, w, c)`` order; PyTorch's ``nn.Flatten`` on NCHW maps gives
+    ``(c, h, w)``. The same trained layer therefore has its rows in a
+    different order in each framework, and porting weights without moving
+    them gives a network that runs but predicts garbage. For a map with
+    ``H = 1``, ``W = 2``, ``C = 2``::
+
+        channel 0: [a b]     flatten (h, w, c): a A b B    <- ours, Keras
+        channel 1: [A B]     flatten (c, h, w): a b A B    <- PyTorch
+
+        kernel rows, (c, h, w) order    kernel rows, (h, w, c) order
+          row 0: weights of a             row 0: weights of a
+          row 1: weights of b    ---->    row 1: weights of A
+          row 2: weights of A             row 2: weights of b
+          row 3: weights of B             row 3: weights of B
+
+    Args:
+      kernel: ``(H * W * C, out)``, rows in ``source`` order.
+      map_hwc: the shape ``(H, W, C)`` of the map before the flatten.
+      source: "hwc" or "chw", the order of ``kernel``'s rows.
+      target: "hwc" or "chw", the order wanted.
+
+    Returns:
+      ``kernel`` with its rows in ``target`` order (a permutation: exact).
+
+    Example:
+      >>> rows = jnp.arange(4.0)[:, None]  # a, b, A, B in (c, h, w) order
+      >>> reorder_flat_kernel(rows, (1, 2, 2), source="chw", target="hwc")[:, 0]
+      Array([0., 2., 1., 3.], dtype=float32)
+    """
+    fn = "reorder_flat_kernel"
+    kernel = jnp.asarray(kernel)
+    for name, order in (("source", source), ("target", target)):
+        if order not in FLAT_ORDERS:
+            raise ValueError(f"{fn}: {name} must be one of {FLAT_ORDERS}, got {order!r}")
+    if len(map_hwc) != 3 or not all(isinstance(d, int) and d >= 1 for d in map_hwc):
+        raise ValueError(f"{fn}: map_hwc must be (H, W, C) positive ints, got {map_hwc!r}")
+    h, w, c = map_hwc
+    if kernel.ndim != 2 or kernel.shape[0] != h * w * c:
+        raise ValueError(
+            f"{fn}: kernel must be (H * W * C, out) = ({h * w * c}, out) for a map of "
+            f"shape {tuple(map_hwc)}, got shape {tuple(kernel.shape)}"
+        )
+    if source == target:
+        return kernel
+    out = kernel.shape[1]
+    if source == "chw":
+        return kernel.reshape(c, h, w, out).transpose(1, 2, 0, 3).reshape(h * w * c, out)
+    return kernel.reshape(h, w, c, out).transpose(2, 0, 1, 3).reshape(h * w * c, out)
 
 
 def dense(x: ArrayLike, kernel: ArrayLike, bias: ArrayLike | None = None) -> Array:

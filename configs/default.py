@@ -22,6 +22,7 @@ def get_config() -> ml_collections.ConfigDict:
             name="cnn",
             conv_features=(32, 64),
             kernel_size=3,
+            padding="SAME",  # SAME | VALID (convs; pools are VALID)
             pool="max",  # max | avg
             pool_window=2,
             dense_features=(256,),

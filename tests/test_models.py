@@ -31,6 +31,7 @@ def test_default_cnn_parameter_count_on_28x28x1():
         ((28, 28, 1), {"pool_window": 3}, 3 * 3 * 64),  # 28 -> 9 -> 3
         ((28, 28, 1), {"conv_features": (16, 32, 8)}, 3 * 3 * 8),  # 28 -> 14 -> 7 -> 3
         ((29, 30, 2), {"pool": "avg"}, 7 * 7 * 64),
+        ((28, 28, 1), {"padding": "VALID"}, 5 * 5 * 64),  # 28 -> 26 -> 13 -> 11 -> 5
     ],
 )
 def test_flatten_width_follows_input_shape(shape, fields, flat):
@@ -63,6 +64,7 @@ def test_mlp_parameter_count():
         ("cnn", {"conv_feature": (8,)}, r"no field\(s\) \['conv_feature'\]"),
         ("mlp", {"pool": "max"}, r"model 'mlp' has no field\(s\) \['pool'\]"),
         ("cnn", {"pool": "median"}, r"unknown pool 'median'"),
+        ("cnn", {"padding": "same"}, r"unknown padding 'same'; choose one of \('SAME', 'VALID'\)"),
     ],
 )
 def test_create_model_rejects_bad_names(name, fields, message):
