@@ -44,20 +44,18 @@ def build(config, data, size, clip_norm=0.0):
             model, data.image_shape, make_tx, members, clip_norm > 0
         )
     mode = "single" if size == 1 else "shared"
-    images, labels = jax.device_put(data.train_images), jax.device_put(data.train_labels)
     indices, mask = train_lib.epoch_plan(
         jax.random.key(1), 1, len(data.train_labels), config.batch_size, _STEPS.value
     )
-    compiled = train_lib.train_steps.lower(
-        state, images, labels, indices[0], mask[0], mode=mode
-    ).compile()
+    batches = train_lib.gather_batches(data.train_images, data.train_labels, indices[1], mask[1])
+    compiled = train_lib.train_steps.lower(state, batches, mode=mode).compile()
     memory = compiled.memory_analysis()
     mib = (memory.temp_size_in_bytes + memory.argument_size_in_bytes) / 2**20
 
     def run():
         nonlocal state
         start = time.perf_counter()
-        state, metrics = compiled(state, images, labels, indices[1], mask[1])
+        state, metrics = compiled(state, batches)
         jax.block_until_ready(metrics)
         return time.perf_counter() - start
 
@@ -67,7 +65,7 @@ def build(config, data, size, clip_norm=0.0):
 
 def main(_):
     config = _CONFIG.value
-    data = trainer.load_data(config)
+    data = trainer.load_data(config, data_shards=1)
     sizes = [int(k) for k in _SIZES.value]
     runs = {k: build(config, data, k) for k in sizes}
     runs["dp"] = build(config, data, 1, clip_norm=1.0)

@@ -40,6 +40,102 @@ def load_params(path: str | os.PathLike, like: Any) -> Any:
     ``like`` may hold arrays or ``jax.ShapeDtypeStruct``s; a tree whose
     shapes do not match raises ``ValueError`` naming the mismatch.
     """
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), like)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    # On this process's first device, whatever topology trained them.
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), like)
     with _orbax_quiet(), ocp.StandardCheckpointer() as checkpointer:
         return checkpointer.restore(os.path.abspath(path), abstract)
+
+
+class IncompatibleCheckpointError(ValueError):
+    """A workdir's checkpoint does not fit the model the config asks for."""
+
+
+def _shapes(tree: Any) -> dict[str, list[int]]:
+    return {
+        jax.tree_util.keystr(path): list(x.shape) for path, x in jax.tree.leaves_with_path(tree)
+    }
+
+
+class RunCheckpoints:
+    """The train state and the run's position, saved with an Orbax ``CheckpointManager``.
+
+    Each checkpoint holds the state's arrays (the PRNG key as raw key data)
+    and, as JSON, ``progress``: where the data order stands (epoch, next
+    dispatch, the epoch's metric sums so far) plus the shape of every array.
+    Orbax writes each checkpoint to a temporary directory and renames it when
+    complete, so a run killed mid-save leaves the previous checkpoint usable.
+    Every process calls every method (Orbax's multi-host rules); the primary
+    process writes.
+    """
+
+    def __init__(self, directory: str | os.PathLike, keep: int):
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep,
+            create=True,
+            enable_async_checkpointing=False,
+            cleanup_tmp_directories=True,
+        )
+        with _orbax_quiet():
+            self._manager = ocp.CheckpointManager(os.path.abspath(directory), options=options)
+        self.directory = os.fspath(directory)
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def save(self, step: int, state: Any, progress: dict[str, Any]) -> None:
+        arrays = _arrays(state)
+        progress = {**progress, "shapes": _shapes(arrays)}
+        with _orbax_quiet():
+            self._manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(arrays), progress=ocp.args.JsonSave(progress)
+                ),
+                force=True,
+            )
+
+    def restore(self, step: int, like: Any) -> tuple[Any, dict[str, Any]]:
+        """The state saved at ``step`` (shaped, typed and sharded like ``like``) and its progress.
+
+        Raises:
+          IncompatibleCheckpointError: the checkpoint's arrays have other shapes.
+        """
+        with _orbax_quiet():
+            progress = self._manager.restore(
+                step, args=ocp.args.Composite(progress=ocp.args.JsonRestore())
+            )["progress"]
+        arrays = _arrays(like)
+        expected = _shapes(arrays)
+        differ = [
+            f"{path}: saved {progress['shapes'].get(path)}, needed {shape}"
+            for path, shape in expected.items()
+            if progress["shapes"].get(path) != shape
+        ]
+        if differ or set(progress["shapes"]) != set(expected):
+            raise IncompatibleCheckpointError(
+                f"the checkpoint in {self.directory} (step {step}) was written for another "
+                "model or population size; use a new --workdir or the config it was trained "
+                "with. Differences: " + "; ".join(differ[:4] or ["different parameter names"])
+            )
+        abstract = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), arrays
+        )
+        with _orbax_quiet():
+            restored = self._manager.restore(
+                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
+            )["state"]
+        return _from_arrays(restored, like), progress
+
+    def close(self) -> None:
+        self._manager.close()
+
+
+def _arrays(state: Any) -> Any:
+    """``state`` with its typed PRNG key as plain uint32 key data (Orbax saves arrays)."""
+    return state.replace(key=jax.random.key_data(state.key))
+
+
+def _from_arrays(arrays: Any, like: Any) -> Any:
+    impl = jax.random.key_impl(like.key)
+    return arrays.replace(key=jax.random.wrap_key_data(arrays.key, impl=impl))

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 import numpy as np
 from absl import logging
 
+from cnnflat_jax import sharding
 from cnnflat_jax.idx import IdxError, read_idx
 
 SOURCES = ("auto", "tfds", "idx")
@@ -36,11 +37,35 @@ class DatasetError(RuntimeError):
 
 
 @dataclasses.dataclass(frozen=True)
+class Part:
+    """Which examples of each split to load.
+
+    The first ``num_train``/``num_test`` examples (0 = all) are cut into
+    ``shard_count`` contiguous shards (``sharding.shard_bounds``) and the
+    ``shards`` run of them is loaded; in a multi-process run each process
+    loads only its own run.
+    """
+
+    num_train: int = 0
+    num_test: int = 0
+    shard_count: int = 1
+    shards: range = range(1)
+
+    def bounds(self, split: str, size: int) -> tuple[int, int, int]:
+        """``(total, start, stop)`` for a split of ``size`` examples."""
+        cap = self.num_train if split == "train" else self.num_test
+        total = min(size, cap) if cap else size
+        bounds = sharding.shard_bounds(total, self.shard_count)
+        return total, int(bounds[self.shards.start]), int(bounds[self.shards.stop])
+
+
+@dataclasses.dataclass(frozen=True)
 class Dataset:
-    """A labelled image dataset held in host memory.
+    """A labelled image dataset held in host memory: this process's part.
 
     Images are uint8 NHWC ``(N, H, W, C)``; labels are int32 ``(N,)`` in
-    ``[0, num_classes)``.
+    ``[0, num_classes)``. ``train_total``/``test_total`` count the examples
+    of all processes' parts together.
     """
 
     name: str
@@ -50,20 +75,12 @@ class Dataset:
     train_labels: np.ndarray
     test_images: np.ndarray
     test_labels: np.ndarray
+    train_total: int
+    test_total: int
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
         return tuple(self.train_images.shape[1:])
-
-    def take(self, num_train: int = 0, num_test: int = 0) -> Dataset:
-        """The first ``num_train``/``num_test`` examples (0 keeps all)."""
-        return dataclasses.replace(
-            self,
-            train_images=self.train_images[: num_train or None],
-            train_labels=self.train_labels[: num_train or None],
-            test_images=self.test_images[: num_test or None],
-            test_labels=self.test_labels[: num_test or None],
-        )
 
 
 def load_dataset(
@@ -72,8 +89,9 @@ def load_dataset(
     source: str = "auto",
     data_dir: str | None = None,
     idx_dir: str | None = None,
+    part: Part = Part(),
 ) -> Dataset:
-    """Loads the train and test splits of ``name``.
+    """Loads ``part`` of the train and test splits of ``name``.
 
     Args:
       name: a TFDS catalog name, e.g. "fashion_mnist", "mnist", "kmnist",
@@ -85,6 +103,7 @@ def load_dataset(
       idx_dir: a directory holding ``train-images-idx3-ubyte[.gz]``,
         ``train-labels-idx1-ubyte[.gz]``, ``t10k-images-idx3-ubyte[.gz]`` and
         ``t10k-labels-idx1-ubyte[.gz]``.
+      part: which examples to keep (default: all).
 
     Raises:
       ValueError: an unknown ``source``.
@@ -111,7 +130,9 @@ def load_dataset(
             continue
         try:
             dataset = (
-                _load_idx(name, arg) if kind == "idx" else _load_tfds(name, data_dir, download=arg)
+                _load_idx(name, arg, part)
+                if kind == "idx"
+                else _load_tfds(name, data_dir, part, download=arg)
             )
         except _NotAvailable as e:
             attempts.append(f"TFDS {name!r} ({'download' if arg else 'prepared copy'}): {e}")
@@ -142,8 +163,8 @@ def _find_idx_file(directory: str, stem: str) -> str:
     raise IdxError(f"{directory}: no {stem} or {stem}.gz")
 
 
-def _load_idx(name: str, directory: str) -> Dataset:
-    arrays = {}
+def _load_idx(name: str, directory: str, part: Part) -> Dataset:
+    arrays, totals, num_classes = {}, {}, 0
     for split, (images_stem, labels_stem) in _IDX_FILES.items():
         images_path = _find_idx_file(directory, images_stem)
         labels_path = _find_idx_file(directory, labels_stem)
@@ -153,9 +174,10 @@ def _load_idx(name: str, directory: str) -> Dataset:
             raise IdxError(
                 f"{labels_path}: {len(labels)} labels for {len(images)} images in {images_path}"
             )
-        arrays[split] = (images[..., None], labels.astype(np.int32))
-    # IDX files carry no class list: the classes are the labels that occur.
-    num_classes = int(max(arrays["train"][1].max(), arrays["test"][1].max())) + 1
+        # IDX files carry no class list: the classes are the labels that occur.
+        num_classes = max(num_classes, int(labels.max()) + 1)
+        totals[split], start, stop = part.bounds(split, len(labels))
+        arrays[split] = (images[start:stop, ..., None].copy(), labels[start:stop].astype(np.int32))
     return Dataset(
         name=name,
         source=f"IDX files in {directory}",
@@ -164,6 +186,8 @@ def _load_idx(name: str, directory: str) -> Dataset:
         train_labels=arrays["train"][1],
         test_images=arrays["test"][0],
         test_labels=arrays["test"][1],
+        train_total=totals["train"],
+        test_total=totals["test"],
     )
 
 
@@ -183,7 +207,7 @@ def _import_tensorflow_cpu_only():
     return tf
 
 
-def _load_tfds(name: str, data_dir: str | None, *, download: bool) -> Dataset:
+def _load_tfds(name: str, data_dir: str | None, part: Part, *, download: bool) -> Dataset:
     if not download and not _tfds_prepared(name, data_dir):
         raise _NotAvailable(f"not prepared in {_tfds_data_dir(data_dir)}")
     _import_tensorflow_cpu_only()
@@ -200,13 +224,18 @@ def _load_tfds(name: str, data_dir: str | None, *, download: bool) -> Dataset:
     except Exception as e:  # Network, disk, checksum: report and go on to the next source.
         raise _NotAvailable(f"download failed: {type(e).__name__}: {e}") from e
     info = builder.info
-    splits = {}
+    splits, totals = {}, {}
     for split in ("train", "test"):
-        ds = builder.as_dataset(split=split, shuffle_files=False).batch(10_000)
+        selection = split
+        if part != Part():  # Read only this part: TFDS slices by example index.
+            totals[split], start, stop = part.bounds(split, info.splits[split].num_examples)
+            selection = f"{split}[{start}:{stop}]"
+        ds = builder.as_dataset(split=selection, shuffle_files=False).batch(10_000)
         batches = list(tfds.as_numpy(ds))
         images = np.concatenate([b["image"] for b in batches])
         labels = np.concatenate([b["label"] for b in batches]).astype(np.int32)
         splits[split] = (images, labels)
+        totals.setdefault(split, len(labels))
     return Dataset(
         name=name,
         source=f"TFDS {name} {info.version} in {builder.data_dir}",
@@ -215,6 +244,8 @@ def _load_tfds(name: str, data_dir: str | None, *, download: bool) -> Dataset:
         train_labels=splits["train"][1],
         test_images=splits["test"][0],
         test_labels=splits["test"][1],
+        train_total=totals["train"],
+        test_total=totals["test"],
     )
 
 

@@ -13,14 +13,32 @@ import tqdm
 
 
 class MetricsLog:
-    """Appends one JSON object per line to ``workdir/metrics.jsonl``."""
+    """One JSON object per line in ``workdir/metrics.jsonl`` (nothing when not ``enabled``)."""
 
-    def __init__(self, workdir: str):
+    def __init__(self, workdir: str, enabled: bool = True):
         self.path = os.path.join(workdir, "metrics.jsonl")
+        self.enabled = enabled
 
     def write(self, record: dict[str, Any]) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def write_epoch(self, record: dict[str, Any]) -> None:
+        """An epoch's record; a population's as one line per member, then the rest."""
+        for member_record in record.get("members", ()):
+            self.write(member_record)
+        self.write({k: v for k, v in record.items() if k != "members"})
+
+    def truncate(self, last_epoch: int) -> None:
+        """Keeps only the records of epochs up to ``last_epoch`` (atomically)."""
+        if not self.enabled or not os.path.exists(self.path):
+            return
+        with open(self.path) as f:
+            kept = [line for line in f if json.loads(line)["epoch"] <= last_epoch]
+        with open(self.path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(self.path + ".tmp", self.path)
 
 
 def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:

@@ -2,16 +2,16 @@
 
 An epoch's data order is one permutation per epoch (``fold_in(key, epoch)``),
 padded to whole batches with masked-out slots, so the last partial batch is
-trained on and not dropped. Both loops consume the same plan: the per-step
-loop gathers each batch on the host and calls ``train_step``; the compiled
-loop keeps the dataset on the device and runs ``steps_per_dispatch`` steps
-per XLA program with ``lax.scan``.
+trained on and not dropped. Both loops consume the same plan, gathered on the
+host one dispatch at a time: the per-step loop calls ``train_step`` per
+batch; the compiled loop runs ``steps_per_dispatch`` steps per XLA program
+with ``lax.scan``.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -206,86 +206,110 @@ STEP_FNS = {
 }
 
 
-@functools.cache
-def jitted_step(mode: str) -> Callable:
-    """``STEP_FNS[mode]`` jitted with the state donated; ``train_step`` for "single"."""
-    return train_step if mode == "single" else jax.jit(STEP_FNS[mode], donate_argnums=0)
-
-
 def epoch_plan(
     key: jax.Array,
     epoch: int,
-    num_examples: int,
+    shard_sizes: int | Sequence[int],
     batch_size: int,
     steps_per_dispatch: int,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The epoch's example order as ``(dispatches, steps_per_dispatch, batch)``.
 
-    Returns:
-      ``(indices, mask)``: a permutation of ``range(num_examples)`` drawn from
-      ``fold_in(key, epoch)``, padded with index 0 and mask 0 up to whole
-      batches and whole dispatches. Steps whose mask is all zero are skipped.
-    """
-    perm = np.asarray(jax.random.permutation(jax.random.fold_in(key, epoch), num_examples))
-    per_dispatch = steps_per_dispatch * batch_size
-    padded = -(-num_examples // per_dispatch) * per_dispatch
-    indices = np.zeros(padded, np.int32)
-    mask = np.zeros(padded, np.float32)
-    indices[:num_examples] = perm
-    mask[:num_examples] = 1.0
-    shape = (padded // per_dispatch, steps_per_dispatch, batch_size)
-    return indices.reshape(shape), mask.reshape(shape)
-
-
-def steps_per_epoch(num_examples: int, batch_size: int) -> int:
-    return -(-num_examples // batch_size)
-
-
-@functools.partial(jax.jit, donate_argnums=0, static_argnames="mode")
-def train_steps(
-    state: TrainState,
-    images: jax.Array,
-    labels: jax.Array,
-    indices: jax.Array,
-    mask: jax.Array,
-    mode: str = "single",
-) -> tuple[TrainState, Metrics]:
-    """Runs ``indices.shape[0]`` train steps in one XLA program.
-
-    Args:
-      state: the train state (donated); stacked for a population.
-      images, labels: the whole training set, resident on the device.
-      indices, mask: ``(steps, batch)`` from ``epoch_plan``; all-masked steps
-        leave the state untouched. With ``mode="independent"``, ``indices``
-        is ``(steps, K, batch)``: one order per member.
-      mode: a key of ``STEP_FNS``.
+    The examples are ``len(shard_sizes)`` contiguous shards (an int is one
+    shard); shard ``s`` fills batch columns ``[s * b, (s + 1) * b)`` with
+    ``b = batch_size / len(shard_sizes)``, in a permutation drawn from
+    ``fold_in(key, epoch)`` (one shard) or ``fold_in(fold_in(key, epoch), s)``.
+    See ``sharding`` for why.
 
     Returns:
-      The new state and the metric sums over all steps (``(K,)`` each for a
-      population).
+      ``(indices, mask)``: indices into the concatenated shards, padded with
+      each shard's first index and mask 0 up to whole batches and whole
+      dispatches. Steps whose mask is all zero are skipped.
     """
+    sizes = [shard_sizes] if isinstance(shard_sizes, int) else list(shard_sizes)
+    per_shard = batch_size // len(sizes)
+    steps = steps_per_epoch(sizes, batch_size)
+    steps = -(-steps // steps_per_dispatch) * steps_per_dispatch
+    epoch_key = jax.random.fold_in(key, epoch)
+    indices = np.zeros((len(sizes), steps * per_shard), np.int32)
+    mask = np.zeros((len(sizes), steps * per_shard), np.float32)
+    for s, (start, size) in enumerate(zip(np.cumsum([0, *sizes]), sizes)):
+        shard_key = epoch_key if len(sizes) == 1 else jax.random.fold_in(epoch_key, s)
+        indices[s] = start
+        indices[s, :size] += np.asarray(jax.random.permutation(shard_key, size))
+        mask[s, :size] = 1.0
+    shape = (steps // steps_per_dispatch, steps_per_dispatch, batch_size)
+
+    def batches(x):  # (shard, step * per_shard) -> (dispatch, step, shard * per_shard)
+        x = x.reshape(len(sizes), steps, per_shard).transpose(1, 0, 2)
+        return x.reshape(shape)
+
+    return batches(indices), batches(mask)
+
+
+def steps_per_epoch(shard_sizes: int | Sequence[int], batch_size: int) -> int:
+    """Steps for every example of the largest shard (see ``epoch_plan``)."""
+    sizes = [shard_sizes] if isinstance(shard_sizes, int) else list(shard_sizes)
+    return -(-max(sizes) // (batch_size // len(sizes)))
+
+
+def gather_batches(
+    images: np.ndarray, labels: np.ndarray, indices: np.ndarray, mask: np.ndarray
+) -> Batch:
+    """One dispatch's batches, gathered on the host: ``(steps, [K,] batch, ...)``."""
+    return {"image": images[indices], "label": labels[indices], "mask": mask}
+
+
+def _train_steps(state: TrainState, batches: Batch, mode: str = "single"):
     step_fn = STEP_FNS[mode]
 
     def skip(state, batch):
         metrics = jax.eval_shape(step_fn, state, batch)[1]
         return state, jax.tree.map(lambda m: jnp.zeros(m.shape, m.dtype), metrics)
 
-    def body(state, step_plan):
-        idx, step_mask = step_plan
-        batch = {"image": images[idx], "label": labels[idx], "mask": step_mask}
-        return jax.lax.cond(jnp.any(step_mask > 0), step_fn, skip, state, batch)
+    def body(state, batch):
+        return jax.lax.cond(jnp.any(batch["mask"] > 0), step_fn, skip, state, batch)
 
-    state, metrics = jax.lax.scan(body, state, (indices, mask))
-    return state, jax.tree.map(lambda m: jnp.sum(m, axis=0), metrics)
+    state, metrics = jax.lax.scan(body, state, batches)
+    num_steps = batches["mask"].shape[0]
+    finite = jnp.all(jnp.isfinite(metrics["loss_sum"].reshape(num_steps, -1)), axis=1)
+    sums = jax.tree.map(lambda m: jnp.sum(m, axis=0), metrics)
+    sums["first_nonfinite_step"] = jnp.where(jnp.all(finite), -1, jnp.argmin(finite))
+    return state, sums
 
 
-def per_step_batches(
-    images: np.ndarray, labels: np.ndarray, indices: np.ndarray, mask: np.ndarray
-) -> Iterator[Batch]:
-    """Host-gathered batches of one dispatch's plan, skipping all-masked steps."""
-    for idx, step_mask in zip(indices, mask):
-        if step_mask.any():
-            yield {"image": images[idx], "label": labels[idx], "mask": step_mask}
+train_steps = jax.jit(_train_steps, donate_argnums=0, static_argnames="mode")
+train_steps.__doc__ = """Runs ``batches["mask"].shape[0]`` train steps in one XLA program.
+
+Args:
+  state: the train state (donated); stacked for a population.
+  batches: ``gather_batches`` of a dispatch: ``image`` ``(steps, batch, ...)``,
+    ``label`` ``(steps, batch)``, ``mask`` ``(steps, batch)``; all-masked
+    steps leave the state untouched. With ``mode="independent"``, images and
+    labels are ``(steps, K, batch, ...)``: one order per member.
+  mode: a key of ``STEP_FNS``.
+
+Returns:
+  The new state and the metric sums over all steps (``(K,)`` each for a
+  population), plus ``first_nonfinite_step``: the first step (within this
+  call) whose loss is NaN or Inf, or -1.
+"""
+
+
+def sharded_step(mode: str, replicated: Any, batch_shardings: Any, *, scan: bool) -> Callable:
+    """``train_steps`` (``scan``) or one step for ``mode``, jitted with explicit shardings.
+
+    The state and the metrics are ``replicated``; the batch follows
+    ``batch_shardings`` (split along its batch axis), so XLA averages the
+    gradient across devices.
+    """
+    fn = functools.partial(_train_steps, mode=mode) if scan else STEP_FNS[mode]
+    return jax.jit(
+        fn,
+        in_shardings=(replicated, batch_shardings),
+        out_shardings=(replicated, replicated),
+        donate_argnums=0,
+    )
 
 
 @functools.partial(jax.jit, static_argnames="population")
@@ -339,23 +363,23 @@ def eval_batches(
 
 
 def eval_arrays(
-    images: np.ndarray, labels: np.ndarray, batch_size: int
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Pads a split to whole batches and puts it on the device, once.
+    images: np.ndarray, labels: np.ndarray, batch_size: int, num_batches: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pads a split to whole batches (at least ``num_batches``) for ``eval_batches``.
 
     Returns:
       ``(images, labels, mask)`` shaped ``(batches, batch_size, ...)``; the
       padding has mask 0.
     """
     n = len(images)
-    pad = -(-n // batch_size) * batch_size - n
+    pad = max(-(-n // batch_size), num_batches) * batch_size - n
     images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])
     labels = np.concatenate([labels, np.zeros(pad, labels.dtype)])
     mask = np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)])
     return (
-        jax.device_put(images.reshape(-1, batch_size, *images.shape[1:])),
-        jax.device_put(labels.reshape(-1, batch_size)),
-        jax.device_put(mask.reshape(-1, batch_size)),
+        images.reshape(-1, batch_size, *images.shape[1:]),
+        labels.reshape(-1, batch_size),
+        mask.reshape(-1, batch_size),
     )
 
 

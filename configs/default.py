@@ -42,6 +42,16 @@ def get_config() -> ml_collections.ConfigDict:
     config.num_epochs = 10
     config.seed = 0
 
+    # Data parallelism (see cnnflat_jax/sharding.py): the global batch is
+    # split over num_devices devices (0 = all, across all processes); the data
+    # order is defined over data_shards shards (0 = one per process).
+    config.num_devices = 0
+    config.data_shards = 0
+    # Checkpoints in workdir/checkpoints: every N steps (rounded to whole
+    # dispatches) and at each epoch end; a rerun with the same workdir resumes.
+    config.checkpoint_every_steps = 1000
+    config.checkpoints_to_keep = 3
+
     config.loop = "compiled"  # compiled | per_step
     config.steps_per_dispatch = 50  # Steps per compiled program call.
     config.progress_bar = True

@@ -7,8 +7,11 @@ import math
 import os
 import struct
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
+from cnnflat_jax import checkpoints, models
 from configs import smoke
 
 
@@ -94,14 +97,37 @@ def write_idx_dataset(directory, num_train=64, num_test=37, size=8, num_classes=
 
 
 def idx_config(directory, **overrides):
-    """The smoke config on a tiny IDX dataset: batch 16, eval batch 10, 2 epochs."""
+    """The smoke config on a tiny IDX dataset: batch 16, eval batch 8, 2 epochs."""
     config = smoke.get_config()
     config.data_source = "idx"
     config.idx_dir = str(directory)
     config.num_test_examples = 0
     config.batch_size = 16
-    config.eval_batch_size = 10
+    config.eval_batch_size = 8
     config.num_epochs = 2
     for key, value in overrides.items():
         config[key] = value
     return config
+
+
+def idx_flags(directory, **overrides) -> list[str]:
+    """``idx_config``'s settings as ``train.py --config.FIELD=VALUE`` flags."""
+    config = idx_config(directory, **overrides)
+    smoke_config = smoke.get_config()
+    flags = ["--config", "configs/smoke.py"]
+    for key, value in config.items():
+        if not isinstance(value, (int, float, str)) or value == smoke_config[key]:
+            continue
+        flags.append(f"--config.{key}={value}")
+    return flags
+
+
+def final_params(workdir, num_classes=3, members=0):
+    """The final parameters that ``idx_config``'s model wrote to ``workdir``."""
+    config = idx_config("unused")
+    fields = dict(config.model)
+    model = models.create_model(fields.pop("name"), num_classes, **fields)
+    like = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))["params"]
+    if members:
+        like = jax.tree.map(lambda x: jnp.zeros((members, *x.shape), x.dtype), like)
+    return checkpoints.load_params(os.path.join(workdir, "final_params"), like)

@@ -21,6 +21,7 @@ SMOKE = ["--config", "configs/smoke.py", "--rounds", "1", "--steps", "2"]
     [
         ("train_throughput", SMOKE, "| compiled / per-step (same round) |"),
         ("population_throughput", [*SMOKE, "--sizes", "1,2"], "| 2 |"),
+        ("sharding_overhead", [*SMOKE, "--devices", "1,8"], "| 8 |"),
     ],
 )
 def test_benchmark_runs(script, args, expected):

@@ -62,8 +62,19 @@ def test_idx_directory_loads_shapes_and_classes_from_the_files(tmp_path):
     assert data.num_classes == 3
     assert data.image_shape == (6, 6, 1)
     assert data.source == f"IDX files in {directory}"
-    taken = data.take(5, 2)
-    assert len(taken.train_labels) == 5 and len(taken.test_images) == 2
+    assert (data.train_total, data.test_total) == (20, 7)
+
+
+def test_a_part_loads_only_its_shards_of_the_first_examples(tmp_path):
+    directory = write_idx_dataset(tmp_path, num_train=20, num_test=7, size=6, num_classes=3)
+    full = input_pipeline.load_dataset("toy", source="idx", idx_dir=str(directory))
+    # The first 17 train / 6 test examples, cut into 4 shards; shards 2 and 3 kept.
+    part = input_pipeline.Part(num_train=17, num_test=6, shard_count=4, shards=range(2, 4))
+    data = input_pipeline.load_dataset("toy", source="idx", idx_dir=str(directory), part=part)
+    assert (data.train_total, data.test_total) == (17, 6)
+    np.testing.assert_array_equal(data.train_images, full.train_images[8:17])  # 2*17//4 = 8
+    np.testing.assert_array_equal(data.test_labels, full.test_labels[3:6])  # 2*6//4 = 3
+    assert data.num_classes == 3
 
 
 def test_mismatched_image_and_label_counts(tmp_path):
@@ -83,7 +94,7 @@ def test_missing_idx_file_is_named(tmp_path):
 def test_nothing_loadable_gives_one_error_listing_attempts_and_fixes(tmp_path, monkeypatch):
     monkeypatch.setitem(input_pipeline.DEBIAN_IDX_DIRS, "fashion_mnist", str(tmp_path / "debian"))
 
-    def offline(name, data_dir, *, download):
+    def offline(name, data_dir, part, *, download):
         raise input_pipeline._NotAvailable(
             "download failed: no network" if download else "not prepared"
         )
@@ -108,7 +119,7 @@ def test_auto_prefers_a_prepared_tfds_copy_then_local_idx(tmp_path, monkeypatch)
     monkeypatch.setitem(input_pipeline.DEBIAN_IDX_DIRS, "fashion_mnist", str(directory))
     calls = []
 
-    def not_prepared(name, data_dir, *, download):
+    def not_prepared(name, data_dir, part, *, download):
         calls.append(download)
         raise input_pipeline._NotAvailable("not prepared")
 
@@ -143,7 +154,9 @@ def test_a_fresh_data_dir_is_removed_whole_on_failure(tmp_path):
 
 def test_looking_for_a_prepared_tfds_copy_writes_nothing(tmp_path):
     with pytest.raises(input_pipeline._NotAvailable, match="not prepared"):
-        input_pipeline._load_tfds("mnist", str(tmp_path / "tfds"), download=False)
+        input_pipeline._load_tfds(
+            "mnist", str(tmp_path / "tfds"), input_pipeline.Part(), download=False
+        )
     assert not (tmp_path / "tfds").exists()
 
 

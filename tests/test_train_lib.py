@@ -7,7 +7,7 @@ import pytest
 from helpers import idx_config, write_idx_dataset
 
 from cnnflat_jax import checkpoints, models, train_lib, trainer
-from configs import cifar10, default, mnist, smoke
+from configs import cifar10, default, mnist, smoke, tpu
 from configs import population as population_config
 
 
@@ -97,18 +97,36 @@ def test_epoch_plan_covers_every_example_once_including_the_last_partial_batch()
     assert not np.array_equal(indices, other_epoch)
 
 
+def test_epoch_plan_over_shards_draws_each_batch_evenly_from_every_shard():
+    sizes = [7, 6, 7]  # Shards of 20 examples: [0, 7), [7, 13), [13, 20).
+    indices, mask = train_lib.epoch_plan(jax.random.key(0), 1, sizes, 6, 2)
+    assert indices.shape == mask.shape == (2, 2, 6)  # ceil(7 / 2) = 4 steps, 2 per dispatch.
+    steps_i, steps_m = indices.reshape(-1, 6), mask.reshape(-1, 6)
+    for s, (start, stop) in enumerate([(0, 7), (7, 13), (13, 20)]):
+        columns_i, columns_m = steps_i[:, 2 * s : 2 * s + 2], steps_m[:, 2 * s : 2 * s + 2]
+        assert sorted(columns_i[columns_m > 0].tolist()) == list(range(start, stop))
+        assert np.all((columns_i >= start) & (columns_i < stop))  # Padding stays in the shard.
+    assert train_lib.steps_per_epoch(sizes, 6) == 4
+
+
 def test_compiled_loop_equals_per_step_loop():
     images, labels = toy_data(70)
     indices, mask = train_lib.epoch_plan(jax.random.key(0), 1, 70, 16, 3)  # 5 steps, 6 slots
     state = small_state()
     per_step = jax.tree.map(jnp.copy, state)
-    state, metrics = train_lib.train_steps(state, images, labels, indices[0], mask[0])
-    state, more = train_lib.train_steps(state, images, labels, indices[1], mask[1])
+    state, metrics = train_lib.train_steps(
+        state, train_lib.gather_batches(images, labels, indices[0], mask[0])
+    )
+    state, more = train_lib.train_steps(
+        state, train_lib.gather_batches(images, labels, indices[1], mask[1])
+    )
+    assert int(metrics.pop("first_nonfinite_step")) == int(more.pop("first_nonfinite_step")) == -1
     total = jax.tree.map(lambda a, b: a + b, metrics, more)
     steps = 0
     for plan in zip(indices, mask):
-        for batch in train_lib.per_step_batches(images, labels, *plan):
-            per_step, _ = train_lib.train_step(per_step, batch)
+        batches = train_lib.gather_batches(images, labels, *plan)
+        for t in np.flatnonzero(plan[1].any(axis=1)):
+            per_step, _ = train_lib.train_step(per_step, {k: v[t] for k, v in batches.items()})
             steps += 1
     assert steps == int(state.step) == int(per_step.step) == 5
     assert float(total["count"]) == 70
@@ -159,7 +177,7 @@ def test_train_and_evaluate_learns_tiny_idx_data_in_both_loops(tmp_path):
         for loop in ("compiled", "per_step")
     }
     for result in results.values():
-        assert result["test_count"] == 37  # 37 = 3 eval batches of 10 + 7, none lost.
+        assert result["test_count"] == 37  # 37 = 4 eval batches of 8 + 5, none lost.
         assert result["step"] == 4 * 6  # 96 / 16 = 6 steps per epoch.
         assert result["test_accuracy"] > 0.9
     assert results["compiled"]["train_loss"] == pytest.approx(
@@ -194,6 +212,6 @@ def test_check_config_rejects_unknown_keys_and_model_fields():
         trainer.check_config(config)
 
 
-@pytest.mark.parametrize("module", [default, mnist, cifar10, population_config, smoke])
+@pytest.mark.parametrize("module", [default, mnist, cifar10, population_config, smoke, tpu])
 def test_every_shipped_config_is_valid(module):
     trainer.check_config(module.get_config())

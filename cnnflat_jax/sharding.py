@@ -1,0 +1,125 @@
+"""Data parallelism over every device of every process with ``jax.sharding``.
+
+One mesh axis, ``data``, spans all devices (process by process, so each
+process's devices hold a contiguous block of the global batch). Batches are
+split along their batch axis; the train state is replicated. The same code
+runs on one CPU, on eight fake CPU devices, on a GPU box or on a TPU slice
+with many hosts: XLA inserts the gradient all-reduce.
+
+Each process loads only its own part of a split: the split is cut into
+``data_shards`` contiguous shards (``shard_bounds``), each process holds an
+equal, contiguous run of them, and every global batch takes
+``batch_size / data_shards`` examples from each shard. The data order thus
+depends on ``data_shards`` (by default the process count), not on how many
+processes or devices run it: a one-process run with ``data_shards=2`` sees
+exactly the batches of a two-process run.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+from absl import logging
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+AXIS = "data"
+
+
+def initialize_distributed(
+    coordinator_address: str = "", num_processes: int = 0, process_id: int = -1
+) -> None:
+    """Starts JAX's multi-controller runtime when running as several processes.
+
+    With no arguments and none of ``JAX_COORDINATOR_ADDRESS``,
+    ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID`` set, this does nothing (one
+    process). ``auto`` as the address calls ``jax.distributed.initialize()``
+    with no arguments, which finds the cluster itself on Cloud TPU, Slurm and
+    Open MPI. On CPU the processes talk through gloo collectives.
+    """
+    address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS", "")
+    count = num_processes or int(os.environ.get("JAX_NUM_PROCESSES", 0))
+    index = process_id if process_id >= 0 else int(os.environ.get("JAX_PROCESS_ID", -1))
+    if not address and not count:
+        return
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if address == "auto":
+        jax.distributed.initialize()
+    else:
+        if not (address and count and index >= 0):
+            raise ValueError(
+                "a multi-process run needs a coordinator address, the process count and this "
+                f"process's id; got address={address!r}, count={count}, id={index}"
+            )
+        jax.distributed.initialize(address, num_processes=count, process_id=index)
+    logging.info(
+        "Process %d of %d, %d local of %d devices",
+        jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count(),
+    )  # fmt: skip
+
+
+def data_mesh(num_devices: int = 0) -> Mesh:
+    """A 1-D ``data`` mesh over the first ``num_devices`` (0: all), ordered by process."""
+    devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+    return Mesh(np.array(devices[: num_devices or None]), (AXIS,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def replicate(tree, mesh: Mesh):
+    """Copies ``tree`` onto every device of ``mesh``; each process holds the same values."""
+    target = replicated(mesh)
+
+    def put(x):
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            data = put(jax.random.key_data(x))
+            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, target, lambda index: host[index])
+
+    return jax.tree.map(put, tree)
+
+
+def batch_sharding(mesh: Mesh, batch_axis: int) -> NamedSharding:
+    """Splits axis ``batch_axis`` over the ``data`` axis; the rest replicated."""
+    return NamedSharding(mesh, PartitionSpec(*([None] * batch_axis), AXIS))
+
+
+def check_divisible(size: int, name: str, mesh: Mesh, data_shards: int) -> None:
+    """Raises ``ValueError`` unless ``size`` splits evenly over devices and shards."""
+    for count, what in ((mesh.size, "devices"), (data_shards, "data shards")):
+        if size % count:
+            raise ValueError(
+                f"{name}={size} is not divisible by the {count} {what}; choose a multiple "
+                f"of {np.lcm(mesh.size, data_shards)}"
+            )
+
+
+def shard_bounds(total: int, count: int) -> np.ndarray:
+    """Start of each of ``count`` near-equal contiguous shards of ``total``, and the end."""
+    return np.array([i * total // count for i in range(count + 1)])
+
+
+def process_shards(data_shards: int) -> range:
+    """The data shards this process loads: an equal, contiguous run of them."""
+    processes = jax.process_count()
+    if data_shards % processes:
+        raise ValueError(
+            f"data_shards={data_shards} is not a multiple of the {processes} processes"
+        )
+    per_process = data_shards // processes
+    return range(jax.process_index() * per_process, (jax.process_index() + 1) * per_process)
+
+
+def global_array(local: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """Assembles each process's block of a batch-sharded array into one global array."""
+    return jax.make_array_from_process_local_data(sharding, local)
+
+
+def process_columns(batch_size: int) -> slice:
+    """The columns of a global batch that this process supplies."""
+    per_process = batch_size // jax.process_count()
+    return slice(jax.process_index() * per_process, (jax.process_index() + 1) * per_process)
