@@ -30,8 +30,7 @@ _DEVICES = flags.DEFINE_list("devices", ["1", "2", "4", "8"], "Mesh sizes.")
 def build(config, data, num_devices):
     """``run()``: seconds for a dispatch of ``_STEPS`` steps on ``num_devices`` devices."""
     mesh = sharding.data_mesh(num_devices)
-    fields = dict(config.model)
-    model = models.create_model(fields.pop("name"), data.num_classes, **fields)
+    model = models.from_fields(config.model, data.num_classes)
     make_tx = train_lib.optimizer_factory(config, 100)
     state = train_lib.create_train_state(
         model, data.image_shape, make_tx, train_lib.config_hparams(config), jax.random.key(0)

@@ -38,8 +38,7 @@ def timed(fn):
 def main(_):
     config = _CONFIG.value
     data = trainer.load_data(config, data_shards=1)
-    fields = dict(config.model)
-    model = models.create_model(fields.pop("name"), data.num_classes, **fields)
+    model = models.from_fields(config.model, data.num_classes)
     steps = train_lib.steps_per_epoch(len(data.train_labels), config.batch_size)
     make_tx = train_lib.optimizer_factory(config, steps)
     hparams = train_lib.config_hparams(config)

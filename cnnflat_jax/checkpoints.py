@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -10,6 +11,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
+
+from cnnflat_jax import models
 
 
 @contextlib.contextmanager
@@ -47,6 +50,46 @@ def load_params(path: str | os.PathLike, like: Any) -> Any:
         return checkpointer.restore(os.path.abspath(path), abstract)
 
 
+def read_config(workdir: str | os.PathLike) -> dict[str, Any]:
+    """The ``config.json`` that ``train.py`` wrote to ``workdir``."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{os.fspath(workdir)!r} has no config.json: not a train.py workdir"
+        )
+    with open(path) as f:
+        return json.load(f)
+
+
+def load_trained(
+    workdir: str | os.PathLike,
+    *,
+    input_hwc: tuple[int, int, int],
+    num_classes: int,
+    member: int | None = None,
+) -> tuple[dict[str, Any], Any]:
+    """A ``train.py`` workdir's model fields (``config.model``) and final parameters.
+
+    A population's workdir needs ``member``: which member's parameters to take.
+    """
+    config = read_config(workdir)
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in config["model"].items()}
+    size = config["population"]["size"]
+    if size > 1 and member is None:
+        raise ValueError(
+            f"{os.fspath(workdir)!r} holds a population of {size} models; choose a member"
+        )
+    model = models.from_fields(fields, num_classes)
+    x = jax.ShapeDtypeStruct((1, *input_hwc), jax.numpy.float32)
+    like = jax.eval_shape(model.init, jax.random.key(0), x)["params"]
+    if size > 1:
+        like = jax.tree.map(lambda a: jax.ShapeDtypeStruct((size, *a.shape), a.dtype), like)
+    params = load_params(os.path.join(workdir, "final_params"), like)
+    if size > 1:
+        params = jax.tree.map(lambda a: a[member], params)
+    return fields, params
+
+
 class IncompatibleCheckpointError(ValueError):
     """A workdir's checkpoint does not fit the model the config asks for."""
 
@@ -81,7 +124,8 @@ class RunCheckpoints:
         self.directory = os.fspath(directory)
 
     def latest_step(self) -> int | None:
-        return self._manager.latest_step()
+        with _orbax_quiet():
+            return self._manager.latest_step()
 
     def save(self, step: int, state: Any, progress: dict[str, Any]) -> None:
         arrays = _arrays(state)
@@ -128,7 +172,8 @@ class RunCheckpoints:
         return _from_arrays(restored, like), progress
 
     def close(self) -> None:
-        self._manager.close()
+        with _orbax_quiet():
+            self._manager.close()
 
 
 def _arrays(state: Any) -> Any:

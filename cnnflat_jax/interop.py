@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import json
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -80,8 +79,7 @@ class Ported:
     softmax: bool = False
 
     def module(self) -> nn.Module:
-        fields = dict(self.model)
-        return models.create_model(fields.pop("name"), self.num_classes, **fields)
+        return models.from_fields(self.model, self.num_classes)
 
     def apply(self, images_NHWC: jax.Array) -> jax.Array:
         """Logits for a batch of NHWC images."""
@@ -206,6 +204,11 @@ def _build(convs, pools, flatten_order, denses, softmax, input_hwc, source) -> P
 def _layers(ported: Ported) -> list[_Layer]:
     """Our model as framework-neutral layers, flatten in (h, w, c) order."""
     module, params = ported.module(), ported.params
+    if getattr(module, "pool", "") == "stride" or getattr(module, "permute_flat", False):
+        raise UnsupportedModelError(
+            "export supports pooled CNNs without permute_flat; this model has "
+            f"pool={module.pool!r}, permute_flat={module.permute_flat}"
+        )
 
     def weights(kind: str, name: str, **extra) -> _Layer:
         kernel, bias = (np.asarray(params[name][leaf]) for leaf in ("kernel", "bias"))
@@ -234,18 +237,9 @@ def from_workdir(
 
     It was trained on images scaled to [0, 1]; feed it (and its exports) those.
     """
-    with open(os.path.join(workdir, "config.json")) as f:
-        config = json.load(f)
-    if config["population"]["size"] > 1:
-        raise ValueError(
-            f"from_workdir: {os.fspath(workdir)!r} holds a population of "
-            f"{config['population']['size']} models; port one member's parameters instead"
-        )
-    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in config["model"].items()}
-    ported = Ported(fields, num_classes, tuple(input_hwc), None)
-    shapes, _ = _shapes(ported.module(), input_hwc)
-    params = checkpoints.load_params(os.path.join(workdir, "final_params"), shapes)
-    return dataclasses.replace(ported, params=params)
+    input_hwc = tuple(input_hwc)
+    fields, params = checkpoints.load_trained(workdir, input_hwc=input_hwc, num_classes=num_classes)
+    return Ported(fields, num_classes, input_hwc, params)
 
 
 # Keras 3 ---------------------------------------------------------------------
@@ -546,9 +540,7 @@ def from_torch_state_dict(
     entries are read in order: 4-D weights are the convs, 2-D the Linears.
     """
     torch = _require("torch", "from_torch_state_dict")
-    fields = dict(model)
-    name = fields.pop("name", None)
-    template = models.create_model(name, 1, **fields)
+    template = models.from_fields(model, 1)
     params = {}
     for key, value in state_dict.items():
         prefix, _, leaf = key.rpartition(".")

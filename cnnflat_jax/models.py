@@ -8,14 +8,18 @@ down.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
+import numpy as np
 
 from cnnflat_jax import ops
 
 POOLS: dict[str, Callable] = {"max": ops.max_pool, "avg": ops.avg_pool}
+# "stride": no pooling layer; each conv strides by pool_window instead.
+POOL_KINDS = (*POOLS, "stride")
 PADDINGS = ("SAME", "VALID")  # Conv padding, as ops.conv2d names it.
 
 
@@ -26,6 +30,7 @@ class Conv2D(nn.Module):
     kernel_size: int = 3
     padding: str = "SAME"
     lowering: str = "auto"  # See ops.conv2d.
+    stride: int = 1
 
     @nn.compact
     def __call__(self, x_NHWC: jnp.ndarray) -> jnp.ndarray:
@@ -36,7 +41,9 @@ class Conv2D(nn.Module):
             (self.kernel_size, self.kernel_size, c_in, self.features),
         )
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
-        return ops.conv2d(x_NHWC, kernel, bias, padding=self.padding, lowering=self.lowering)
+        return ops.conv2d(
+            x_NHWC, kernel, bias, stride=self.stride, padding=self.padding, lowering=self.lowering
+        )
 
 
 class Dense(nn.Module):
@@ -56,14 +63,19 @@ class Dense(nn.Module):
 class CNN(nn.Module):
     """Conv blocks -> flatten -> dense layers -> logits.
 
-    Each block is conv2d (``kernel_size`` square, stride 1, ``padding``
-    "SAME" or "VALID") -> relu -> pool (``pool`` "max" or "avg", window and
-    stride ``pool_window``). The defaults are the classic MNIST network:
+    Each block is conv2d (``kernel_size`` square, ``padding`` "SAME" or
+    "VALID") -> relu -> pool (``pool`` "max" or "avg", window and stride
+    ``pool_window``; or "stride": no pooling layer, the conv strides by
+    ``pool_window`` instead). The defaults are the classic MNIST network:
     conv32 -> pool -> conv64 -> pool -> flatten (7x7x64 = 3136 on 28x28
-    inputs) -> dense 256 -> dense ``num_classes``.
+    inputs) -> dense 256 -> dense ``num_classes``. ``permute_flat`` shuffles
+    the flattened vector by one fixed permutation before the dense layers
+    (an experiment: the order of the flatten should not matter).
 
-    The maps that enter the flatten are sown as ``intermediates/flatten_input``
-    (read them with ``apply(..., mutable=["intermediates"])``).
+    Each stage is sown under ``intermediates`` (read them with
+    ``apply(..., mutable=["intermediates"])``): ``conv{i}`` after the ReLU,
+    ``pool{i}``, ``flatten_input`` (the maps that are flattened) and
+    ``flattened``.
     """
 
     num_classes: int = 10
@@ -73,19 +85,33 @@ class CNN(nn.Module):
     pool: str = "max"
     pool_window: int = 2
     dense_features: Sequence[int] = (256,)
+    permute_flat: bool = False
     conv_lowering: str = "auto"  # How ops.conv2d computes; values are the same.
 
     @nn.compact
     def __call__(self, x_NHWC: jnp.ndarray) -> jnp.ndarray:
-        pool = POOLS[self.pool]
-        for features in self.conv_features:
-            conv = Conv2D(features, self.kernel_size, self.padding, self.conv_lowering)
-            x_NHWC = pool(ops.relu(conv(x_NHWC)), self.pool_window)
+        strided = self.pool == "stride"
+        for i, features in enumerate(self.conv_features):
+            stride = self.pool_window if strided else 1
+            conv = Conv2D(features, self.kernel_size, self.padding, self.conv_lowering, stride)
+            x_NHWC = ops.relu(conv(x_NHWC))
+            self.sow("intermediates", f"conv{i}", x_NHWC)
+            if not strided:
+                x_NHWC = POOLS[self.pool](x_NHWC, self.pool_window)
+                self.sow("intermediates", f"pool{i}", x_NHWC)
         self.sow("intermediates", "flatten_input", x_NHWC)
         x_NxD = ops.flatten(x_NHWC)
+        if self.permute_flat:
+            x_NxD = x_NxD[:, flat_permutation(x_NxD.shape[1])]
+        self.sow("intermediates", "flattened", x_NxD)
         for features in self.dense_features:
             x_NxD = ops.relu(Dense(features)(x_NxD))
         return Dense(self.num_classes)(x_NxD)
+
+
+def flat_permutation(size: int) -> np.ndarray:
+    """The fixed permutation that ``CNN(permute_flat=True)`` applies (seed 0)."""
+    return np.random.default_rng(0).permutation(size)
 
 
 class MLP(nn.Module):
@@ -120,8 +146,14 @@ def create_model(name: str, num_classes: int, **fields) -> nn.Module:
         raise ValueError(
             f"model {name!r} has no field(s) {unknown}; its fields are {sorted(known)}"
         )
-    if fields.get("pool", "max") not in POOLS:
-        raise ValueError(f"unknown pool {fields['pool']!r}; choose one of {sorted(POOLS)}")
+    if fields.get("pool", "max") not in POOL_KINDS:
+        raise ValueError(f"unknown pool {fields['pool']!r}; choose one of {POOL_KINDS}")
     if fields.get("padding", "SAME") not in PADDINGS:
         raise ValueError(f"unknown padding {fields['padding']!r}; choose one of {PADDINGS}")
     return cls(num_classes=num_classes, **fields)
+
+
+def from_fields(fields: Mapping[str, Any], num_classes: int) -> nn.Module:
+    """``create_model`` from a ``config.model``-style mapping that holds "name"."""
+    fields = dict(fields)
+    return create_model(fields.pop("name", None), num_classes, **fields)

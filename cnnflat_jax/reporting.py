@@ -30,6 +30,10 @@ class MetricsLog:
             self.write(member_record)
         self.write({k: v for k, v in record.items() if k != "members"})
 
+    def read(self) -> list[dict[str, Any]]:
+        with open(self.path) as f:
+            return [json.loads(line) for line in f]
+
     def truncate(self, last_epoch: int) -> None:
         """Keeps only the records of epochs up to ``last_epoch`` (atomically)."""
         if not self.enabled or not os.path.exists(self.path):

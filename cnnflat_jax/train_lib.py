@@ -409,6 +409,23 @@ def evaluate(
     return {"members": members, "ensemble": ensemble}
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _logits(apply_fn: Callable, params: Any, images: jax.Array) -> jax.Array:
+    return apply_fn({"params": params}, normalize_images(images))
+
+
+def predict(apply_fn: Callable, params: Any, images: np.ndarray, batch_size: int = 1000):
+    """Predicted labels of one model for host images, on this process's first device."""
+    params = jax.device_get(params)
+    batches = range(0, len(images), batch_size)
+    return np.concatenate(
+        [
+            np.asarray(_logits(apply_fn, params, images[i : i + batch_size])).argmax(-1)
+            for i in batches
+        ]
+    )
+
+
 def score_confusion(confusion: np.ndarray, loss_sum: float) -> dict[str, Any]:
     """Accuracy, per-class accuracy and mean loss from a confusion matrix."""
     confusion = np.asarray(confusion).round().astype(np.int64)

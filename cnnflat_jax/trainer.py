@@ -22,10 +22,12 @@ from cnnflat_jax import (
     hardest,
     input_pipeline,
     models,
+    plots,
     population,
     reporting,
     sharding,
     train_lib,
+    transforms,
 )
 
 LOOPS = ("compiled", "per_step")
@@ -34,7 +36,7 @@ CONFIG_KEYS = frozenset(
     "validation_examples model optimizer learning_rate momentum weight_decay schedule "
     "warmup_epochs batch_size eval_batch_size num_epochs seed loop steps_per_dispatch "
     "progress_bar stop_at_test_accuracy population per_example num_devices data_shards "
-    "checkpoint_every_steps checkpoints_to_keep".split()
+    "checkpoint_every_steps checkpoints_to_keep permute_pixels".split()
 )
 
 
@@ -78,9 +80,13 @@ def check_config(config: ml_collections.ConfigDict) -> None:
             raise ConfigError(
                 f"config.{key} must be an int >= 0 (0 = automatic), got {config[key]!r}"
             )
-    model_fields = dict(config.model)
+    if config.schedule == "warmup_cosine" and not 0 <= config.warmup_epochs < config.num_epochs:
+        raise ConfigError(
+            f"config.warmup_epochs={config.warmup_epochs} must be >= 0 and less than "
+            f"config.num_epochs={config.num_epochs}, or the cosine decay has no steps"
+        )
     try:
-        models.create_model(model_fields.pop("name", None), 1, **model_fields)
+        models.from_fields(config.model, 1)
     except ValueError as e:
         raise ConfigError(f"config.model: {e}") from None
     try:
@@ -213,6 +219,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     lead = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
     data = load_data(config, data_shards)
+    if config.permute_pixels:
+        data = dataclasses.replace(
+            data,
+            train_images=transforms.permute_pixels(data.train_images),
+            test_images=transforms.permute_pixels(data.test_images),
+        )
     train, validation = _split_validation(data, config.validation_examples, data_shards)
     logging.info(
         "Data: %s from %s: %d train / %d validation / %d test images of %s, %d classes; "
@@ -221,8 +233,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         data.test_total, "x".join(map(str, data.image_shape)), data.num_classes, mesh.size,
         data_shards,
     )  # fmt: skip
-    model_fields = dict(config.model)
-    model = models.create_model(model_fields.pop("name"), data.num_classes, **model_fields)
+    model = models.from_fields(config.model, data.num_classes)
     steps = train_lib.steps_per_epoch(train.shard_sizes, config.batch_size)
     make_tx = train_lib.optimizer_factory(config, steps)
     member_list = population.members(config)
@@ -296,18 +307,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             if preempted(int(np.max(state.step))):
                 raise Preempted(_preempted_message(state, run_checkpoints))
     run_checkpoints.close()
-    if record is None:
-        raise ConfigError(f"config.num_epochs={config.num_epochs} trains nothing")
 
     checkpoints.save_params(os.path.join(workdir, "final_params"), state.params)
-    if is_population and lead:
-        logging.info("Population summary:\n%s", population.summary(member_list, record))
-    if config.per_example.report_hardest:
-        report_state = state
+    # One model's figures: a population's best member by validation, else member 0.
+    shown = population.member_state(state, record.get("best_member", 0)) if is_population else state
+    if lead:
         if is_population:
-            report_state = population.member_state(state, record.get("best_member", 0))
+            logging.info("Population summary:\n%s", population.summary(member_list, record))
+        predicted = train_lib.predict(shown.apply_fn, shown.params, data.test_images)
+        confusion = np.asarray(_shown_record(record)["test_confusion"])
+        plots.write_run_figures(
+            workdir, metrics_log.read(), confusion, data.test_images, data.test_labels, predicted
+        )
+    if config.per_example.report_hardest:
         hardest.report(
-            report_state, train.images, train.labels, workdir,
+            shown, train.images, train.labels, workdir,
             num_shown=config.per_example.report_hardest,
             num_scanned=config.per_example.report_scan_examples,
         )  # fmt: skip
@@ -444,6 +458,13 @@ def _train_epoch(run_dispatch, state, plan, resumed, epoch, config, run_checkpoi
             raise Preempted(_preempted_message(state, run_checkpoints))
     bar.close()
     return state, totals, time.perf_counter() - epoch_start
+
+
+def _shown_record(record: dict[str, Any]) -> dict[str, Any]:
+    """The record of the model the figures show (see ``train_and_evaluate``)."""
+    if "members" not in record:
+        return record
+    return record["members"][record.get("best_member", 0)]
 
 
 def _record(epoch, state, member_list, totals, scores, timing, is_population) -> dict[str, Any]:

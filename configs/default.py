@@ -16,6 +16,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.num_train_examples = 0  # 0 = all; else the first N.
     config.num_test_examples = 0
     config.validation_examples = 0  # Held out from the end of the training set.
+    config.permute_pixels = False  # Shuffle every image's pixels by one fixed permutation.
 
     config.model = ml_collections.ConfigDict(
         dict(
@@ -23,9 +24,10 @@ def get_config() -> ml_collections.ConfigDict:
             conv_features=(32, 64),
             kernel_size=3,
             padding="SAME",  # SAME | VALID (convs; pools are VALID)
-            pool="max",  # max | avg
+            pool="max",  # max | avg | stride (no pooling: convs stride by pool_window)
             pool_window=2,
             dense_features=(256,),
+            permute_flat=False,  # Shuffle the flattened vector by one fixed permutation.
             conv_lowering="auto",  # auto | lax | nhwc_grads | im2col (ops.conv2d)
         )
     )

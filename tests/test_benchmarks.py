@@ -22,9 +22,27 @@ SMOKE = ["--config", "configs/smoke.py", "--rounds", "1", "--steps", "2"]
         ("train_throughput", SMOKE, "| compiled / per-step (same round) |"),
         ("population_throughput", [*SMOKE, "--sizes", "1,2"], "| 2 |"),
         ("sharding_overhead", [*SMOKE, "--devices", "1,8"], "| 8 |"),
+        (
+            "flatten_experiments",
+            [
+                "--experiments",
+                "mlp_vs_cnn,invariance",
+                "--seeds",
+                "2",
+                "--num_epochs",
+                "1",
+                "--num_train",
+                "256",
+                "--invariance_test_images",
+                "40",
+            ],
+            "| CNN, no pool (stride-2 convs) |",
+        ),
     ],
 )
-def test_benchmark_runs(script, args, expected):
+def test_benchmark_runs(script, args, expected, tmp_path):
+    if script == "flatten_experiments":
+        args = [*args, "--out", str(tmp_path)]
     result = subprocess.run(
         [sys.executable, "-m", f"benchmarks.{script}", *args],
         cwd=ROOT, capture_output=True, text=True, timeout=600,

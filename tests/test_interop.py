@@ -371,3 +371,10 @@ def test_a_model_trained_here_serves_in_pytorch_and_keras(tmp_path):
         torch_logits(interop.to_torch(ported), images.transpose(0, 3, 1, 2)), logits, atol=1e-5
     )
     np.testing.assert_allclose(keras_logits(interop.to_keras(ported), images), logits, atol=1e-5)
+
+
+@pytest.mark.parametrize("fields", [dict(pool="stride"), dict(permute_flat=True)])
+def test_exporting_a_model_the_frameworks_cannot_express_is_refused(fields):
+    ported = random_ported(dict(name="cnn", conv_features=(4,), **fields), (8, 8, 1))
+    with pytest.raises(interop.UnsupportedModelError, match="export supports pooled CNNs"):
+        interop.to_torch(ported)

@@ -192,6 +192,7 @@ def test_train_and_evaluate_learns_tiny_idx_data_in_both_loops(tmp_path):
         ("loop", "python", r"config.loop='python'"),
         ("batch_size", 0, r"config.batch_size must be an int >= 1"),
         ("data_source", "web", r"config.data_source='web'"),
+        ("warmup_epochs", 1.0, r"config.warmup_epochs=1.0 must be >= 0 and less than "),
     ],
 )
 def test_check_config_names_the_bad_value(key, value, message):

@@ -1,0 +1,151 @@
+"""One picture of conv -> ReLU -> pool -> flatten for a trained model and a test image.
+
+    python -m cnnflat_jax.explain --workdir runs/default --index 0
+
+Writes ``explain_<index>.png`` to the workdir (or ``--output``): the input, each conv layer's
+feature maps after the ReLU, the pooled maps, and the flattened vector as a
+strip, each labelled with its shape and size (e.g. 7x7x64 -> 3136). Under
+the strip, two rulers make the flatten order visible: for every position of
+the vector, the channel it came from and the spatial position (h, w).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+
+import jax
+import numpy as np
+from matplotlib.figure import Figure
+
+from cnnflat_jax import checkpoints, input_pipeline, models, train_lib
+
+
+def flat_position(map_hwc: tuple[int, int, int], h: int, w: int, c: int) -> int:
+    """Where ``flatten`` puts element ``(h, w, c)`` of an ``(H, W, C)`` map."""
+    _, width, channels = map_hwc
+    return (h * width + w) * channels + c
+
+
+def stages(model, params, image_HWC: np.ndarray) -> list[tuple[str, np.ndarray]]:
+    """``(name, array)`` for the input and every sown stage of ``model`` on one image."""
+    x = train_lib.normalize_images(image_HWC[None])
+    _, state = model.apply({"params": params}, x, mutable=["intermediates"])
+    sown = {name: np.asarray(value[0][0]) for name, value in state["intermediates"].items()}
+    result = [("input", np.asarray(x[0]))]
+    for i in range(len(model.conv_features)):
+        result.append((f"conv{i + 1} + ReLU", sown[f"conv{i}"]))
+        if f"pool{i}" in sown:
+            result.append((f"{model.pool} pool {i + 1}", sown[f"pool{i}"]))
+    result.append(("flatten", sown["flattened"]))
+    return result
+
+
+def _mosaic(maps_HWC: np.ndarray, columns: int) -> np.ndarray:
+    """Tiles the channels of a map side by side, separated by NaN lines."""
+    h, w, c = maps_HWC.shape
+    rows = math.ceil(c / columns)
+    out = np.full((rows * (h + 1) - 1, columns * (w + 1) - 1), np.nan)
+    for k in range(c):
+        r, col = divmod(k, columns)
+        out[r * (h + 1) : r * (h + 1) + h, col * (w + 1) : col * (w + 1) + w] = maps_HWC[..., k]
+    return out
+
+
+def _size(shape) -> str:
+    return "x".join(map(str, shape)) + f" ({math.prod(shape)})"
+
+
+def figure(named_stages: list[tuple[str, np.ndarray]], title: str) -> Figure:
+    """The picture: a row per map stage, the flattened strip, and a zoom on its order."""
+    maps = named_stages[:-1]
+    flat = named_stages[-1][1]
+    h, w, c = map_hwc = maps[-1][1].shape
+    fig = Figure(figsize=(12, 1.5 * len(maps) + 3.4))
+    grid = fig.add_gridspec(len(maps) + 4, 1, height_ratios=[3] * len(maps) + [1] * 4)
+    for row, (name, array) in enumerate(maps):
+        ax = fig.add_subplot(grid[row])
+        columns = 1 if array.shape[-1] == 1 else 16
+        ax.imshow(_mosaic(array, columns), cmap="gray" if name == "input" else "viridis")
+        ax.set_title(f"{name}: {_size(array.shape)}", fontsize=9, loc="left")
+        ax.axis("off")
+    zoom = min(4, h * w) * c  # The first four pixels' channel blocks.
+    pixels = [divmod(k, w) for k in range(zoom // c)]
+    pixel_ticks = [
+        (flat_position(map_hwc, i, j, 0), f"{flat_position(map_hwc, i, j, 0)}: (h={i}, w={j}, "
+         f"c=0..{c - 1})")
+        for i, j in pixels
+    ]  # fmt: skip
+    strips = [
+        (f"flatten: {'x'.join(map(str, map_hwc))} -> {flat.size} values "
+         "(ticks: where each row h of the map starts)", flat, "viridis",
+         [(flat_position(map_hwc, i, 0, 0), f"h={i}") for i in range(h)]),
+        (f"zoom on positions 0..{zoom - 1}: the values", flat[:zoom], "viridis", []),
+        ("channel c of each position: c varies fastest", np.tile(np.arange(c), zoom // c),
+         "tab20", []),
+        ("pixel (h, w) of each position: a block of C channels per pixel",
+         np.repeat(np.arange(len(pixels)), c), "Pastel1", pixel_ticks),
+    ]  # fmt: skip
+    for row, (name, strip, cmap, ticks) in enumerate(strips):
+        ax = fig.add_subplot(grid[len(maps) + row])
+        ax.imshow(strip[None, :], aspect="auto", cmap=cmap, interpolation="nearest")
+        ax.set_yticks([])
+        ax.set_title(name, fontsize=9, loc="left")
+        ax.set_xticks([t for t, _ in ticks], [label for _, label in ticks], fontsize=7)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def explain(
+    workdir: str, index: int = 0, member: int | None = None, output: str | None = None
+) -> str:
+    """Draws ``figure`` for test image ``index`` of the run in ``workdir``.
+
+    Writes ``output`` (default ``workdir/explain_<index>.png``) and returns its path.
+    """
+    config = checkpoints.read_config(workdir)
+    data = input_pipeline.load_dataset(
+        config["dataset"],
+        source=config["data_source"],
+        data_dir=config["data_dir"] or None,
+        idx_dir=config["idx_dir"] or None,
+        part=input_pipeline.Part(num_train=1),
+    )
+    if not 0 <= index < len(data.test_labels):
+        raise ValueError(f"--index={index}: the test split has {len(data.test_labels)} images")
+    fields, params = checkpoints.load_trained(
+        workdir, input_hwc=data.image_shape, num_classes=data.num_classes, member=member
+    )
+    model = models.from_fields(fields, data.num_classes)
+    image = data.test_images[index]
+    named = stages(model, params, image)
+    logits = model.apply({"params": params}, train_lib.normalize_images(image[None]))
+    predicted = int(np.asarray(jax.numpy.argmax(logits[0])))
+    title = (
+        f"{data.name} test image {index}: label {data.test_labels[index]}, predicted {predicted}"
+    )
+    path = output or os.path.join(workdir, f"explain_{index}.png")
+    figure(named, title).savefig(path, dpi=100)
+    return path
+
+
+def main(argv):
+    del argv
+    try:
+        path = explain(FLAGS.workdir, FLAGS.index, FLAGS.member, FLAGS.output)
+    except (ValueError, FileNotFoundError, input_pipeline.DatasetError) as e:
+        sys.exit(f"error: {e}")
+    print(path)
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+
+    flags.DEFINE_string("workdir", None, "A train.py workdir.", required=True)
+    flags.DEFINE_integer("index", 0, "Which test image.")
+    flags.DEFINE_integer("member", None, "For a population: which member.")
+    flags.DEFINE_string("output", None, "The PNG to write; default workdir/explain_<index>.png.")
+    FLAGS = flags.FLAGS
+    app.run(main)

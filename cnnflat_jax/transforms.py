@@ -1,0 +1,63 @@
+"""Image transforms for the flatten experiments: pixel shuffles, shifts, rotations.
+
+All take and return uint8 NHWC batches ``(N, H, W, C)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def pixel_permutation(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """One fixed permutation of the ``height * width`` pixel positions."""
+    return np.random.default_rng(seed).permutation(height * width)
+
+
+def permute_pixels(images: np.ndarray, seed: int = 0) -> np.ndarray:
+    """Moves every image's pixels by the same fixed permutation (channels stay together).
+
+    Neighbouring pixels end up far apart, so local patterns vanish, but no
+    information is lost: a model that ignores pixel order cannot tell.
+    """
+    n, h, w, c = images.shape
+    order = pixel_permutation(h, w, seed)
+    return images.reshape(n, h * w, c)[:, order].reshape(n, h, w, c)
+
+
+def shift(images: np.ndarray, dy: int, dx: int) -> np.ndarray:
+    """Translates by ``dy`` rows down and ``dx`` columns right; uncovered pixels are 0."""
+    out = np.zeros_like(images)
+    h, w = images.shape[1:3]
+    if abs(dy) >= h or abs(dx) >= w:
+        return out
+    src_rows, dst_rows = slice(max(-dy, 0), h - max(dy, 0)), slice(max(dy, 0), h - max(-dy, 0))
+    src_cols, dst_cols = slice(max(-dx, 0), w - max(dx, 0)), slice(max(dx, 0), w - max(-dx, 0))
+    out[:, dst_rows, dst_cols] = images[:, src_rows, src_cols]
+    return out
+
+
+@jax.jit
+def _rotate(images: jax.Array, radians: jax.Array) -> jax.Array:
+    n, h, w, c = images.shape
+    rows, cols = jnp.meshgrid(jnp.arange(h), jnp.arange(w), indexing="ij")
+    cy, cx = (h - 1) / 2, (w - 1) / 2
+    cos, sin = jnp.cos(radians), jnp.sin(radians)
+    # Output pixel (r, c) samples the input at the inverse rotation of (r, c).
+    src_r = cy + (rows - cy) * cos + (cols - cx) * sin
+    src_c = cx - (rows - cy) * sin + (cols - cx) * cos
+
+    def one(channel_HW):
+        return jax.scipy.ndimage.map_coordinates(channel_HW, [src_r, src_c], order=1, cval=0.0)
+
+    per_channel = jax.vmap(jax.vmap(one, in_axes=2, out_axes=2))  # Over images, channels.
+    return per_channel(images.astype(jnp.float32))
+
+
+def rotate(images: np.ndarray, degrees: float) -> np.ndarray:
+    """Rotates counter-clockwise about the centre (bilinear; outside pixels are 0)."""
+    rotated = _rotate(jnp.asarray(images), jnp.float32(math.radians(degrees)))
+    return np.asarray(jnp.clip(jnp.round(rotated), 0, 255)).astype(np.uint8)
