@@ -226,7 +226,7 @@ def epoch_plan(
       each shard's first index and mask 0 up to whole batches and whole
       dispatches. Steps whose mask is all zero are skipped.
     """
-    sizes = [shard_sizes] if isinstance(shard_sizes, int) else list(shard_sizes)
+    sizes = _shard_list(shard_sizes)
     per_shard = batch_size // len(sizes)
     steps = steps_per_epoch(sizes, batch_size)
     steps = -(-steps // steps_per_dispatch) * steps_per_dispatch
@@ -247,9 +247,14 @@ def epoch_plan(
     return batches(indices), batches(mask)
 
 
+def _shard_list(shard_sizes: int | Sequence[int]) -> list[int]:
+    """Shard sizes as a list; an int is one shard."""
+    return [shard_sizes] if isinstance(shard_sizes, int) else list(shard_sizes)
+
+
 def steps_per_epoch(shard_sizes: int | Sequence[int], batch_size: int) -> int:
     """Steps for every example of the largest shard (see ``epoch_plan``)."""
-    sizes = [shard_sizes] if isinstance(shard_sizes, int) else list(shard_sizes)
+    sizes = _shard_list(shard_sizes)
     return -(-max(sizes) // (batch_size // len(sizes)))
 
 
