@@ -138,7 +138,10 @@ def conv2d(
         only (``grad``, ``vjp``, grad of grad; not ``jvp``). "im2col": the
         kernel taps as strided slices stacked along channels, then one
         matmul; its gradients and its ``vmap`` over kernels (populations)
-        are plain GEMMs. "auto" (default): "im2col" on CPU, "lax" elsewhere.
+        are plain GEMMs. "hybrid": "lax" for values (the fastest inference
+        on CPU), "im2col" once differentiated or vmapped over kernels; a
+        value under ``grad`` may differ from one without by float rounding.
+        "auto" (default): "hybrid" on CPU, "lax" elsewhere.
 
     Returns:
       ``(N, H_out, W_out, C_out)``, or ``(H_out, W_out, C_out)`` for a single
@@ -171,7 +174,7 @@ def conv2d(
     pads = _explicit_padding(padding, in_hw, effective_hw, stride_hw, fn)
     _check_output_size(in_hw, pads, effective_hw, stride_hw, fn, "dilated kernel")
     if lowering == "auto":
-        lowering = "im2col" if jax.default_backend() == "cpu" else "lax"
+        lowering = "hybrid" if jax.default_backend() == "cpu" else "lax"
     if lowering not in _CONV_LOWERINGS:
         raise ValueError(
             f"{fn}: lowering must be 'auto' or one of {sorted(_CONV_LOWERINGS)}, got {lowering!r}"
@@ -261,17 +264,61 @@ def _im2col_conv(x_NHWC, kernel_HWIO, stride, pads, dilation):
             taps.append(
                 lax.slice(x_NHWC, (0, top, left, 0), (n, bottom, right, c_in), (1, *stride, 1))
             )
-    patches_NHWK = taps[0] if len(taps) == 1 else jnp.concatenate(taps, axis=-1)
     kernel_KO = kernel_HWIO.reshape(kh * kw * c_in, c_out)
+    if c_in == 1:
+        # One input channel (a first layer): taps as the leading axis. Then the
+        # kernel gradient contracts (K, N*H*W) with the output gradient as it
+        # lies, and XLA moves the small patches, not the C_out-wide gradient.
+        patches_KM = jnp.stack(taps).reshape(kh * kw, n * out_h * out_w)
+        y_MO = lax.dot_general(patches_KM, kernel_KO, (((0,), (0,)), ((), ())))
+        return y_MO.reshape(n, out_h, out_w, c_out)
+    patches_NHWK = taps[0] if len(taps) == 1 else jnp.concatenate(taps, axis=-1)
     return lax.dot_general(patches_NHWK, kernel_KO, (((3,), (0,)), ((), ())))
 
 
+def _lax_conv(x_NHWC, kernel_HWIO, stride, pads, dilation):
+    return _canonical_conv(x_NHWC, kernel_HWIO, stride, pads, (1, 1), dilation)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4))
+def _hybrid_conv(x_NHWC, kernel_HWIO, stride, pads, dilation):
+    """XLA's convolution when only values are wanted; im2col once differentiated.
+
+    Inference runs XLA's own convolution, the fastest forward pass on CPU.
+    Under ``jvp``, ``grad`` or ``vjp``, the JVP below (the im2col forward and
+    its tangent) is what JAX linearizes and transposes, so the training step
+    is exactly the "im2col" lowering's: GEMMs, fast inside ``lax.scan`` and
+    under ``vmap`` over kernels. Values vmapped over kernels take im2col too.
+    """
+    conv = functools.partial(_lax_conv, stride=stride, pads=pads, dilation=dilation)
+
+    @jax.custom_batching.custom_vmap
+    def values(x_NHWC, kernel_HWIO):
+        return conv(x_NHWC, kernel_HWIO)
+
+    @values.def_vmap
+    def _(axis_size, batched, x_NHWC, kernel_HWIO):
+        # vmap over kernels (a population) would make XLA's convolution a
+        # grouped one, which XLA:CPU runs slowly; im2col stays one GEMM each.
+        lowering = _im2col_conv if batched[1] else _lax_conv
+        in_axes = tuple(0 if b else None for b in batched)
+        batched_conv = functools.partial(lowering, stride=stride, pads=pads, dilation=dilation)
+        return jax.vmap(batched_conv, in_axes)(x_NHWC, kernel_HWIO), True
+
+    return values(x_NHWC, kernel_HWIO)
+
+
+@_hybrid_conv.defjvp
+def _hybrid_conv_jvp(stride, pads, dilation, primals, tangents):
+    conv = functools.partial(_im2col_conv, stride=stride, pads=pads, dilation=dilation)
+    return jax.jvp(conv, primals, tangents)
+
+
 _CONV_LOWERINGS = {
-    "lax": lambda x, k, stride, pads, dilation: _canonical_conv(
-        x, k, stride, pads, (1, 1), dilation
-    ),
+    "lax": _lax_conv,
     "nhwc_grads": _conv,
     "im2col": _im2col_conv,
+    "hybrid": _hybrid_conv,
 }
 
 
@@ -305,6 +352,9 @@ def _pool(x, window, stride, padding, fn: str, reducer: str) -> Array:
     in_hw = tuple(x_NHWC.shape[1:3])
     pads = _explicit_padding(padding, in_hw, window_hw, stride_hw, fn)
     _check_output_size(in_hw, pads, window_hw, stride_hw, fn, "window")
+    if stride_hw == window_hw and pads == ((0, 0), (0, 0)):
+        y_NHWC = _tiled_pool(x_NHWC, window_hw, reducer)
+        return y_NHWC[0] if single else y_NHWC
     dims = (1, *window_hw, 1)
     strides = (1, *stride_hw, 1)
     padding_4d = ((0, 0), *pads, (0, 0))
@@ -329,6 +379,52 @@ def _pool(x, window, stride, padding, fn: str, reducer: str) -> Array:
     return y_NHWC[0] if single else y_NHWC
 
 
+def _tiled_pool(x_NHWC: Array, window_hw: tuple[int, int], reducer: str) -> Array:
+    """Pooling whose windows tile the input (stride = window, VALID), by reshape.
+
+    Rows and columns that no window covers are dropped (as VALID does), and
+    the windows become two axes of a reshape, ``(N, Ho, wh, Wo, ww, C)``,
+    reduced over ``wh`` and ``ww``: no ``reduce_window``, whose max gradient
+    XLA:CPU runs as a slow generic scatter.
+    """
+    n, h, w, c = x_NHWC.shape
+    (wh, ww), out_h, out_w = window_hw, h // window_hw[0], w // window_hw[1]
+    windows = x_NHWC[:, : out_h * wh, : out_w * ww].reshape(n, out_h, wh, out_w, ww, c)
+    if reducer == "max":
+        return _window_max(windows)
+    if not jnp.issubdtype(windows.dtype, jnp.floating):
+        windows = windows.astype(jnp.float32)
+    return windows.mean(axis=(2, 4))
+
+
+@jax.custom_jvp
+def _window_max(windows: Array) -> Array:
+    """Max over axes 2 and 4 of ``(N, Ho, wh, Wo, ww, C)``; derivative: the first max.
+
+    The derivative picks each window's first maximum in row-major order, as
+    XLA's select-and-scatter (and so TensorFlow and PyTorch) does, instead of
+    ``jnp.max``'s even split among ties. It is written as a JVP that is
+    linear in the tangent (a one-hot mask, then a sum), so ``grad`` is JAX's
+    transpose of it: one broadcast-and-select that XLA fuses with the ReLU's
+    gradient, and ``jvp`` works too.
+    """
+    return windows.max(axis=(2, 4))
+
+
+@_window_max.defjvp
+def _window_max_jvp(primals, tangents):
+    (windows,), (tangent,) = primals, tangents
+    _, _, wh, _, ww, _ = windows.shape
+    y = windows.max(axis=(2, 4))
+    shape = (1, 1, wh, 1, ww, 1)
+    row, column = (lax.broadcasted_iota(jnp.int32, shape, axis) for axis in (2, 4))
+    cell = row * ww + column  # Each cell's row-major position in its window.
+    is_max = windows == y[:, :, None, :, None, :]
+    first = jnp.min(jnp.where(is_max, cell, wh * ww), axis=(2, 4))
+    picked = cell == first[:, :, None, :, None, :]
+    return y, jnp.sum(jnp.where(picked, tangent, jnp.zeros_like(tangent)), axis=(2, 4))
+
+
 def max_pool(
     x: ArrayLike,
     window: IntOrPair = 2,
@@ -350,6 +446,9 @@ def max_pool(
     Returns:
       ``(N, H_out, W_out, C)`` (or ``(H_out, W_out, C)``), with
       ``H_out = (H + pads - w_h) // s_h + 1``.
+
+    The gradient goes to each window's maximum; where several cells tie, to
+    the first of them in row-major order (as TensorFlow and PyTorch).
 
     Example:
       >>> x = jnp.arange(16.0).reshape(4, 4, 1)

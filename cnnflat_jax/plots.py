@@ -23,7 +23,9 @@ def save_image_grid(
             ax.imshow(image)
         ax.set_title(title, fontsize=7)
         ax.axis("off")
-    fig.tight_layout()
+    # Fixed margins: tight_layout measures every title (~1.5 s for 32 images).
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - 0.3 / fig.get_figheight(),
+                        wspace=0.1, hspace=0.35)  # fmt: skip
     fig.savefig(path, dpi=100)
 
 

@@ -120,7 +120,13 @@ def create_train_state(
     Works under ``jax.vmap`` over ``hparams`` and ``key`` (a population).
     """
 
-    @jax.jit
+    # The initialisation runs once, so XLA need not optimise it: on CPU that
+    # cuts its compile time from ~2 s to ~0.4 s. Its values differ from an
+    # optimised build's by at most one rounding step (~4% of the weights),
+    # and are the same on every run.
+    options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
+
+    @functools.partial(jax.jit, compiler_options=options)
     def init(key, hparams):
         init_key, state_key = jax.random.split(key)
         params = model.init(init_key, jnp.zeros((1, *image_shape), jnp.float32))["params"]

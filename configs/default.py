@@ -28,7 +28,7 @@ def get_config() -> ml_collections.ConfigDict:
             pool_window=2,
             dense_features=(256,),
             permute_flat=False,  # Shuffle the flattened vector by one fixed permutation.
-            conv_lowering="auto",  # auto | lax | nhwc_grads | im2col (ops.conv2d)
+            conv_lowering="auto",  # auto | lax | nhwc_grads | im2col | hybrid (ops.conv2d)
         )
     )
 

@@ -19,7 +19,21 @@ SMOKE = ["--config", "configs/smoke.py", "--rounds", "1", "--steps", "2"]
 @pytest.mark.parametrize(
     "script,args,expected",
     [
-        ("train_throughput", SMOKE, "| compiled / per-step (same round) |"),
+        (
+            "train_throughput",
+            [*SMOKE, "--time_to_accuracy", "--accuracy_config", "configs/smoke.py"],
+            "| 91% NOT reached by wall s from `python train.py --config configs/smoke.py`",
+        ),
+        (
+            "step_profile",
+            ["--config", "configs/smoke.py", "--steps", "2"],
+            "| Conv2D_1 | backward |",
+        ),
+        (
+            "speed_comparison",
+            [*SMOKE, "--lowerings", "hybrid,im2col", "--notorch"],
+            "| compiled loop, im2col |",
+        ),
         ("population_throughput", [*SMOKE, "--sizes", "1,2"], "| 2 |"),
         ("sharding_overhead", [*SMOKE, "--devices", "1,8"], "| 8 |"),
         (

@@ -38,7 +38,7 @@ CONV_GRID = list(
 )
 
 
-@pytest.mark.parametrize("lowering", ["lax", "nhwc_grads", "im2col"])
+@pytest.mark.parametrize("lowering", ["lax", "nhwc_grads", "im2col", "hybrid"])
 @pytest.mark.parametrize("hw,khw,stride,dilation,padding", CONV_GRID)
 def test_conv2d_matches_numpy_reference_and_predicted_shape(
     hw, khw, stride, dilation, padding, lowering
@@ -107,6 +107,91 @@ def test_pools_match_numpy_reference(hw, window, stride, padding, kind):
     np.testing.assert_allclose(y, pool_ref(x, w, s, padding, kind), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("lowering", ["im2col", "hybrid"])
+@pytest.mark.parametrize("stride,padding,dilation", [(1, "SAME", 1), (2, ((0, 2), (1, 0)), 2)])
+def test_conv2d_one_input_channel_matches_reference_and_lax_gradients(
+    stride, padding, dilation, lowering
+):
+    # One input channel takes its own im2col layout (taps as the leading axis).
+    x, k, b = rand(3, 9, 8, 1), rand(3, 2, 1, 5), rand(5)
+    y = ops.conv2d(x, k, b, stride=stride, padding=padding, dilation=dilation, lowering=lowering)
+    s, d = (stride, stride), (dilation, dilation)
+    np.testing.assert_allclose(y, conv2d_ref(x, k, b, s, padding, d), rtol=1e-5, atol=1e-5)
+    g = rand(*y.shape)
+
+    def grads(low):
+        def loss(x, k):
+            y = ops.conv2d(x, k, stride=stride, padding=padding, dilation=dilation, lowering=low)
+            return jnp.sum(y * g)
+
+        return jax.grad(loss, (0, 1))(x, k)
+
+    for ours, reference in zip(grads(lowering), grads("lax")):
+        np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_conv2d_auto_is_hybrid_on_cpu_and_jit_values_match_grad_values():
+    # "hybrid" runs XLA's convolution for values and im2col once differentiated;
+    # the two agree to float rounding.
+    x, k = rand(2, 6, 6, 3), rand(3, 3, 3, 4)
+    plain = jax.jit(lambda x, k: ops.conv2d(x, k))(x, k)
+    differentiated, _ = jax.jvp(lambda x, k: ops.conv2d(x, k), (x, k), (x, k))
+    np.testing.assert_array_equal(plain, ops.conv2d(x, k, lowering="hybrid"))
+    np.testing.assert_allclose(plain, differentiated, rtol=1e-5, atol=1e-5)
+    im2col, _ = jax.jvp(lambda x, k: ops.conv2d(x, k, lowering="im2col"), (x, k), (x, k))
+    np.testing.assert_array_equal(differentiated, im2col)
+
+
+@pytest.mark.parametrize("in_axes", [(None, 0), (0, None), (0, 0)])
+def test_conv2d_hybrid_under_vmap_matches_lax(in_axes):
+    # vmap over kernels (a population) takes im2col, over images XLA's conv.
+    x, k = rand(3, 2, 7, 6, 2), rand(3, 3, 3, 2, 4)
+    args = [a if axis == 0 else a[0] for a, axis in zip((x, k), in_axes)]
+
+    def conv(low):
+        return jax.vmap(lambda x, k: ops.conv2d(x, k, stride=2, lowering=low), in_axes)
+
+    np.testing.assert_allclose(conv("hybrid")(*args), conv("lax")(*args), rtol=1e-5, atol=1e-5)
+    g = rand(*conv("lax")(*args).shape)
+
+    def grads(low):
+        return jax.grad(lambda x, k: jnp.sum(conv(low)(x, k) * g), (0, 1))(*args)
+
+    for ours, reference in zip(grads("hybrid"), grads("lax")):
+        np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-5)
+
+
+def max_pool_grad_ref(x, window, g):
+    """Gradient of a tiling max pool: all of it to each window's first max (numpy)."""
+    x, g = np.asarray(x), np.asarray(g)
+    dx = np.zeros_like(x)
+    wh, ww = window
+    for n, i, j, c in itertools.product(*(range(s) for s in g.shape)):
+        win = x[n, i * wh : (i + 1) * wh, j * ww : (j + 1) * ww, c]
+        p, q = np.unravel_index(np.argmax(win), win.shape)  # argmax: first max
+        dx[n, i * wh + p, j * ww + q, c] = g[n, i, j, c]
+    return dx
+
+
+@pytest.mark.parametrize("hw,window", [((4, 6), (2, 2)), ((7, 7), (2, 3)), ((6, 6), (3, 3))])
+def test_max_pool_gradient_goes_to_the_first_max_of_ties(hw, window):
+    # Few distinct values, so most windows tie; odd sizes leave cells uncovered.
+    x = jnp.asarray(RNG.integers(0, 3, size=(2, *hw, 3)), jnp.float32)
+    g = rand(*ops.max_pool(x, window).shape)
+    dx = jax.grad(lambda x: jnp.sum(ops.max_pool(x, window) * g))(x)
+    np.testing.assert_array_equal(dx, max_pool_grad_ref(x, window, g))
+    # The same rule as the reduce_window path (XLA's select-and-scatter).
+    dims = (1, *window, 1)
+    reduce_window = jax.grad(
+        lambda x: jnp.sum(lax.reduce_window(x, -jnp.inf, lax.max, dims, dims, "VALID") * g)
+    )(x)
+    np.testing.assert_array_equal(dx, reduce_window)
+    # Forward mode picks the same cells: the JVP is the transpose of the VJP.
+    t = rand(*x.shape)
+    _, jvp_out = jax.jvp(lambda x: ops.max_pool(x, window), (x,), (t,))
+    np.testing.assert_allclose(jnp.sum(jvp_out * g), jnp.sum(dx * t), rtol=1e-5)
+
+
 def test_avg_pool_same_does_not_count_padded_cells():
     x = jnp.arange(9.0).reshape(3, 3, 1)
     y = ops.avg_pool(x, 2, padding="SAME")[..., 0]
@@ -151,7 +236,12 @@ GRAD_CASES = [
 @pytest.mark.parametrize("fn", GRAD_CASES)
 @pytest.mark.parametrize(
     "lowering,modes",
-    [("lax", ["fwd", "rev"]), ("nhwc_grads", ["rev"]), ("im2col", ["fwd", "rev"])],
+    [
+        ("lax", ["fwd", "rev"]),
+        ("nhwc_grads", ["rev"]),
+        ("im2col", ["fwd", "rev"]),
+        ("hybrid", ["fwd", "rev"]),
+    ],
 )
 def test_gradients_match_finite_differences(fn, lowering, modes):
     with jax.enable_x64(True):
@@ -160,7 +250,7 @@ def test_gradients_match_finite_differences(fn, lowering, modes):
         check_grads(lambda x, k: fn(x, k, lowering), (x, k), order=2, modes=modes, eps=1e-4)
 
 
-@pytest.mark.parametrize("lowering", ["nhwc_grads", "im2col"])
+@pytest.mark.parametrize("lowering", ["nhwc_grads", "im2col", "hybrid"])
 @pytest.mark.parametrize(
     "stride,padding,dilation", [(1, "SAME", 1), (2, "VALID", 1), ((2, 1), ((0, 2), (1, 0)), 2)]
 )

@@ -7,7 +7,7 @@ import pytest
 from helpers import idx_config, write_idx_dataset
 
 from cnnflat_jax import checkpoints, models, train_lib, trainer
-from configs import cifar10, default, mnist, smoke, tpu
+from configs import cifar10, default, fast, mnist, smoke, tpu
 from configs import population as population_config
 
 
@@ -213,6 +213,6 @@ def test_check_config_rejects_unknown_keys_and_model_fields():
         trainer.check_config(config)
 
 
-@pytest.mark.parametrize("module", [default, mnist, cifar10, population_config, smoke, tpu])
+@pytest.mark.parametrize("module", [default, fast, mnist, cifar10, population_config, smoke, tpu])
 def test_every_shipped_config_is_valid(module):
     trainer.check_config(module.get_config())

@@ -1,0 +1,120 @@
+"""Where a compiled training step's time goes: per layer and pass, then per XLA op.
+
+    python -m benchmarks.step_profile --config configs/default.py --steps 20
+
+Traces one call of the compiled loop (``--steps`` steps on real batches)
+with the JAX profiler, sums the time of every XLA:CPU op (thunk) in the
+trace and charges each to a layer and a pass through the op's JAX name: a
+Flax submodule (``Conv2D_1``, ``Dense_0``, ...) and forward (``jvp``) or
+backward (``transpose(jvp)``). What no submodule claims (ReLU, pooling,
+flatten, loss, and the fusions XLA builds across them) is "between layers";
+what the model does not claim at all is the optimizer and the loop. A fusion
+is charged to the op at its root. Times are ms per step on the thread that
+runs each op; work an op hands to other threads (a GEMM split over both
+cores) is not seen separately, and idle gaps are not counted, so the sum is
+not the wall time, which is printed too.
+"""
+
+import collections
+import glob
+import re
+import tempfile
+import time
+
+import jax
+from absl import app, flags
+from ml_collections import config_flags
+
+from cnnflat_jax import models, train_lib, trainer
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Config to profile.")
+_STEPS = flags.DEFINE_integer("steps", 20, "Training steps in the traced call.")
+_TOP = flags.DEFINE_integer("top", 15, "How many of the costliest ops to list.")
+_OP_NAME = re.compile(r'^\s*(?:ROOT )?%(\S+) = (\S+) .*op_name="([^"]*)"')
+# Control flow: its trace events enclose the ops it runs, which are counted.
+_CONTROL_FLOW = re.compile(r" (?:while|conditional|call)\(")
+_LAYER = re.compile(r"/((?:Conv2D|Dense)_\d+)/")
+
+
+def charge(op_name):
+    """``(layer, pass)`` of an HLO op from its JAX ``op_name`` metadata."""
+    if "transpose(jvp(" in op_name:
+        direction = "backward"
+    elif "jvp(" in op_name:
+        direction = "forward"
+    else:
+        return "optimizer, loss sums and loop", "-"
+    layer = _LAYER.search(op_name)
+    return (layer[1] if layer else "between layers (ReLU, pool, flatten, loss)"), direction
+
+
+def thunk_times(trace_dir):
+    """Total picoseconds per op name over the XLA:CPU worker threads of a trace."""
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2  # Only this script needs it.
+
+    space = xplane_pb2.XSpace()
+    (path,) = glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True)
+    with open(path, "rb") as f:
+        space.ParseFromString(f.read())
+    totals = collections.Counter()
+    for plane in space.planes:
+        names = {key: meta.name for key, meta in plane.event_metadata.items()}
+        for line in plane.lines:
+            if not line.name.startswith("tf_XLA"):
+                continue
+            for event in line.events:
+                totals[names.get(event.metadata_id, "?")] += event.duration_ps
+    return totals
+
+
+def main(_):
+    config = _CONFIG.value
+    data = trainer.load_data(config, data_shards=1)
+    model = models.from_fields(config.model, data.num_classes)
+    steps = train_lib.steps_per_epoch(len(data.train_labels), config.batch_size)
+    state = train_lib.create_train_state(
+        model,
+        data.image_shape,
+        train_lib.optimizer_factory(config, steps),
+        train_lib.config_hparams(config),
+        jax.random.key(0),
+    )
+    plan = train_lib.epoch_plan(
+        jax.random.key(1), 1, len(data.train_labels), config.batch_size, _STEPS.value
+    )
+    batches = jax.device_put(
+        train_lib.gather_batches(data.train_images, data.train_labels, plan[0][0], plan[1][0])
+    )
+    compiled = train_lib.train_steps.lower(state, batches).compile()
+    ops = {}
+    for line in compiled.as_text().splitlines():
+        match = _OP_NAME.match(line)
+        if match and not _CONTROL_FLOW.search(line):
+            ops[match[1]] = (match[2], match[3])
+    state, _ = compiled(state, batches)  # Warm-up.
+    jax.block_until_ready(state)
+    with tempfile.TemporaryDirectory() as trace_dir:
+        start = time.perf_counter()
+        with jax.profiler.trace(trace_dir):
+            state, _ = compiled(state, batches)
+            jax.block_until_ready(state)
+        wall_ms = (time.perf_counter() - start) * 1000 / _STEPS.value
+        totals = thunk_times(trace_dir)
+    per_step = {name: ps / 1e9 / _STEPS.value for name, ps in totals.items() if name in ops}
+    by_layer = collections.Counter()
+    for name, ms in per_step.items():
+        by_layer[charge(ops[name][1])] += ms
+    op_ms = sum(per_step.values())
+    print(f"\n{_STEPS.value} steps at batch {config.batch_size}, {jax.devices()[0].device_kind}; "
+          f"wall {wall_ms:.1f} ms per step while traced, ops {op_ms:.1f} ms")  # fmt: skip
+    print("| layer | pass | ms per step | share |\n|---|---|---|---|")
+    for (layer, direction), ms in sorted(by_layer.items()):
+        print(f"| {layer} | {direction} | {ms:.2f} | {ms / op_ms:.0%} |")
+    print("\n| XLA op | shape | layer, pass | ms per step |\n|---|---|---|---|")
+    for name, ms in collections.Counter(per_step).most_common(_TOP.value):
+        shape, op_name = ops[name]
+        print(f"| {name} | {shape} | {', '.join(charge(op_name))} | {ms:.2f} |")
+
+
+if __name__ == "__main__":
+    app.run(main)
