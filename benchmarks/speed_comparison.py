@@ -32,7 +32,7 @@ import optax
 from absl import app, flags
 from ml_collections import config_flags
 
-from cnnflat_jax import models, train_lib, trainer
+from cnnflat_jax import interop, models, train_lib, trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Config to time.")
 _ROUNDS = flags.DEFINE_integer("rounds", 5, "Timed rounds; medians are reported.")
@@ -141,33 +141,19 @@ def our_runners(config, data, batches, lowering):
     return runners, compile_sec, run_eval
 
 
-def torch_runners(images, labels, learning_rate, fields, num_classes):
-    """PyTorch eager and torch.compile(model) on the same batches (NCHW)."""
+def torch_runners(images, labels, learning_rate, ported):
+    """PyTorch eager and torch.compile(model) on the same batches (NCHW).
+
+    The network is ``interop.to_torch(ported)``: our CNN, with our initial weights.
+    """
     import torch
     import torch.nn.functional as F
 
-    def make_net():
-        layers, channels, size = [], images.shape[-1], images.shape[2]
-        for features in fields["conv_features"]:
-            layers += [
-                torch.nn.Conv2d(channels, features, fields["kernel_size"], padding="same"),
-                torch.nn.ReLU(),
-                torch.nn.MaxPool2d(fields["pool_window"]),
-            ]
-            channels, size = features, size // fields["pool_window"]
-        layers.append(torch.nn.Flatten())
-        width = channels * size * size
-        for features in fields["dense_features"]:
-            layers += [torch.nn.Linear(width, features), torch.nn.ReLU()]
-            width = features
-        return torch.nn.Sequential(*layers, torch.nn.Linear(width, num_classes))
-
-    torch.manual_seed(0)
     x = torch.from_numpy(images.transpose(0, 1, 4, 2, 3).astype(np.float32) / 255.0)
     y = torch.from_numpy(labels.astype(np.int64))
     runners, compile_sec = {}, {}
     for name, wrap in (("PyTorch eager", lambda m: m), ("torch.compile", torch.compile)):
-        net = make_net()
+        net = interop.to_torch(ported)
         forward = wrap(net)
         optimizer = torch.optim.Adam(net.parameters(), learning_rate)
 
@@ -209,9 +195,10 @@ def main(_):
             compile_sec[f"{kind}, {lowering}"] = sec
         run_eval = run_eval or eval_fn
     if _TORCH.value:
-        more, seconds = torch_runners(
-            images, labels, config.learning_rate, fields, data.num_classes
-        )
+        model = models.from_fields(config.model, data.num_classes)
+        params = model.init(jax.random.key(0), jnp.zeros((1, *data.image_shape)))["params"]
+        ported = interop.Ported(fields, data.num_classes, data.image_shape, jax.device_get(params))
+        more, seconds = torch_runners(images, labels, config.learning_rate, ported)
         runners.update(more)
         compile_sec.update({f"{name} warm-up": sec for name, sec in seconds.items()})
 
