@@ -33,7 +33,7 @@ import numpy as np
 from absl import app, flags, logging
 from matplotlib.figure import Figure
 
-from cnnflat_jax import checkpoints, models, train_lib, trainer, transforms
+from cnnflat_jax import checkpoints, input_pipeline, models, train_lib, trainer, transforms
 from configs import default
 
 _OUT = flags.DEFINE_string("out", "docs/flatten", "Where tables, plots and runs go.")
@@ -298,7 +298,7 @@ def main(_):
     summaries = {name: train_variant(name) for name in needed}
     for experiment in _EXPERIMENTS.value:
         if experiment == "invariance":
-            data = trainer.load_data(variant_config("CNN, max pool 2"), data_shards=1)
+            data = input_pipeline.load_data(variant_config("CNN, max pool 2"), data_shards=1)
             invariance(summaries, data.test_images, data.test_labels)
         else:
             {"mlp_vs_cnn": mlp_vs_cnn, "shuffled": shuffled, "pooling": pooling}[experiment](

@@ -17,7 +17,8 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from cnnflat_jax import models, population, train_lib, trainer
+from benchmarks import programs
+from cnnflat_jax import input_pipeline
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Config to time.")
 _ROUNDS = flags.DEFINE_integer("rounds", 5, "Timed rounds; medians are reported.")
@@ -26,36 +27,17 @@ _SIZES = flags.DEFINE_list("sizes", ["1", "2", "4", "8"], "Population sizes.")
 
 
 def build(config, data, size, clip_norm=0.0):
-    """A compiled `train_steps` for `size` members (1 = the single-model program)."""
+    """``train.py``'s compiled loop for ``size`` members sharing each batch (1 = one model)."""
     config = config.copy_and_resolve_references()
     config.population.size = size
     config.per_example.clip_norm = clip_norm
-    model = models.from_fields(config.model, data.num_classes)
-    steps = train_lib.steps_per_epoch(len(data.train_labels), config.batch_size)
-    make_tx = train_lib.optimizer_factory(config, steps)
-    members = population.members(config)
-    if size == 1:
-        state = train_lib.create_train_state(
-            model, data.image_shape, make_tx, members[0], jax.random.key(0), clip_norm > 0
-        )
-    else:
-        state = population.create_population(
-            model, data.image_shape, make_tx, members, clip_norm > 0
-        )
-    mode = "single" if size == 1 else "shared"
-    indices, mask = train_lib.epoch_plan(
-        jax.random.key(1), 1, len(data.train_labels), config.batch_size, _STEPS.value
-    )
-    batches = train_lib.gather_batches(data.train_images, data.train_labels, indices[1], mask[1])
-    compiled = train_lib.train_steps.lower(state, batches, mode=mode).compile()
-    memory = compiled.memory_analysis()
+    training = programs.training(config, data, loop="compiled", steps=_STEPS.value)
+    memory = training.program.compiled.memory_analysis()
     mib = (memory.temp_size_in_bytes + memory.argument_size_in_bytes) / 2**20
 
     def run():
-        nonlocal state
         start = time.perf_counter()
-        state, metrics = compiled(state, batches)
-        jax.block_until_ready(metrics)
+        training.run(1)
         return time.perf_counter() - start
 
     run()  # Warm-up.
@@ -64,7 +46,7 @@ def build(config, data, size, clip_norm=0.0):
 
 def main(_):
     config = _CONFIG.value
-    data = trainer.load_data(config, data_shards=1)
+    data = input_pipeline.load_data(config, data_shards=1)
     sizes = [int(k) for k in _SIZES.value]
     runs = {k: build(config, data, k) for k in sizes}
     runs["dp"] = build(config, data, 1, clip_norm=1.0)

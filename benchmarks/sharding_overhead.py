@@ -19,7 +19,8 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from cnnflat_jax import checkpoints, models, sharding, train_lib, trainer
+from benchmarks import programs
+from cnnflat_jax import checkpoints, input_pipeline, sharding
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Config to time.")
 _ROUNDS = flags.DEFINE_integer("rounds", 5, "Timed rounds; medians are reported.")
@@ -30,36 +31,20 @@ _DEVICES = flags.DEFINE_list("devices", ["1", "2", "4", "8"], "Mesh sizes.")
 def build(config, data, num_devices):
     """``run()``: seconds for a dispatch of ``_STEPS`` steps on ``num_devices`` devices."""
     mesh = sharding.data_mesh(num_devices)
-    model = models.from_fields(config.model, data.num_classes)
-    make_tx = train_lib.optimizer_factory(config, 100)
-    state = train_lib.create_train_state(
-        model, data.image_shape, make_tx, train_lib.config_hparams(config), jax.random.key(0)
-    )
-    state = sharding.replicate(state, mesh)
-    indices, mask = train_lib.epoch_plan(
-        jax.random.key(1), 1, len(data.train_labels), config.batch_size, _STEPS.value
-    )
-    shardings = {k: sharding.batch_sharding(mesh, 1) for k in ("image", "label", "mask")}
-    step = train_lib.sharded_step("single", sharding.replicated(mesh), shardings, scan=True)
-
-    def batches():
-        host = train_lib.gather_batches(data.train_images, data.train_labels, indices[1], mask[1])
-        return {k: sharding.global_array(v, shardings[k]) for k, v in host.items()}
+    training = programs.training(config, data, loop="compiled", steps=_STEPS.value, mesh=mesh)
 
     def run():
-        nonlocal state
         start = time.perf_counter()
-        state, metrics = step(state, batches())
-        jax.block_until_ready(metrics)
+        training.run(1)
         return time.perf_counter() - start
 
-    run()  # Compile and warm up.
-    return run, lambda: state  # The state is donated each call: read the current one.
+    run()  # Warm up.
+    return run, lambda: training.state  # The state is donated each call: read the current one.
 
 
 def main(_):
     config = _CONFIG.value
-    data = trainer.load_data(config, data_shards=1)
+    data = input_pipeline.load_data(config, data_shards=1)
     sizes = [int(n) for n in _DEVICES.value]
     runs = {n: build(config, data, n) for n in sizes}
     seconds = {n: [] for n in sizes}

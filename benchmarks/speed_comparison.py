@@ -8,9 +8,10 @@ other, so each ratio is measured under the same machine load. Rows:
 
 - the Flax example's way: ``flax.linen`` Conv/max_pool/Dense, one jitted
   step per batch from a Python loop (the reference, ratio 1.00);
-- our per-step loop (``train_lib.train_step``, the default lowering);
-- our compiled loop (``train_lib.train_steps``, ``lax.scan`` over the steps)
-  with each ``ops.conv2d`` lowering;
+- our per-step loop (``train_lib.build_train(loop="per_step")``, the first
+  lowering), as ``train.py`` builds it;
+- our compiled loop (``loop="compiled"``, ``lax.scan`` over the steps) with
+  each ``ops.conv2d`` lowering;
 - PyTorch eager and ``torch.compile(model)`` (skipped if torch is missing).
 
 Reports training images/s (median over rounds), the ratio to the Flax example
@@ -32,7 +33,8 @@ import optax
 from absl import app, flags
 from ml_collections import config_flags
 
-from cnnflat_jax import interop, models, train_lib, trainer
+from benchmarks import programs
+from cnnflat_jax import batching, input_pipeline, interop, models
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Config to time.")
 _ROUNDS = flags.DEFINE_integer("rounds", 5, "Timed rounds; medians are reported.")
@@ -91,54 +93,22 @@ def flax_example_runner(images, labels, learning_rate, fields, num_classes):
     return run, compile_sec
 
 
-def our_runners(config, data, batches, lowering):
-    """Our compiled loop (and, for the default lowering, per-step loop and eval)."""
+def our_runners(config, data, lowering):
+    """Our compiled loop (and, for the first lowering, per-step loop and eval), as
+    ``train.py`` builds them (``benchmarks.programs``)."""
     config = config.copy_and_resolve_references()
     config.model.conv_lowering = lowering
-    model = models.from_fields(config.model, data.num_classes)
-    steps = train_lib.steps_per_epoch(len(data.train_labels), config.batch_size)
-    make_tx = train_lib.optimizer_factory(config, steps)
-    hparams = train_lib.config_hparams(config)
-
-    def fresh_state():
-        return train_lib.create_train_state(
-            model, data.image_shape, make_tx, hparams, jax.random.key(0)
-        )
-
-    state = {"compiled": fresh_state()}
-    start = time.perf_counter()
-    compiled = train_lib.train_steps.lower(state["compiled"], batches).compile()
-    compile_sec = {"compiled": time.perf_counter() - start}
-
-    def run_compiled():
-        state["compiled"], _ = compiled(state["compiled"], batches)
-        jax.block_until_ready(state["compiled"])
-
-    runners = {f"compiled loop, {lowering}": run_compiled}
+    loops = ["compiled"] if lowering != _LOWERINGS.value[0] else ["per_step", "compiled"]
+    names = {"compiled": "compiled loop", "per_step": "per-step loop"}
+    runners, compile_sec = {}, {}
+    for loop in loops:
+        training = programs.training(config, data, loop=loop, steps=_STEPS.value)
+        runners[f"{names[loop]}, {lowering}"] = lambda training=training: training.run(1)
+        compile_sec[loop] = training.compile_sec
     if lowering != _LOWERINGS.value[0]:
         return runners, compile_sec, None
-    first = {k: v[0] for k, v in batches.items()}
-    state["per_step"] = fresh_state()
-    start = time.perf_counter()
-    per_step = train_lib.train_step.lower(state["per_step"], first).compile()
-    compile_sec["per_step"] = time.perf_counter() - start
-
-    def run_per_step():
-        for t in range(len(batches["mask"])):
-            batch = {k: v[t] for k, v in batches.items()}
-            state["per_step"], _ = per_step(state["per_step"], batch)
-        jax.block_until_ready(state["per_step"])
-
-    runners = {f"per-step loop, {lowering}": run_per_step, **runners}
-    eval_data = jax.device_put(
-        train_lib.eval_arrays(data.test_images, data.test_labels, config.eval_batch_size)
-    )
-    eval_fn = train_lib.eval_batches.lower(state["compiled"], *eval_data).compile()
-
-    def run_eval():
-        jax.block_until_ready(eval_fn(state["compiled"], *eval_data))
-
-    return runners, compile_sec, run_eval
+    evaluate, _ = programs.evaluation(config, data, training.state)
+    return runners, compile_sec, lambda: jax.block_until_ready(evaluate(training.state))
 
 
 def torch_runners(images, labels, learning_rate, ported):
@@ -175,11 +145,11 @@ def main(_):
     fields = config.model.to_dict()
     if (fields["name"], fields["pool"], fields["padding"]) != ("cnn", "max", "SAME"):
         raise app.UsageError("speed_comparison times a CNN with max pooling and SAME padding")
-    data = trainer.load_data(config, data_shards=1)
-    indices, mask = train_lib.epoch_plan(
+    data = input_pipeline.load_data(config, data_shards=1)
+    indices, mask = batching.epoch_plan(
         jax.random.key(1), 1, len(data.train_labels), config.batch_size, _STEPS.value
     )
-    batches = train_lib.gather_batches(data.train_images, data.train_labels, indices[0], mask[0])
+    batches = batching.gather_batches(data.train_images, data.train_labels, indices[0], mask[0])
     images, labels = batches["image"], batches["label"]
 
     flax_run, flax_compile = flax_example_runner(
@@ -189,7 +159,7 @@ def main(_):
     compile_sec = {"Flax example step": flax_compile}
     run_eval = None
     for lowering in _LOWERINGS.value:
-        more, seconds, eval_fn = our_runners(config, data, batches, lowering)
+        more, seconds, eval_fn = our_runners(config, data, lowering)
         runners.update(more)
         for kind, sec in seconds.items():
             compile_sec[f"{kind}, {lowering}"] = sec

@@ -2,7 +2,8 @@
 
     python -m benchmarks.step_profile --config configs/default.py --steps 20
 
-Traces one call of the compiled loop (``--steps`` steps on real batches)
+Traces one call of the compiled loop that ``train.py`` runs (``--steps``
+steps on real batches, the host gather included)
 with the JAX profiler, sums the time of every XLA:CPU op (thunk) in the
 trace and charges each to a layer and a pass through the op's JAX name: a
 Flax submodule (``Conv2D_1``, ``Dense_0``, ...) and forward (``jvp``) or
@@ -25,7 +26,8 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from cnnflat_jax import models, train_lib, trainer
+from benchmarks import programs
+from cnnflat_jax import input_pipeline
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Config to profile.")
 _STEPS = flags.DEFINE_integer("steps", 20, "Training steps in the traced call.")
@@ -69,35 +71,19 @@ def thunk_times(trace_dir):
 
 def main(_):
     config = _CONFIG.value
-    data = trainer.load_data(config, data_shards=1)
-    model = models.from_fields(config.model, data.num_classes)
-    steps = train_lib.steps_per_epoch(len(data.train_labels), config.batch_size)
-    state = train_lib.create_train_state(
-        model,
-        data.image_shape,
-        train_lib.optimizer_factory(config, steps),
-        train_lib.config_hparams(config),
-        jax.random.key(0),
-    )
-    plan = train_lib.epoch_plan(
-        jax.random.key(1), 1, len(data.train_labels), config.batch_size, _STEPS.value
-    )
-    batches = jax.device_put(
-        train_lib.gather_batches(data.train_images, data.train_labels, plan[0][0], plan[1][0])
-    )
-    compiled = train_lib.train_steps.lower(state, batches).compile()
+    data = input_pipeline.load_data(config, data_shards=1)
+    training = programs.training(config, data, loop="compiled", steps=_STEPS.value)
+    compiled = training.program.compiled
     ops = {}
     for line in compiled.as_text().splitlines():
         match = _OP_NAME.match(line)
         if match and not _CONTROL_FLOW.search(line):
             ops[match[1]] = (match[2], match[3])
-    state, _ = compiled(state, batches)  # Warm-up.
-    jax.block_until_ready(state)
+    training.run(0)  # Warm-up.
     with tempfile.TemporaryDirectory() as trace_dir:
         start = time.perf_counter()
         with jax.profiler.trace(trace_dir):
-            state, _ = compiled(state, batches)
-            jax.block_until_ready(state)
+            training.run(1)
         wall_ms = (time.perf_counter() - start) * 1000 / _STEPS.value
         totals = thunk_times(trace_dir)
     per_step = {name: ps / 1e9 / _STEPS.value for name, ps in totals.items() if name in ops}

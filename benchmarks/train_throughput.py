@@ -3,8 +3,10 @@
     python -m benchmarks.train_throughput --config configs/default.py --rounds 5 \
         [--time_to_accuracy [--accuracy_config configs/fast.py]]
 
-Each round times both loops on the same real Fashion-MNIST batches, one after
-the other, so their ratio is measured under the same machine load. Reports
+Each round times both loops (``train_lib.build_train``'s programs, as
+``train.py`` builds them, the host gather included) on the same real
+Fashion-MNIST batches, one after the other, so their ratio is measured under
+the same machine load. Reports
 medians over rounds: training images/s for each loop and their ratio, compile
 seconds, eval images/s, peak RSS, and (with --time_to_accuracy) the wall
 seconds from launching `python train.py --config <accuracy_config>` to the
@@ -23,7 +25,8 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from cnnflat_jax import models, train_lib, trainer
+from benchmarks import programs
+from cnnflat_jax import input_pipeline
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Config to time.")
 _ROUNDS = flags.DEFINE_integer("rounds", 5, "Timed rounds; medians are reported.")
@@ -59,74 +62,36 @@ def seconds_to_accuracy(config_path, target=0.91):
     return reached, epoch, accuracy
 
 
-def timed(fn):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    return time.perf_counter() - start
-
-
 def main(_):
     config = _CONFIG.value
-    data = trainer.load_data(config, data_shards=1)
-    model = models.from_fields(config.model, data.num_classes)
-    steps = train_lib.steps_per_epoch(len(data.train_labels), config.batch_size)
-    make_tx = train_lib.optimizer_factory(config, steps)
-    hparams = train_lib.config_hparams(config)
-    state = train_lib.create_train_state(
-        model, data.image_shape, make_tx, hparams, jax.random.key(0)
-    )
+    data = input_pipeline.load_data(config, data_shards=1)
     batch = config.batch_size
-    indices, mask = train_lib.epoch_plan(
-        jax.random.key(1), 1, len(data.train_labels), batch, _STEPS.value
-    )
-    images, labels = data.train_images, data.train_labels
-    eval_data = train_lib.eval_arrays(data.test_images, data.test_labels, config.eval_batch_size)
-    eval_data = jax.device_put(eval_data)
+    loops = {
+        loop: programs.training(config, data, loop=loop, steps=_STEPS.value)
+        for loop in ("per_step", "compiled")
+    }
+    compile_sec = {loop: run.compile_sec for loop, run in loops.items()}
+    evaluate, compile_sec["eval"] = programs.evaluation(config, data, loops["compiled"].state)
 
-    compile_sec = {}
-    start = time.perf_counter()
-    first = train_lib.gather_batches(images, labels, indices[0], mask[0])
-    compiled_loop = train_lib.train_steps.lower(state, first).compile()
-    compile_sec["compiled"] = time.perf_counter() - start
-    start = time.perf_counter()
-    per_step = train_lib.train_step.lower(state, {k: v[0] for k, v in first.items()}).compile()
-    compile_sec["per_step"] = time.perf_counter() - start
-    start = time.perf_counter()
-    eval_fn = train_lib.eval_batches.lower(state, *eval_data).compile()
-    compile_sec["eval"] = time.perf_counter() - start
+    def timed(fn):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        return time.perf_counter() - start
 
-    # Both loops gather their batches on the host inside the timed region.
-    def run_per_step(plan):
-        nonlocal state
-        batches = train_lib.gather_batches(images, labels, *plan)
-        for t in range(len(plan[1])):
-            state, metrics = per_step(state, {k: v[t] for k, v in batches.items()})
-        return state
-
-    def run_compiled(plan):
-        nonlocal state
-        state, metrics = compiled_loop(state, train_lib.gather_batches(images, labels, *plan))
-        return state
-
-    # Warm-up, then rounds: both loops on the same plans, back to back.
-    timed(lambda: run_per_step((indices[0], mask[0])))
-    timed(lambda: run_compiled((indices[0], mask[0])))
+    # Warm-up, then rounds: both loops on the same dispatches, back to back.
+    for run in loops.values():
+        run.run(0)
     rates = {"per_step": [], "compiled": [], "ratio": [], "eval": []}
     for r in range(_ROUNDS.value):
-        plan = (indices[1 + r % (len(indices) - 1)], mask[1 + r % (len(indices) - 1)])
-        per = _STEPS.value * batch / timed(lambda plan=plan: run_per_step(plan))
-        comp = _STEPS.value * batch / timed(lambda plan=plan: run_compiled(plan))
-        ev = len(data.test_labels) / timed(lambda: eval_fn(state, *eval_data))
+        per = _STEPS.value * batch / timed(lambda r=r: loops["per_step"].run(1 + r))
+        comp = _STEPS.value * batch / timed(lambda r=r: loops["compiled"].run(1 + r))
+        ev = len(data.test_labels) / timed(lambda: evaluate(loops["compiled"].state))
         for name, value in zip(rates, (per, comp, comp / per, ev)):
             rates[name].append(value)
         logging.info(
             "round %d: per-step %.0f, compiled %.0f img/s (x%.2f), eval %.0f img/s",
-            r,
-            per,
-            comp,
-            comp / per,
-            ev,
-        )
+            r, per, comp, comp / per, ev,
+        )  # fmt: skip
 
     median = {name: statistics.median(values) for name, values in rates.items()}
     rows = [
@@ -135,7 +100,7 @@ def main(_):
         ("compiled / per-step (same round)", f"{median['ratio']:.2f}"),
         ("eval images/s", f"{median['eval']:.0f}"),
         (f"compile s, compiled loop ({_STEPS.value} steps)", f"{compile_sec['compiled']:.2f}"),
-        ("compile s, per-step train_step", f"{compile_sec['per_step']:.2f}"),
+        ("compile s, per-step step", f"{compile_sec['per_step']:.2f}"),
         ("compile s, eval", f"{compile_sec['eval']:.2f}"),
     ]
     if _TIME_TO_ACCURACY.value:

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import optax
 
-from cnnflat_jax import per_example, plots, train_lib
+from cnnflat_jax import batching, per_example, plots, train_lib
 
 
 @jax.jit
@@ -47,13 +47,8 @@ def report(
     norm, largest first. Returns the JSON rows.
     """
     n = min(num_scanned, len(labels))
-    pad = -n % batch_size
-    padded_images = np.concatenate([images[:n], np.zeros((pad, *images.shape[1:]), images.dtype)])
-    padded_labels = np.concatenate([labels[:n], np.zeros(pad, labels.dtype)])
-    batches = [
-        example_scores(state, padded_images[i : i + batch_size], padded_labels[i : i + batch_size])
-        for i in range(0, n + pad, batch_size)
-    ]
+    padded_images, padded_labels, _ = batching.eval_arrays(images[:n], labels[:n], batch_size)
+    batches = [example_scores(state, x, y) for x, y in zip(padded_images, padded_labels)]
     scores = {k: np.concatenate([np.asarray(b[k]) for b in batches])[:n] for k in batches[0]}
     top = np.argsort(-scores["grad_norm"], kind="stable")[:num_shown]
     rows = [

@@ -15,10 +15,11 @@ import os
 import shutil
 from collections.abc import Iterator
 
+import ml_collections
 import numpy as np
 from absl import logging
 
-from cnnflat_jax import sharding
+from cnnflat_jax import sharding, transforms
 from cnnflat_jax.idx import IdxError, read_idx
 
 SOURCES = ("auto", "tfds", "idx")
@@ -140,6 +141,31 @@ def load_dataset(
         logging.info("Loaded %s from %s", name, dataset.source)
         return dataset
     raise DatasetError(_not_found_message(name, source, attempts))
+
+
+def load_data(config: ml_collections.ConfigDict, data_shards: int) -> Dataset:
+    """This process's part of ``config``'s dataset (see ``sharding``), with its
+    pixels permuted when ``config.permute_pixels``."""
+    part = Part(
+        num_train=config.num_train_examples,
+        num_test=config.num_test_examples,
+        shard_count=data_shards,
+        shards=sharding.process_shards(data_shards),
+    )
+    data = load_dataset(
+        config.dataset,
+        source=config.data_source,
+        data_dir=config.data_dir or None,
+        idx_dir=config.idx_dir or None,
+        part=part,
+    )
+    if not config.permute_pixels:
+        return data
+    return dataclasses.replace(
+        data,
+        train_images=transforms.permute_pixels(data.train_images),
+        test_images=transforms.permute_pixels(data.test_images),
+    )
 
 
 def _not_found_message(name: str, source: str, attempts: list[str]) -> str:

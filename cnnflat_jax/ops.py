@@ -320,6 +320,8 @@ _CONV_LOWERINGS = {
     "im2col": _im2col_conv,
     "hybrid": _hybrid_conv,
 }
+# The names ``conv2d(lowering=...)`` accepts.
+CONV_LOWERINGS = ("auto", *_CONV_LOWERINGS)
 
 
 def _channel_vector(bias: ArrayLike, size: int, fn: str) -> Array:

@@ -1,4 +1,5 @@
-"""What a run writes and shows: metrics.jsonl, the config, a progress bar."""
+"""What a run writes and shows: epoch records, metrics.jsonl, the config, log lines,
+a progress bar and a population's summary table."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 import tqdm
+from absl import logging
 
 
 class MetricsLog:
@@ -94,3 +96,118 @@ def scores_record(
     record["test_per_class_accuracy"] = test["per_class_accuracy"]
     record["test_confusion"] = test["confusion"]
     return record
+
+
+def epoch_record(
+    epoch: int,
+    step: int,
+    member_list: list[dict[str, Any]] | None,
+    totals: dict[str, np.ndarray],
+    scores: dict[str, dict],
+    timing: dict[str, float],
+) -> dict[str, Any]:
+    """An epoch's record: the model's, or with ``member_list``, a population's."""
+    if member_list is not None:
+        return population_record(epoch, step, member_list, totals, scores, timing)
+    return {"epoch": epoch, "step": step, **scores_record(totals, scores), **timing}
+
+
+def shown_record(record: dict[str, Any]) -> dict[str, Any]:
+    """The record of the one model a run's figures show: a population's best
+    member by validation, else its member 0."""
+    if "members" not in record:
+        return record
+    return record["members"][record.get("best_member", 0)]
+
+
+def log_epoch(record: dict[str, Any], num_epochs: int) -> None:
+    who = "ensemble " if record.get("member") == "ensemble" else ""
+    train = "" if who else (
+        f"train loss {record['train_loss']:.4f} acc {record['train_accuracy']:.4f} | "
+    )  # fmt: skip
+    validation = (
+        f" | validation acc {record['validation_accuracy']:.4f}"
+        if "validation_accuracy" in record else ""
+    )  # fmt: skip
+    logging.info(
+        "epoch %d/%d: %s%stest loss %.4f acc %.4f (%d images)%s | %.0f images/s",
+        record["epoch"], num_epochs, train, who, record["test_loss"], record["test_accuracy"],
+        record["test_count"], validation, record["images_per_sec"],
+    )  # fmt: skip
+
+
+def summary_table(member_list: list[dict[str, Any]], scores: list[dict[str, float]]) -> str:
+    """A plain-text table: one row per member with its settings and scores."""
+    settings = ["seed", "learning_rate", "weight_decay", "momentum"]
+    score_names = list(scores[0])
+    header = ["member", *settings, *score_names]
+    rows = [
+        [str(k), *(f"{m[s]:g}" for s in settings), *(f"{row[n]:.4f}" for n in score_names)]
+        for k, (m, row) in enumerate(zip(member_list, scores))
+    ]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in [header, *rows]]
+    return "\n".join(lines)
+
+
+def population_record(
+    epoch: int,
+    step: int,
+    member_list: list[dict[str, Any]],
+    totals: dict[str, np.ndarray],
+    scores: dict[str, dict],
+    timing: dict[str, float],
+) -> dict[str, Any]:
+    """The ensemble's record for an epoch, with the members' under ``members``.
+
+    With a validation split it names the best member by validation accuracy.
+    """
+    member_records = [
+        {
+            "epoch": epoch,
+            "step": step,
+            "member": k,
+            **member_list[k],
+            **scores_record(totals, scores, k),
+        }
+        for k in range(len(member_list))
+    ]
+    ensemble = scores["test"]["ensemble"]
+    record = {
+        "epoch": epoch,
+        "step": step,
+        "member": "ensemble",
+        "test_loss": ensemble["loss"],
+        "test_accuracy": ensemble["accuracy"],
+        "test_count": ensemble["count"],
+        "mean_member_test_accuracy": float(np.mean([r["test_accuracy"] for r in member_records])),
+        **timing,
+        "members": member_records,
+    }
+    if "validation" in scores:
+        best = int(np.argmax([r["validation_accuracy"] for r in member_records]))
+        record["best_member"] = best
+        record["best_member_validation_accuracy"] = member_records[best]["validation_accuracy"]
+        record["best_member_test_accuracy"] = member_records[best]["test_accuracy"]
+    return record
+
+
+def population_summary(member_list: list[dict[str, Any]], record: dict[str, Any]) -> str:
+    """The end-of-run table: each member's settings and accuracies, then the
+    ensemble and the best member by validation."""
+    columns = ["train_accuracy", "test_accuracy"]
+    if "best_member" in record:
+        columns.insert(1, "validation_accuracy")
+    scores = [{c: r[c] for c in columns} for r in record["members"]]
+    lines = [summary_table(member_list, scores)]
+    lines.append(
+        f"ensemble (averaged logits): test accuracy {record['test_accuracy']:.4f}; "
+        f"mean member {record['mean_member_test_accuracy']:.4f}"
+    )
+    if "best_member" in record:
+        lines.append(
+            f"best member by validation: {record['best_member']} (validation "
+            f"{record['best_member_validation_accuracy']:.4f}, test "
+            f"{record['best_member_test_accuracy']:.4f})"
+        )
+    return "\n".join(lines)

@@ -88,16 +88,6 @@ def batch_sharding(mesh: Mesh, batch_axis: int) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(*([None] * batch_axis), AXIS))
 
 
-def check_divisible(size: int, name: str, mesh: Mesh, data_shards: int) -> None:
-    """Raises ``ValueError`` unless ``size`` splits evenly over devices and shards."""
-    for count, what in ((mesh.size, "devices"), (data_shards, "data shards")):
-        if size % count:
-            raise ValueError(
-                f"{name}={size} is not divisible by the {count} {what}; choose a multiple "
-                f"of {np.lcm(mesh.size, data_shards)}"
-            )
-
-
 def shard_bounds(total: int, count: int) -> np.ndarray:
     """Start of each of ``count`` near-equal contiguous shards of ``total``, and the end."""
     return np.array([i * total // count for i in range(count + 1)])
@@ -117,9 +107,3 @@ def process_shards(data_shards: int) -> range:
 def global_array(local: np.ndarray, sharding: NamedSharding) -> jax.Array:
     """Assembles each process's block of a batch-sharded array into one global array."""
     return jax.make_array_from_process_local_data(sharding, local)
-
-
-def process_columns(batch_size: int) -> slice:
-    """The columns of a global batch that this process supplies."""
-    per_process = batch_size // jax.process_count()
-    return slice(jax.process_index() * per_process, (jax.process_index() + 1) * per_process)

@@ -1,17 +1,17 @@
-"""Training state, loss, the jitted train/eval steps and the compiled epoch loop.
+"""Training state, loss, the pure train step, the one training compiler, and eval.
 
-An epoch's data order is one permutation per epoch (``fold_in(key, epoch)``),
-padded to whole batches with masked-out slots, so the last partial batch is
-trained on and not dropped. Both loops consume the same plan, gathered on the
-host one dispatch at a time: the per-step loop calls ``train_step`` per
-batch; the compiled loop runs ``steps_per_dispatch`` steps per XLA program
-with ``lax.scan``.
+``build_train`` is the only place a training step is compiled: ``train.py``,
+the tests and the benchmarks all run its programs. Both of its loops take a
+dispatch of host batches (``batching``): the per-step loop calls one
+compiled step per batch; the compiled loop runs the whole dispatch in one
+XLA program with ``lax.scan``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -20,9 +20,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from absl import logging
 from flax import struct
+from jax.sharding import Mesh
 
-from cnnflat_jax import per_example
+from cnnflat_jax import per_example, sharding
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -65,16 +67,24 @@ def optimizer_factory(
     """``make_tx(**hparams)``: SGD+momentum, Adam or AdamW on a schedule.
 
     The schedule's shape (constant, or linear warmup then cosine decay to 0)
-    is fixed by the config; its peak is ``hparams["learning_rate"]``.
+    is fixed by the config; its peak is ``hparams["learning_rate"]``. The
+    warmup lasts ``warmup_epochs``, but at most half of training, so that any
+    ``num_epochs`` leaves the cosine decay steps to take.
     """
     if config.schedule == "constant":
         shape = optax.constant_schedule(1.0)
     elif config.schedule == "warmup_cosine":
+        total_steps = config.num_epochs * steps_per_epoch
+        warmup_steps = int(config.warmup_epochs * steps_per_epoch)
+        if warmup_steps > total_steps // 2:
+            logging.warning(
+                "warmup_epochs=%g is more than half of the %d epoch(s): warming up for "
+                "%d of the %d steps instead", config.warmup_epochs, config.num_epochs,
+                total_steps // 2, total_steps,
+            )  # fmt: skip
+            warmup_steps = total_steps // 2
         shape = optax.warmup_cosine_decay_schedule(
-            init_value=0.0,
-            peak_value=1.0,
-            warmup_steps=int(config.warmup_epochs * steps_per_epoch),
-            decay_steps=config.num_epochs * steps_per_epoch,
+            init_value=0.0, peak_value=1.0, warmup_steps=warmup_steps, decay_steps=total_steps
         )
     else:
         raise ValueError(f"unknown schedule {config.schedule!r}; choose one of {SCHEDULES}")
@@ -172,7 +182,15 @@ def example_loss(params: Any, apply_fn: Callable, example: Batch) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits, example["label"])
 
 
-def _train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+    """One optimizer step: ``(state, batch) -> (state, metric sums)``, pure.
+
+    ``batch`` holds ``image`` (uint8 NHWC), ``label`` (int) and ``mask``
+    (float). Metric sums: ``loss_sum``, ``correct`` and ``count``. With
+    ``state.clip_per_example`` the gradient is DP-SGD's clipped, noised mean
+    of per-example gradients, with noise from ``fold_in(state.key, state.step)``.
+    ``build_train`` compiles it; it also works under ``jax.jit`` and ``jax.vmap``.
+    """
     if state.clip_per_example:
         _, metrics = loss_and_metrics(state.params, state.apply_fn, batch)
         examples = {"image": batch["image"], "label": batch["label"]}
@@ -193,85 +211,19 @@ def _train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
     return state.apply_gradients(grads=grads), metrics
 
 
-train_step = jax.jit(_train_step, donate_argnums=0)
-train_step.__doc__ = """One optimizer step: ``(state, batch) -> (state, metric sums)``.
-
-``batch`` holds ``image`` (uint8 NHWC), ``label`` (int) and ``mask`` (float);
-``state`` is donated. Metric sums: ``loss_sum``, ``correct`` and ``count``.
-With ``state.clip_per_example`` the gradient is DP-SGD's clipped, noised mean
-of per-example gradients.
-"""
-
-# How a scan step treats the state and the batch: one model; a population
+# How a step treats the state and the batch: one model; a population
 # (stacked states) sharing each batch; a population with a batch per member
 # (images and labels ``(K, B, ...)``, the mask shared).
 STEP_FNS = {
-    "single": _train_step,
-    "shared": jax.vmap(_train_step, in_axes=(0, None)),
-    "independent": jax.vmap(_train_step, in_axes=(0, {"image": 0, "label": 0, "mask": None})),
+    "single": train_step,
+    "shared": jax.vmap(train_step, in_axes=(0, None)),
+    "independent": jax.vmap(train_step, in_axes=(0, {"image": 0, "label": 0, "mask": None})),
 }
+LOOPS = ("compiled", "per_step")
 
 
-def epoch_plan(
-    key: jax.Array,
-    epoch: int,
-    shard_sizes: int | Sequence[int],
-    batch_size: int,
-    steps_per_dispatch: int,
-) -> tuple[np.ndarray, np.ndarray]:
-    """The epoch's example order as ``(dispatches, steps_per_dispatch, batch)``.
-
-    The examples are ``len(shard_sizes)`` contiguous shards (an int is one
-    shard); shard ``s`` fills batch columns ``[s * b, (s + 1) * b)`` with
-    ``b = batch_size / len(shard_sizes)``, in a permutation drawn from
-    ``fold_in(key, epoch)`` (one shard) or ``fold_in(fold_in(key, epoch), s)``.
-    See ``sharding`` for why.
-
-    Returns:
-      ``(indices, mask)``: indices into the concatenated shards, padded with
-      each shard's first index and mask 0 up to whole batches and whole
-      dispatches. Steps whose mask is all zero are skipped.
-    """
-    sizes = _shard_list(shard_sizes)
-    per_shard = batch_size // len(sizes)
-    steps = steps_per_epoch(sizes, batch_size)
-    steps = -(-steps // steps_per_dispatch) * steps_per_dispatch
-    epoch_key = jax.random.fold_in(key, epoch)
-    indices = np.zeros((len(sizes), steps * per_shard), np.int32)
-    mask = np.zeros((len(sizes), steps * per_shard), np.float32)
-    for s, (start, size) in enumerate(zip(np.cumsum([0, *sizes]), sizes)):
-        shard_key = epoch_key if len(sizes) == 1 else jax.random.fold_in(epoch_key, s)
-        indices[s] = start
-        indices[s, :size] += np.asarray(jax.random.permutation(shard_key, size))
-        mask[s, :size] = 1.0
-    shape = (steps // steps_per_dispatch, steps_per_dispatch, batch_size)
-
-    def batches(x):  # (shard, step * per_shard) -> (dispatch, step, shard * per_shard)
-        x = x.reshape(len(sizes), steps, per_shard).transpose(1, 0, 2)
-        return x.reshape(shape)
-
-    return batches(indices), batches(mask)
-
-
-def _shard_list(shard_sizes: int | Sequence[int]) -> list[int]:
-    """Shard sizes as a list; an int is one shard."""
-    return [shard_sizes] if isinstance(shard_sizes, int) else list(shard_sizes)
-
-
-def steps_per_epoch(shard_sizes: int | Sequence[int], batch_size: int) -> int:
-    """Steps for every example of the largest shard (see ``epoch_plan``)."""
-    sizes = _shard_list(shard_sizes)
-    return -(-max(sizes) // (batch_size // len(sizes)))
-
-
-def gather_batches(
-    images: np.ndarray, labels: np.ndarray, indices: np.ndarray, mask: np.ndarray
-) -> Batch:
-    """One dispatch's batches, gathered on the host: ``(steps, [K,] batch, ...)``."""
-    return {"image": images[indices], "label": labels[indices], "mask": mask}
-
-
-def _train_steps(state: TrainState, batches: Batch, mode: str = "single"):
+def _scan_steps(state: TrainState, batches: Batch, mode: str):
+    """``batches["mask"].shape[0]`` steps in one program; all-masked steps are skipped."""
     step_fn = STEP_FNS[mode]
 
     def skip(state, batch):
@@ -289,38 +241,107 @@ def _train_steps(state: TrainState, batches: Batch, mode: str = "single"):
     return state, sums
 
 
-train_steps = jax.jit(_train_steps, donate_argnums=0, static_argnames="mode")
-train_steps.__doc__ = """Runs ``batches["mask"].shape[0]`` train steps in one XLA program.
+def build_train(
+    state: TrainState,
+    mesh: Mesh,
+    *,
+    loop: str,
+    mode: str,
+    steps: int,
+    batch_size: int,
+    image_shape: tuple[int, ...],
+    image_dtype: Any = np.uint8,
+) -> TrainProgram:
+    """Compiles training for ``steps`` steps a call: the one way any code trains.
 
-Args:
-  state: the train state (donated); stacked for a population.
-  batches: ``gather_batches`` of a dispatch: ``image`` ``(steps, batch, ...)``,
-    ``label`` ``(steps, batch)``, ``mask`` ``(steps, batch)``; all-masked
-    steps leave the state untouched. With ``mode="independent"``, images and
-    labels are ``(steps, K, batch, ...)``: one order per member.
-  mode: a key of ``STEP_FNS``.
+    The state is replicated over ``mesh`` and donated; each batch is split
+    along its batch axis over the mesh, so XLA averages the gradient across
+    devices. ``loop="compiled"`` runs the steps in one XLA program
+    (``lax.scan``); ``loop="per_step"`` calls one compiled step per batch
+    from Python, skipping all-masked steps.
 
-Returns:
-  The new state and the metric sums over all steps (``(K,)`` each for a
-  population), plus ``first_nonfinite_step``: the first step (within this
-  call) whose loss is NaN or Inf, or -1.
-"""
+    Args:
+      state: a ``TrainState`` (stacked for a population) sharded like the
+        states it will be called with.
+      mesh: the device mesh (``sharding.data_mesh``).
+      loop: one of ``LOOPS``.
+      mode: a key of ``STEP_FNS``.
+      steps: steps per call.
+      batch_size: the global batch size (all processes together).
+      image_shape, image_dtype: one example's image.
 
-
-def sharded_step(mode: str, replicated: Any, batch_shardings: Any, *, scan: bool) -> Callable:
-    """``train_steps`` (``scan``) or one step for ``mode``, jitted with explicit shardings.
-
-    The state and the metrics are ``replicated``; the batch follows
-    ``batch_shardings`` (split along its batch axis), so XLA averages the
-    gradient across devices.
+    Returns:
+      A ``TrainProgram``: ``program(state, batches) -> (state, metric sums)``,
+      where ``batches`` are this process's columns of one call's batches
+      (``batching.TrainData.batches``): ``image`` ``(steps, [K,] b, H, W, C)``,
+      ``label`` ``(steps, [K,] b)``, ``mask`` ``(steps, b)``, with
+      ``b = batch_size / process count`` and ``K`` members for
+      ``mode="independent"``. The sums are host numpy
+      arrays (``(K,)`` each for a population), plus ``first_nonfinite_step``:
+      the first step of the call whose loss is NaN or Inf, or -1.
     """
-    fn = functools.partial(_train_steps, mode=mode) if scan else STEP_FNS[mode]
-    return jax.jit(
+    if loop not in LOOPS:
+        raise ValueError(f"unknown loop {loop!r}; choose one of {LOOPS}")
+    members = jax.tree.leaves(state.step)[0].shape[:1] if mode == "independent" else ()
+    lead_shape = (steps, *members, batch_size)
+    if loop == "per_step":
+        lead_shape = lead_shape[1:]
+    batch_axis = len(lead_shape) - 1
+    shardings = {
+        "image": sharding.batch_sharding(mesh, batch_axis),
+        "label": sharding.batch_sharding(mesh, batch_axis),
+        "mask": sharding.batch_sharding(mesh, batch_axis - len(members)),
+    }
+    mask_shape = lead_shape[: -1 - len(members)] + lead_shape[-1:]
+    abstract = {
+        "image": jax.ShapeDtypeStruct(
+            lead_shape + tuple(image_shape), image_dtype, sharding=shardings["image"]
+        ),
+        "label": jax.ShapeDtypeStruct(lead_shape, np.int32, sharding=shardings["label"]),
+        "mask": jax.ShapeDtypeStruct(mask_shape, np.float32, sharding=shardings["mask"]),
+    }
+    fn = functools.partial(_scan_steps, mode=mode) if loop == "compiled" else STEP_FNS[mode]
+    replicated = sharding.replicated(mesh)
+    compiled = jax.jit(
         fn,
-        in_shardings=(replicated, batch_shardings),
+        in_shardings=(replicated, shardings),
         out_shardings=(replicated, replicated),
         donate_argnums=0,
     )
+    return TrainProgram(compiled.lower(state, abstract).compile(), shardings, loop)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainProgram:
+    """What ``build_train`` compiled: call it as ``program(state, batches)``.
+
+    ``compiled`` is the XLA executable (one step, or a dispatch's scan), for
+    its memory analysis and HLO text.
+    """
+
+    compiled: jax.stages.Compiled
+    shardings: dict[str, jax.sharding.NamedSharding]
+    loop: str
+
+    def __call__(
+        self, state: TrainState, batches: dict[str, np.ndarray]
+    ) -> tuple[TrainState, dict[str, np.ndarray]]:
+        if self.loop == "compiled":
+            state, sums = self.compiled(state, self._on_devices(batches))
+            return state, jax.device_get(sums)
+        totals, first_nonfinite = None, -1
+        for t in np.flatnonzero(np.any(batches["mask"] > 0, axis=-1)):
+            batch = self._on_devices({k: v[t] for k, v in batches.items()})
+            state, metrics = self.compiled(state, batch)
+            metrics = jax.device_get(metrics)
+            if first_nonfinite < 0 and not np.all(np.isfinite(metrics["loss_sum"])):
+                first_nonfinite = int(t)
+            totals = metrics if totals is None else jax.tree.map(np.add, totals, metrics)
+        return state, {**totals, "first_nonfinite_step": np.int32(first_nonfinite)}
+
+    def _on_devices(self, host_batch: dict[str, np.ndarray]) -> Batch:
+        """Each process's columns -> global arrays split over the mesh."""
+        return {k: sharding.global_array(v, self.shardings[k]) for k, v in host_batch.items()}
 
 
 @functools.partial(jax.jit, static_argnames="population")
@@ -373,33 +394,12 @@ def eval_batches(
     return jax.lax.scan(body, zeros, (images, labels, mask))[0]
 
 
-def eval_arrays(
-    images: np.ndarray, labels: np.ndarray, batch_size: int, num_batches: int = 0
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Pads a split to whole batches (at least ``num_batches``) for ``eval_batches``.
-
-    Returns:
-      ``(images, labels, mask)`` shaped ``(batches, batch_size, ...)``; the
-      padding has mask 0.
-    """
-    n = len(images)
-    pad = max(-(-n // batch_size), num_batches) * batch_size - n
-    images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])
-    labels = np.concatenate([labels, np.zeros(pad, labels.dtype)])
-    mask = np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)])
-    return (
-        images.reshape(-1, batch_size, *images.shape[1:]),
-        labels.reshape(-1, batch_size),
-        mask.reshape(-1, batch_size),
-    )
-
-
 def evaluate(
     state: TrainState,
     arrays: tuple[jax.Array, jax.Array, jax.Array],
     eval_fn: Callable = eval_batches,
 ) -> dict[str, Any]:
-    """Evaluates on every example of ``arrays`` (from ``eval_arrays``).
+    """Evaluates on every example of ``arrays`` (from ``batching.eval_arrays``).
 
     ``eval_fn`` may be a compiled ``eval_batches`` (``.lower(...).compile()``).
 

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cnnflat_jax import checkpoints, models
+from cnnflat_jax import checkpoints, models, sharding, train_lib
 from configs import smoke
 
 
@@ -131,3 +131,24 @@ def final_params(workdir, num_classes=3, members=0):
     if members:
         like = jax.tree.map(lambda x: jnp.zeros((members, *x.shape), x.dtype), like)
     return checkpoints.load_params(os.path.join(workdir, "final_params"), like)
+
+
+def step_program(state, batch_size, *, loop="per_step", steps=1):
+    """``build_train``'s program for one model on one device, on 8x8x1 images."""
+    return train_lib.build_train(
+        state, sharding.data_mesh(1), loop=loop, mode="single", steps=steps,
+        batch_size=batch_size, image_shape=(8, 8, 1),
+    )  # fmt: skip
+
+
+def one_step(program, state, batch):
+    """One batch through a one-step program: ``(state, metric sums)``."""
+    return program(state, {k: np.asarray(v)[None] for k, v in batch.items()})
+
+
+def assert_rounding_close(actual, expected, rel=1e-5):
+    """Equal up to float32 rounding: every difference within ``rel`` of the
+    largest magnitude in ``expected`` (logits of ~40 carry errors of ~1e-5)."""
+    expected = np.asarray(expected)
+    scale = max(float(np.abs(expected).max()), 1.0)
+    np.testing.assert_allclose(actual, expected, rtol=0, atol=rel * scale)

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import idx_config, write_idx_dataset
+from helpers import assert_rounding_close, idx_config, write_idx_dataset
 
 from cnnflat_jax import interop, models, ops, trainer
 
@@ -116,7 +116,7 @@ def test_keras_cnn_gives_the_same_logits(data_format, padding, pool, functional)
     assert ported.model["conv_features"] == (8, 16)
     assert ported.model["padding"] == padding.upper()
     logits = np.asarray(ported.apply(nhwc(images, data_format)))
-    np.testing.assert_allclose(logits, keras_logits(model, images), rtol=0, atol=1e-5)
+    assert_rounding_close(logits, keras_logits(model, images))
 
 
 def test_keras_channels_first_with_a_channels_last_flatten_is_reordered():
@@ -167,7 +167,7 @@ def test_load_keras_file(tmp_path):
     model.save(path)
     images = random_images((28, 28, 1))
     logits = interop.load_keras(path).apply(images)
-    np.testing.assert_allclose(logits, keras_logits(model, images), rtol=0, atol=1e-5)
+    assert_rounding_close(logits, keras_logits(model, images))
 
 
 def test_load_keras_missing_or_corrupt_file(tmp_path):
@@ -238,7 +238,7 @@ def test_torch_cnn_gives_the_same_logits(padding, pool):
     ported = interop.from_torch(module, input_chw=(1, 28, 28))
     assert ported.model["padding"] == ("SAME" if padding == 1 else "VALID")
     logits = np.asarray(ported.apply(images.transpose(0, 2, 3, 1)))
-    np.testing.assert_allclose(logits, torch_logits(module, images), rtol=0, atol=1e-5)
+    assert_rounding_close(logits, torch_logits(module, images))
 
 
 def test_torch_dense_without_the_flatten_permutation_is_wrong():
@@ -280,7 +280,7 @@ def test_traced_torch_module_gives_the_same_logits():
     ported = interop.from_torch(module, input_chw=(3, 32, 32))
     assert ported.model["kernel_size"] == 5 and ported.model["padding"] == "VALID"
     logits = np.asarray(ported.apply(images.transpose(0, 2, 3, 1)))
-    np.testing.assert_allclose(logits, torch_logits(module, images), rtol=0, atol=1e-5)
+    assert_rounding_close(logits, torch_logits(module, images))
 
 
 @pytest.mark.parametrize(
@@ -298,9 +298,7 @@ def test_ours_to_torch_and_back_is_exact(fields, input_hwc):
     module = interop.to_torch(ported)
     images = random_images(input_hwc)
     expected = np.asarray(ported.apply(images))
-    np.testing.assert_allclose(
-        torch_logits(module, images.transpose(0, 3, 1, 2)), expected, rtol=0, atol=1e-5
-    )
+    assert_rounding_close(torch_logits(module, images.transpose(0, 3, 1, 2)), expected)
     h, w, c = input_hwc
     back = interop.from_torch(module, input_chw=(c, h, w))
     assert back.model == {**models_defaults(fields), **fields}
@@ -321,7 +319,7 @@ def test_load_torch_state_dict_file(tmp_path):
     ported = interop.load_torch(path, description, input_chw=(1, 28, 28))
     images = random_images((1, 28, 28))
     logits = np.asarray(ported.apply(images.transpose(0, 2, 3, 1)))
-    np.testing.assert_allclose(logits, torch_logits(module, images), rtol=0, atol=1e-5)
+    assert_rounding_close(logits, torch_logits(module, images))
     with pytest.raises(interop.UnsupportedModelError, match=r"says conv_features=\(8, 32\)"):
         interop.load_torch(path, dict(description, conv_features=(8, 32)), input_chw=(1, 28, 28))
 

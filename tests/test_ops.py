@@ -131,19 +131,32 @@ def test_conv2d_one_input_channel_matches_reference_and_lax_gradients(
         np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-5)
 
 
-def test_conv2d_auto_on_cpu_is_lax_for_values_and_im2col_once_differentiated():
+def test_conv2d_hybrid_is_lax_for_values_and_im2col_once_differentiated():
     x, k = rand(2, 6, 6, 3), rand(3, 3, 3, 4)
+
+    def values(lowering):
+        return jax.jit(functools.partial(ops.conv2d, lowering=lowering))(x, k)
 
     def jvp_values(lowering):
         conv = functools.partial(ops.conv2d, lowering=lowering)
         return jax.jvp(conv, (x, k), (x, k))[0]
 
-    lax_values = jax.jit(functools.partial(ops.conv2d, lowering="lax"))(x, k)
-    # The two lowerings round differently here, so the checks can tell them apart.
-    assert not np.array_equal(lax_values, jvp_values("im2col"))
-    np.testing.assert_allclose(lax_values, jvp_values("im2col"), rtol=1e-5, atol=1e-5)
-    np.testing.assert_array_equal(jax.jit(ops.conv2d)(x, k), lax_values)
-    np.testing.assert_array_equal(jvp_values("auto"), jvp_values("im2col"))
+    np.testing.assert_allclose(values("lax"), jvp_values("im2col"), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(values("hybrid"), values("lax"))
+    np.testing.assert_array_equal(jvp_values("hybrid"), jvp_values("im2col"))
+
+
+def test_conv2d_auto_is_hybrid_on_cpu_and_lax_elsewhere():
+    x, k = rand(2, 6, 6, 3), rand(3, 3, 3, 4)
+    chosen = "hybrid" if jax.default_backend() == "cpu" else "lax"
+
+    def grad_of(lowering):
+        return jax.grad(lambda k: jnp.sum(ops.conv2d(x, k, lowering=lowering) ** 2))(k)
+
+    np.testing.assert_array_equal(
+        jax.jit(ops.conv2d)(x, k), jax.jit(functools.partial(ops.conv2d, lowering=chosen))(x, k)
+    )
+    np.testing.assert_array_equal(grad_of("auto"), grad_of(chosen))
 
 
 @pytest.mark.parametrize("in_axes", [(None, 0), (0, None), (0, 0)])

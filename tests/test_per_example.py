@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import one_step, step_program
 
 from cnnflat_jax import hardest, models, per_example, train_lib
 from configs import smoke
@@ -84,11 +85,16 @@ def dp_state(**per_example_fields):
     )  # fmt: skip
 
 
+def dp_step(state, batch):
+    """One compiled training step (DP-SGD when the state clips per example)."""
+    return one_step(step_program(state, len(batch["label"])), state, batch)
+
+
 def test_dp_step_without_effective_clipping_or_noise_equals_the_plain_step():
     _, _, batch = setup(8)
     batch["mask"] = np.ones(8, np.float32)
-    plain, _ = train_lib.train_step(dp_state(), batch)
-    private, metrics = train_lib.train_step(dp_state(clip_norm=1e9), batch)
+    plain, _ = dp_step(dp_state(), batch)
+    private, metrics = dp_step(dp_state(clip_norm=1e9), batch)
     assert float(metrics["count"]) == 8
     for a, b in zip(jax.tree.leaves(plain.params), jax.tree.leaves(private.params)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
@@ -97,15 +103,19 @@ def test_dp_step_without_effective_clipping_or_noise_equals_the_plain_step():
 def test_dp_noise_differs_per_step_and_is_reproducible():
     _, _, batch = setup(8)
     batch["mask"] = np.ones(8, np.float32)
-    runs = []
-    for _ in range(2):
-        state = dp_state(clip_norm=0.5, noise_multiplier=1.0)
-        state, _ = train_lib.train_step(state, batch)
-        first = jax.tree.map(np.asarray, state.params)
-        state, _ = train_lib.train_step(state, batch)
-        runs.append((first, state.params))
-    for a, b in zip(jax.tree.leaves(runs[0]), jax.tree.leaves(runs[1])):
-        np.testing.assert_array_equal(a, b)
+
+    def update(step, noise_multiplier):
+        """The parameter change of one step from the same start, at train step ``step``."""
+        state = dp_state(clip_norm=0.5, noise_multiplier=noise_multiplier)
+        start = jax.tree.map(np.asarray, state.params)
+        state, _ = dp_step(state.replace(step=jnp.int32(step)), batch)
+        return flat(jax.tree.map(lambda a, b: (np.asarray(a) - b)[None], state.params, start))
+
+    # Without noise the step counter changes nothing; with it, each step draws anew.
+    np.testing.assert_array_equal(update(0, 0.0), update(1, 0.0))
+    noisy = [update(step, 1.0) for step in (0, 1, 0)]
+    assert np.abs(noisy[0] - noisy[1]).max() > 1e-4
+    np.testing.assert_array_equal(noisy[0], noisy[2])  # The same step: the same noise.
 
 
 def test_hardest_report_lists_the_largest_gradient_norms(tmp_path):

@@ -3,12 +3,12 @@
 import json
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import idx_config, write_idx_dataset
+from helpers import final_params, idx_config, write_idx_dataset
 
-from cnnflat_jax import checkpoints, models, population, train_lib, trainer
+from cnnflat_jax import batching, models, population, train_lib, trainer
+from cnnflat_jax import config as config_lib
 from configs import smoke
 
 
@@ -16,15 +16,6 @@ def tiny_config(data_dir, **population_fields):
     config = idx_config(data_dir, optimizer="sgd")
     config.population.update(population_fields)
     return config
-
-
-def final_params(workdir, config, members=None):
-    fields = dict(config.model)
-    model = models.create_model(fields.pop("name"), 3, **fields)
-    like = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))["params"]
-    if members:
-        like = jax.tree.map(lambda x: jnp.stack([x] * members), like)
-    return checkpoints.load_params(workdir / "final_params", like)
 
 
 def assert_trees_close(a, b):
@@ -44,7 +35,7 @@ def test_member_k_trains_like_a_single_run_with_its_seed_and_hparams(tmp_path, i
     )  # fmt: skip
     config.seed = 0  # The shared data order is the seed-0 run's.
     trainer.train_and_evaluate(config, str(tmp_path / "population"))
-    stacked = final_params(tmp_path / "population", config, members=3)
+    stacked = final_params(tmp_path / "population", members=3)
     # With a shared order only the seed-0 member sees a single run's order.
     checked = range(3) if independent else [2]
     for k in checked:
@@ -52,7 +43,7 @@ def test_member_k_trains_like_a_single_run_with_its_seed_and_hparams(tmp_path, i
         single.seed, single.learning_rate, single.momentum = seeds[k], rates[k], momenta[k]
         trainer.train_and_evaluate(single, str(tmp_path / f"single{k}"))
         member = jax.tree.map(lambda x, k=k: x[k], stacked)
-        assert_trees_close(member, final_params(tmp_path / f"single{k}", single))
+        assert_trees_close(member, final_params(tmp_path / f"single{k}"))
 
 
 def test_metrics_have_a_line_per_member_and_the_ensemble(tmp_path):
@@ -83,7 +74,7 @@ def test_ensemble_scores_the_averaged_logits(tmp_path):
     rng = np.random.default_rng(0)
     images = rng.integers(0, 255, (45, 8, 8, 1), dtype=np.uint8)
     labels = rng.integers(0, 3, 45).astype(np.int32)
-    arrays = train_lib.eval_arrays(images, labels, 20)
+    arrays = batching.eval_arrays(images, labels, 20)
     result = train_lib.evaluate(
         state, arrays, lambda *a: train_lib.eval_batches(*a, population=True)
     )
@@ -101,8 +92,9 @@ def test_ensemble_scores_the_averaged_logits(tmp_path):
 def test_member_lists_must_match_the_size():
     config = smoke.get_config()
     config.population.update(size=3, learning_rates=(0.1, 0.2))
-    with pytest.raises(trainer.ConfigError, match=r"population.learning_rates has 2 values"):
-        trainer.check_config(config)
+    message = r"config.population.learning_rates=\(0.1,0.2\): 2 values for population.size=3"
+    with pytest.raises(config_lib.ConfigError, match=message):
+        config_lib.check(config)
 
 
 def test_members_default_to_consecutive_seeds_and_config_values():

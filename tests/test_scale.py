@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from helpers import final_params, idx_config, idx_flags, write_idx_dataset
 
+from cnnflat_jax import config as config_lib
 from cnnflat_jax import trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,16 +55,22 @@ def test_a_sharded_population_matches_one_device(tmp_path):
 @pytest.mark.parametrize(
     "overrides,message",
     [
-        (dict(batch_size=12), r"config.batch_size=12 is not divisible by the 8 devices"),
-        (dict(eval_batch_size=10), r"config.eval_batch_size=10 is not divisible by the 8"),
-        (dict(data_shards=3), r"config.batch_size=16 is not divisible by the 3 data shards"),
-        (dict(num_devices=16), r"config.num_devices=16, but only 8 exist"),
-        (dict(validation_examples=3, data_shards=2), r"validation_examples=3 is not divisible"),
+        (dict(batch_size=12), r"config.batch_size=12: does not split over the 8 device\(s\)"),
+        (dict(eval_batch_size=10), r"config.eval_batch_size=10: does not split over the 8"),
+        (
+            dict(data_shards=3),
+            r"config.batch_size=16: .* and 3 data shard\(s\); allowed: a multiple of 24",
+        ),
+        (dict(num_devices=16), r"config.num_devices=16: only 8 device\(s\) exist"),
+        (
+            dict(validation_examples=3, data_shards=2),
+            r"config.validation_examples=3: does not split",
+        ),
     ],
 )
 def test_batches_that_do_not_split_evenly_are_clear_errors(tmp_path, overrides, message):
     data = write_idx_dataset(tmp_path / "data")
-    with pytest.raises(trainer.ConfigError, match=message):
+    with pytest.raises(config_lib.ConfigError, match=message):
         trainer.train_and_evaluate(idx_config(data, **overrides), str(tmp_path / "run"))
 
 

@@ -4,11 +4,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import idx_config, write_idx_dataset
+from helpers import idx_config, one_step, step_program, write_idx_dataset
 
-from cnnflat_jax import checkpoints, models, train_lib, trainer
-from configs import cifar10, default, fast, mnist, smoke, tpu
-from configs import population as population_config
+from cnnflat_jax import batching, checkpoints, models, train_lib, trainer
+from cnnflat_jax.train_lib import LOOPS
+from configs import smoke
 
 
 def small_state(optimizer="adam", num_classes=3, seed=0, shape=(8, 8, 1), **per_example):
@@ -38,13 +38,20 @@ def full_batch(images, labels):
     return {"image": images, "label": labels, "mask": np.ones(len(labels), np.float32)}
 
 
+def step_once(batch, **state_fields):
+    """A fresh ``small_state`` after one compiled step on ``batch``."""
+    state = small_state(**state_fields)
+    return one_step(step_program(state, len(batch["label"])), state, batch)
+
+
 @pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])
 def test_a_fixed_batch_is_overfit(optimizer):
     state = small_state(optimizer)
     batch = full_batch(*toy_data(32))
+    program = step_program(state, 32)
     losses = []
     for _ in range(60):
-        state, metrics = train_lib.train_step(state, batch)
+        state, metrics = one_step(program, state, batch)
         losses.append(float(metrics["loss_sum"] / metrics["count"]))
     assert losses[-1] < 0.2 * losses[0]
     assert losses[-1] < 0.1
@@ -58,86 +65,84 @@ def test_masked_examples_do_not_change_the_step():
         "label": np.concatenate([labels, np.zeros_like(labels)]),
         "mask": np.concatenate([np.ones(16, np.float32), np.zeros(16, np.float32)]),
     }
-    state_a, metrics_a = train_lib.train_step(small_state(), full_batch(images, labels))
-    state_b, metrics_b = train_lib.train_step(small_state(), padded)
+    state_a, metrics_a = step_once(full_batch(images, labels))
+    state_b, metrics_b = step_once(padded)
     assert float(metrics_b["count"]) == 16
     np.testing.assert_allclose(metrics_a["loss_sum"], metrics_b["loss_sum"], rtol=1e-6)
     for a, b in zip(jax.tree.leaves(state_a.params), jax.tree.leaves(state_b.params)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
-def test_train_step_does_not_retrace():
+def test_jitted_train_step_does_not_retrace():
     # A model no other test uses, so its first call is the only compilation.
     state = small_state(num_classes=7)
     batch = full_batch(*toy_data(8, num_classes=7))
-    before = train_lib.train_step._cache_size()
+    step = jax.jit(train_lib.train_step)
     for _ in range(3):
-        state, _ = train_lib.train_step(state, batch)
-    assert train_lib.train_step._cache_size() == before + 1
+        state, _ = step(state, batch)
+    assert step._cache_size() == 1
 
 
-def test_jit_equals_eager():
+def test_a_built_program_refuses_a_batch_of_another_shape():
+    state = small_state()
+    program = step_program(state, 16)
+    with pytest.raises(
+        TypeError, match=r"compiled with uint8\[16,8,8,1\] and called with uint8\[8,8,8,1\]"
+    ):
+        one_step(program, state, full_batch(*toy_data(8)))
+
+
+def test_compiled_program_equals_eager_step():
     batch = full_batch(*toy_data(16))
-    jitted_state, jitted = train_lib.train_step(small_state(), batch)
+    compiled_state, compiled = step_once(batch)
     with jax.disable_jit():
         eager_state, eager = train_lib.train_step(small_state(), batch)
-    np.testing.assert_allclose(jitted["loss_sum"], eager["loss_sum"], rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(jitted_state.params), jax.tree.leaves(eager_state.params)):
+    np.testing.assert_allclose(compiled["loss_sum"], eager["loss_sum"], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(compiled_state.params), jax.tree.leaves(eager_state.params)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
-
-
-def test_epoch_plan_covers_every_example_once_including_the_last_partial_batch():
-    indices, mask = train_lib.epoch_plan(jax.random.key(0), 3, 300, 128, 2)
-    assert indices.shape == mask.shape == (2, 2, 128)
-    used = indices[mask > 0]
-    assert sorted(used.tolist()) == list(range(300))
-    assert int((mask.reshape(-1, 128).sum(axis=1) > 0).sum()) == 3  # ceil(300 / 128) steps
-    assert mask.reshape(-1, 128).sum(axis=1).tolist() == [128, 128, 44, 0]
-    other_epoch, _ = train_lib.epoch_plan(jax.random.key(0), 4, 300, 128, 2)
-    assert not np.array_equal(indices, other_epoch)
-
-
-def test_epoch_plan_over_shards_draws_each_batch_evenly_from_every_shard():
-    sizes = [7, 6, 7]  # Shards of 20 examples: [0, 7), [7, 13), [13, 20).
-    indices, mask = train_lib.epoch_plan(jax.random.key(0), 1, sizes, 6, 2)
-    assert indices.shape == mask.shape == (2, 2, 6)  # ceil(7 / 2) = 4 steps, 2 per dispatch.
-    steps_i, steps_m = indices.reshape(-1, 6), mask.reshape(-1, 6)
-    for s, (start, stop) in enumerate([(0, 7), (7, 13), (13, 20)]):
-        columns_i, columns_m = steps_i[:, 2 * s : 2 * s + 2], steps_m[:, 2 * s : 2 * s + 2]
-        assert sorted(columns_i[columns_m > 0].tolist()) == list(range(start, stop))
-        assert np.all((columns_i >= start) & (columns_i < stop))  # Padding stays in the shard.
-    assert train_lib.steps_per_epoch(sizes, 6) == 4
 
 
 def test_compiled_loop_equals_per_step_loop():
     images, labels = toy_data(70)
-    indices, mask = train_lib.epoch_plan(jax.random.key(0), 1, 70, 16, 3)  # 5 steps, 6 slots
-    state = small_state()
-    per_step = jax.tree.map(jnp.copy, state)
-    state, metrics = train_lib.train_steps(
-        state, train_lib.gather_batches(images, labels, indices[0], mask[0])
+    indices, mask = batching.epoch_plan(jax.random.key(0), 1, 70, 16, 3)  # 5 steps, 6 slots
+    states = {loop: small_state() for loop in LOOPS}
+    programs = {loop: step_program(states[loop], 16, loop=loop, steps=3) for loop in LOOPS}
+    totals = {}
+    for loop, program in programs.items():
+        for plan in zip(indices, mask):
+            batches = batching.gather_batches(images, labels, *plan)
+            states[loop], sums = program(states[loop], batches)
+            assert int(sums.pop("first_nonfinite_step")) == -1
+            totals[loop] = sums if loop not in totals else jax.tree.map(np.add, totals[loop], sums)
+    assert int(states["compiled"].step) == int(states["per_step"].step) == 5
+    assert float(totals["compiled"]["count"]) == float(totals["per_step"]["count"]) == 70
+    np.testing.assert_allclose(
+        totals["compiled"]["loss_sum"], totals["per_step"]["loss_sum"], rtol=1e-5
     )
-    state, more = train_lib.train_steps(
-        state, train_lib.gather_batches(images, labels, indices[1], mask[1])
-    )
-    assert int(metrics.pop("first_nonfinite_step")) == int(more.pop("first_nonfinite_step")) == -1
-    total = jax.tree.map(lambda a, b: a + b, metrics, more)
-    steps = 0
-    for plan in zip(indices, mask):
-        batches = train_lib.gather_batches(images, labels, *plan)
-        for t in np.flatnonzero(plan[1].any(axis=1)):
-            per_step, _ = train_lib.train_step(per_step, {k: v[t] for k, v in batches.items()})
-            steps += 1
-    assert steps == int(state.step) == int(per_step.step) == 5
-    assert float(total["count"]) == 70
-    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(per_step.params)):
+    for a, b in zip(
+        jax.tree.leaves(states["compiled"].params), jax.tree.leaves(states["per_step"].params)
+    ):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_both_loops_report_the_first_nonfinite_step(loop):
+    images, labels = toy_data(48)
+    images[20:32] = 255  # Step 1 of 3 (batch 16): made to diverge by a huge learning rate.
+    state = small_state("sgd")
+    state = state.replace(hparams={**state.hparams, "learning_rate": jnp.float32(1e30)})
+    batches = batching.gather_batches(
+        images, labels, np.arange(48).reshape(3, 16), np.ones((3, 16), np.float32)
+    )
+    _, sums = step_program(state, 16, loop=loop, steps=3)(state, batches)
+    assert 0 <= int(sums["first_nonfinite_step"]) <= 2
+    assert not np.isfinite(sums["loss_sum"])
 
 
 def test_evaluate_counts_every_example_and_matches_numpy():
     images, labels = toy_data(103)
     state = small_state()
-    result = train_lib.evaluate(state, train_lib.eval_arrays(images, labels, 25))
+    result = train_lib.evaluate(state, batching.eval_arrays(images, labels, 25))
     logits = np.asarray(state.apply_fn({"params": state.params}, images / np.float32(255)))
     predicted = logits.argmax(axis=1)
     confusion = np.zeros((3, 3), int)
@@ -183,36 +188,3 @@ def test_train_and_evaluate_learns_tiny_idx_data_in_both_loops(tmp_path):
     assert results["compiled"]["train_loss"] == pytest.approx(
         results["per_step"]["train_loss"], rel=1e-4
     )
-
-
-@pytest.mark.parametrize(
-    "key,value,message",
-    [
-        ("optimizer", "lamb", r"config.optimizer='lamb'; choose one of"),
-        ("loop", "python", r"config.loop='python'"),
-        ("batch_size", 0, r"config.batch_size must be an int >= 1"),
-        ("data_source", "web", r"config.data_source='web'"),
-        ("warmup_epochs", 1.0, r"config.warmup_epochs=1.0 must be >= 0 and less than "),
-    ],
-)
-def test_check_config_names_the_bad_value(key, value, message):
-    config = smoke.get_config()
-    config[key] = value
-    with pytest.raises(trainer.ConfigError, match=message):
-        trainer.check_config(config)
-
-
-def test_check_config_rejects_unknown_keys_and_model_fields():
-    config = smoke.get_config()
-    config.lerning_rate = 0.1
-    with pytest.raises(trainer.ConfigError, match=r"unknown config key\(s\) \['lerning_rate'\]"):
-        trainer.check_config(config)
-    config = smoke.get_config()
-    config.model.dropout = 0.5
-    with pytest.raises(trainer.ConfigError, match=r"config.model: .*\['dropout'\]"):
-        trainer.check_config(config)
-
-
-@pytest.mark.parametrize("module", [default, fast, mnist, cifar10, population_config, smoke, tpu])
-def test_every_shipped_config_is_valid(module):
-    trainer.check_config(module.get_config())

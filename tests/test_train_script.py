@@ -70,7 +70,10 @@ def test_missing_data_fails_with_a_clear_message_and_writes_nothing(tmp_path):
 def test_invalid_config_value_fails_before_any_work(tmp_path):
     result = train(tmp_path, "--config.optimizer=lamb")
     assert result.returncode == 1
-    assert "error: config.optimizer='lamb'; choose one of ('sgd', 'adam', 'adamw')" in result.stderr
+    assert "error: config.optimizer=lamb: not a known choice; allowed: sgd, adam, adamw" in (
+        result.stderr
+    )
+    assert not tmp_path.joinpath("metrics.jsonl").exists()
 
 
 def test_population_from_the_command_line(tmp_path):

@@ -1,0 +1,429 @@
+"""The config schema: every field's type, range and choices, checked when a run starts.
+
+The set of fields is ``configs/default.py``'s; ``RULES`` says what each may
+hold, and ``config.model``'s fields are the chosen model's own. A bad value
+raises ``ConfigError``, whose message is one line::
+
+    config.FIELD=VALUE: why; allowed: what would be accepted
+
+``check`` runs before any data is read; ``check_data`` right after the data
+loads, for the limits that depend on it (image size, training-set size).
+``one_line_errors`` turns a config file that fails to load, or an unknown
+``--config.FIELD``, into one ``error:`` line as well.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import re
+import sys
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import jax
+import ml_collections
+from absl import flags
+
+from cnnflat_jax import input_pipeline, models, ops, population, train_lib
+
+
+class ConfigError(ValueError):
+    """A config with an unknown field or a value outside its rule."""
+
+    def __init__(self, field: str, value: Any, why: str, allowed: str):
+        super().__init__(f"config.{field}={show(value)}: {why}; allowed: {allowed}")
+
+
+def show(value: Any) -> str:
+    """A value as it is written on the command line (``--config.FIELD=VALUE``)."""
+    if isinstance(value, (list, tuple)):
+        return "(" + ",".join(show(v) for v in value) + ("," if len(value) == 1 else "") + ")"
+    return str(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """What a field may hold: ``allowed`` in words, ``why(value)`` the fault or None."""
+
+    allowed: str
+    why: Callable[[Any], str | None]
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _bounds(low, high, low_open=False, high_open=False) -> str:
+    if low is not None and high is not None:
+        return f" in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    if low is not None:
+        return f" {'>' if low_open else '>='} {low}"
+    return ""
+
+
+def integer(low: int | None = None, high: int | None = None) -> Rule:
+    def why(value):
+        if not _is_int(value):
+            return "not an int"
+        if low is not None and value < low:
+            return f"less than {low}"
+        if high is not None and value > high:
+            return f"greater than {high}"
+        return None
+
+    return Rule("an int" + _bounds(low, high), why)
+
+
+def number(low=None, high=None, *, low_open=False, high_open=False) -> Rule:
+    """A finite float (or int) within the bounds; ``*_open`` excludes the bound."""
+
+    def why(value):
+        if not _is_number(value):
+            return "not a number"
+        if not math.isfinite(value):
+            return "not finite"
+        if low is not None and (value <= low if low_open else value < low):
+            return f"{'not greater than' if low_open else 'less than'} {low}"
+        if high is not None and (value >= high if high_open else value > high):
+            return f"{'not less than' if high_open else 'greater than'} {high}"
+        return None
+
+    return Rule("a finite number" + _bounds(low, high, low_open, high_open), why)
+
+
+def choice(*options: str) -> Rule:
+    return Rule(", ".join(options), lambda v: None if v in options else "not a known choice")
+
+
+def boolean() -> Rule:
+    return Rule("True or False", lambda v: None if isinstance(v, bool) else "not a bool")
+
+
+def directory() -> Rule:
+    """A directory path, or "" for the default: anything but an existing file."""
+
+    def why(value):
+        if not isinstance(value, str):
+            return "not a string"
+        if value and os.path.exists(value) and not os.path.isdir(value):
+            return "a file, not a directory"
+        return None
+
+    return Rule('a directory path, or "" for the default', why)
+
+
+def name() -> Rule:
+    return Rule(
+        "a non-empty string",
+        lambda v: None if isinstance(v, str) and v else "not a non-empty string",
+    )
+
+
+def sequence(item: Rule, *, non_empty: bool = False) -> Rule:
+    """A tuple (or list) whose every item follows ``item``."""
+
+    def why(value):
+        if not isinstance(value, (tuple, list)):
+            return "not a tuple"
+        if non_empty and not value:
+            return "empty"
+        for i, v in enumerate(value):
+            fault = item.why(v)
+            if fault:
+                return f"item {i} ({show(v)}) is {fault}"
+        return None
+
+    many = "a non-empty tuple" if non_empty else "a tuple"
+    return Rule(f"{many} of items each {item.allowed}", why)
+
+
+# The top-level fields, and those of the population and per_example groups.
+RULES: dict[str, Rule] = {
+    "dataset": name(),
+    "data_source": choice(*input_pipeline.SOURCES),
+    "data_dir": directory(),
+    "idx_dir": directory(),
+    "num_train_examples": integer(0),
+    "num_test_examples": integer(0),
+    "validation_examples": integer(0),
+    "permute_pixels": boolean(),
+    "optimizer": choice(*train_lib.OPTIMIZERS),
+    "learning_rate": number(0, low_open=True),
+    "momentum": number(0, 1, high_open=True),
+    "weight_decay": number(0),
+    "schedule": choice(*train_lib.SCHEDULES),
+    "warmup_epochs": number(0),
+    "batch_size": integer(1),
+    "eval_batch_size": integer(1),
+    "num_epochs": integer(1),
+    "seed": integer(-(2**63), 2**63 - 1),
+    "num_devices": integer(0),
+    "data_shards": integer(0),
+    "checkpoint_every_steps": integer(1),
+    "checkpoints_to_keep": integer(1),
+    "loop": choice(*train_lib.LOOPS),
+    "steps_per_dispatch": integer(1),
+    "progress_bar": boolean(),
+    "stop_at_test_accuracy": number(0, 1),
+    "population.size": integer(1),
+    "population.seeds": sequence(integer(-(2**63), 2**63 - 1)),
+    "population.learning_rates": sequence(number(0, low_open=True)),
+    "population.weight_decays": sequence(number(0)),
+    "population.momenta": sequence(number(0, 1, high_open=True)),
+    "population.independent_data_order": boolean(),
+    "per_example.clip_norm": number(0),
+    "per_example.noise_multiplier": number(0),
+    "per_example.report_hardest": integer(0),
+    "per_example.report_scan_examples": integer(1),
+}
+
+# config.model's fields; which of them a model takes is its class's business.
+MODEL_RULES: dict[str, Rule] = {
+    "name": choice(*models.MODELS),
+    "conv_features": sequence(integer(1), non_empty=True),
+    "kernel_size": integer(1),
+    "padding": choice(*models.PADDINGS),
+    "pool": choice(*models.POOL_KINDS),
+    "pool_window": integer(1),
+    "dense_features": sequence(integer(1)),
+    "permute_flat": boolean(),
+    "conv_lowering": choice(*ops.CONV_LOWERINGS),
+}
+
+
+def _is_group(value: Any) -> bool:
+    return isinstance(value, (Mapping, ml_collections.ConfigDict))
+
+
+def _flat(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"population.size": 1, ...}``: the leaves of a nested config (model excluded)."""
+    leaves = {}
+    for key, value in config.items():
+        if prefix + key == "model":
+            continue
+        if _is_group(value):
+            leaves.update(_flat(value, f"{prefix}{key}."))
+        else:
+            leaves[prefix + key] = value
+    return leaves
+
+
+def default_fields() -> dict[str, Any]:
+    """The fields of ``configs/default.py`` and their default values."""
+    from configs import default
+
+    return _flat(default.get_config())
+
+
+def check(config: ml_collections.ConfigDict) -> None:
+    """Raises ``ConfigError`` for the first unknown, missing or invalid field.
+
+    Checks each field against its rule, then the rules that tie fields
+    together (list lengths, divisibility by the devices and data shards).
+    """
+    fields = _flat(config)
+    known = default_fields()
+    for key in fields.keys() - known.keys():
+        raise ConfigError(key, fields[key], "unknown field", ", ".join(sorted(known)))
+    for key in known.keys() - fields.keys():
+        raise ConfigError(key, "", "missing field", "a value like the default " + show(known[key]))
+    if not _is_group(config.get("model")):
+        raise ConfigError("model", config.get("model"), "not a group of fields", "a ConfigDict")
+    for key, rule in RULES.items():
+        _check_rule(key, fields[key], rule)
+    _check_model(config.model)
+    _check_population(config)
+    _check_devices(config)
+
+
+def _check_rule(key: str, value: Any, rule: Rule) -> None:
+    fault = rule.why(value)
+    if fault:
+        raise ConfigError(key, value, fault, rule.allowed)
+
+
+def _check_model(model: Mapping[str, Any]) -> None:
+    _check_rule("model.name", model.get("name"), MODEL_RULES["name"])
+    cls = models.MODELS[model["name"]]
+    takes = set(cls.__dataclass_fields__) - {"parent", "name", "num_classes"}
+    for key, value in model.items():
+        if key != "name" and key not in takes:
+            raise ConfigError(
+                f"model.{key}", value, f"not a field of model {model['name']!r}",
+                ", ".join(sorted(takes)),
+            )  # fmt: skip
+        _check_rule(f"model.{key}", value, MODEL_RULES[key])
+
+
+def _check_population(config: ml_collections.ConfigDict) -> None:
+    size = config.population.size
+    for list_name in population.MEMBER_LISTS:
+        values = config.population[list_name]
+        if len(values) not in (0, size):
+            raise ConfigError(
+                f"population.{list_name}", values,
+                f"{len(values)} values for population.size={size}",
+                f"{size} value(s), one per member, or none",
+            )  # fmt: skip
+    if config.population.seeds and len(set(config.population.seeds)) < size:
+        raise ConfigError(
+            "population.seeds", config.population.seeds, "a seed repeats", "distinct seeds"
+        )
+
+
+def _check_devices(config: ml_collections.ConfigDict) -> None:
+    """Limits that depend on this run's devices and processes."""
+    devices, processes = jax.device_count(), jax.process_count()
+    if config.num_devices > devices:
+        raise ConfigError(
+            "num_devices", config.num_devices, f"only {devices} device(s) exist",
+            f"0 (all) to {devices}",
+        )  # fmt: skip
+    if processes > 1 and config.num_devices not in (0, devices):
+        raise ConfigError(
+            "num_devices", config.num_devices, "a multi-process run uses every device", "0"
+        )
+    data_shards = config.data_shards or processes
+    if data_shards % processes:
+        raise ConfigError(
+            "data_shards", config.data_shards,
+            f"not a multiple of the {processes} processes", f"a multiple of {processes}",
+        )  # fmt: skip
+    num_devices = config.num_devices or devices
+    for key, shards in (("batch_size", data_shards), ("eval_batch_size", processes)):
+        multiple = math.lcm(num_devices, shards)
+        if config[key] % multiple:
+            raise ConfigError(
+                key, config[key],
+                f"does not split over the {num_devices} device(s) and {shards} data shard(s)",
+                f"a multiple of {multiple}",
+            )  # fmt: skip
+    if config.per_example.report_hardest and processes > 1:
+        raise ConfigError(
+            "per_example.report_hardest", config.per_example.report_hardest,
+            "the hardest-examples report runs on one process only", "0 in a multi-process run",
+        )  # fmt: skip
+
+
+def check_data(
+    config: ml_collections.ConfigDict, image_shape: tuple[int, ...], train_total: int
+) -> None:
+    """Raises ``ConfigError`` for limits set by the data: the split and the model's sizes."""
+    data_shards = config.data_shards or jax.process_count()
+    held = config.validation_examples
+    if held % data_shards:
+        raise ConfigError(
+            "validation_examples", held, f"does not split over the {data_shards} data shards",
+            f"a multiple of {data_shards}",
+        )  # fmt: skip
+    if train_total // data_shards - held // data_shards < 1:
+        raise ConfigError(
+            "validation_examples", held,
+            f"leaves no training examples (the training set has {train_total})",
+            f"0 to {train_total - data_shards}",
+        )  # fmt: skip
+    if config.model.name == "cnn":
+        _check_cnn_sizes(config.model, image_shape)
+
+
+def _check_cnn_sizes(model: Mapping[str, Any], image_shape: tuple[int, ...]) -> None:
+    """Every conv kernel and pooling window must fit the map it slides over."""
+    fields = {**models.CNN.__dataclass_fields__, **model}
+
+    def value(key):
+        field = fields[key]
+        return field.default if isinstance(field, dataclasses.Field) else field
+
+    kernel, window, pool, padding = (
+        value(key) for key in ("kernel_size", "pool_window", "pool", "padding")
+    )
+    height, width = image_shape[:2]
+    for i, _ in enumerate(value("conv_features")):
+        # VALID: the kernel must fit the map. SAME: each tap must touch it somewhere.
+        size = min(height, width)
+        limit = size if padding == "VALID" else 2 * size - 1
+        if kernel > limit:
+            raise ConfigError(
+                "model.kernel_size", kernel,
+                f"too large for the {height}x{width} map of conv layer {i} ({padding} padding)",
+                f"1 to {limit}",
+            )  # fmt: skip
+        if padding == "VALID":
+            height, width = height - kernel + 1, width - kernel + 1
+        if window > min(height, width):
+            raise ConfigError(
+                "model.pool_window", window,
+                f"larger than the {height}x{width} map after conv layer {i}",
+                f"1 to {min(height, width)}",
+            )  # fmt: skip
+        if pool == "stride":  # The conv strides by the window, SAME or VALID alike.
+            height, width = -(-height // window), -(-width // window)
+        else:
+            height, width = height // window, width // window
+
+
+@contextlib.contextmanager
+def one_line_errors(argv: list[str]) -> Iterator[None]:
+    """Exits with one ``error:`` line if the block fails loading the config.
+
+    Wrap the definition, parsing and first use of a ``config_flags`` flag:
+    any exception there comes from the config file (missing, or raising as
+    it runs), from a ``--config.FIELD`` override naming no field, or from a
+    value that does not parse as its field's type.
+    """
+    try:
+        yield
+    except flags.Error as e:
+        match = re.match(r"flag --config\.([\w.]+)=(.*?): (.*)", str(e))
+        if not match:
+            sys.exit(f"error: {e}")
+        key, value, why = match.groups()
+        rule = RULES.get(key) or MODEL_RULES.get(key.removeprefix("model."))
+        allowed = f"; allowed: {rule.allowed}" if rule else ""
+        sys.exit(f"error: config.{key}={value}: {why}{allowed}")
+    except (AttributeError, KeyError) as e:
+        sys.exit(f"error: {_unknown_override(e, argv)}")
+    except Exception as e:  # Whatever the config file's own code raised.
+        reason = [line.strip() for line in str(e).splitlines() if line.strip()]
+        detail = f"{type(e).__name__}: {reason[-1]}" if reason else type(e).__name__
+        sys.exit(f"error: config file {_flag_value(argv, 'config') or 'default'}: {detail}")
+
+
+def _flag_value(argv: list[str], flag: str) -> str | None:
+    """The value of the last ``--flag=V`` or ``--flag V`` in ``argv``, if given."""
+    for i, arg in reversed(list(enumerate(argv))):
+        if arg.startswith(f"--{flag}="):
+            return arg.split("=", 1)[1]
+        if arg == f"--{flag}" and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+def _unknown_override(error: BaseException, argv: list[str]) -> str:
+    """``config.FIELD=VALUE: unknown field ...`` for ml_collections' KeyError."""
+    while error.args and isinstance(error.args[0], BaseException):
+        error = error.args[0]
+    detail = str(error.args[0] if error.args else error)
+    key = re.match(r"'?([^'\n]+)", detail)[1]
+    hint = re.search(r'Did you mean "([^"]+)"', detail)
+    why = "unknown field" + (f" (did you mean {hint[1]}?)" if hint else "")
+    for arg in argv:
+        path = arg.removeprefix("--").split("=", 1)[0]
+        if not (path.startswith("config.") and key in path.split(".")[1:]):
+            continue
+        value = arg.split("=", 1)[1] if "=" in arg else _flag_value(argv, path)
+        group = path.removeprefix("config.").rpartition(".")[0]
+        if group == "model":
+            known = sorted(MODEL_RULES)
+        else:
+            prefix = f"{group}." if group else ""
+            known = sorted(k.removeprefix(prefix) for k in default_fields() if k.startswith(prefix))
+        return f"{path}={value}: {why}; allowed: {', '.join(known)}"
+    return f"config.{key}: {why}"
