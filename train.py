@@ -10,6 +10,7 @@ processes (hosts): ``--coordinator_address=HOST:PORT --num_processes=N
 """
 
 import logging as std_logging
+import signal
 import sys
 
 import jax
@@ -31,9 +32,6 @@ _COORDINATOR = flags.DEFINE_string(
 )
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Processes in a multi-process run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's index, 0 .. N - 1.")
-
-# What a shell reports for a process ended by SIGTERM: schedulers restart it.
-PREEMPTED_EXIT_CODE = 128 + 15
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -57,15 +55,27 @@ def main(argv):
         trainer.train_and_evaluate(config, _WORKDIR.value)
     except run_state.Preempted as e:
         print(f"{e}", file=sys.stderr)
-        sys.exit(PREEMPTED_EXIT_CODE)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:  # Ctrl-C before training began: nothing to save yet.
+        print("interrupted (SIGINT) before training began; nothing was saved", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
     except (
         ConfigError,
-        run_state.NonFiniteLossError,
+        run_state.RunError,
+        run_state.DivergedError,
         checkpoints.IncompatibleCheckpointError,
         input_pipeline.DatasetError,
         idx.IdxError,
     ) as e:
         sys.exit(f"error: {e}")
+    except OSError as e:  # A full disk, a read-only or unusable workdir, a permission.
+        sys.exit(f"error: {os_error(e)}")
+
+
+def os_error(error: OSError) -> str:
+    """One line for an OS error: what failed, on which path."""
+    path = f" ({error.filename})" if error.filename else ""
+    return f"{error.strerror or error}{path}; the last finished checkpoint, if any, is intact"
 
 
 if __name__ == "__main__":

@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
+import re
+import shutil
+import sys
+import tempfile
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -32,9 +38,12 @@ def save_params(path: str | os.PathLike, params: Any) -> None:
     Orbax writes to a temporary directory and renames it when complete, so an
     interrupted save never leaves a half-written ``path``.
     """
-    with _orbax_quiet(), ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(os.path.abspath(path), params, force=True)
-        checkpointer.wait_until_finished()
+    try:
+        with _orbax_quiet(), _stderr_held(), ocp.StandardCheckpointer() as checkpointer:
+            checkpointer.save(os.path.abspath(path), params, force=True)
+            checkpointer.wait_until_finished()
+    except Exception as e:
+        raise CheckpointWriteError(f"could not write {os.fspath(path)}: {_cause(e)}") from None
 
 
 def load_params(path: str | os.PathLike, like: Any) -> Any:
@@ -90,6 +99,48 @@ def load_trained(
     return fields, params
 
 
+@contextlib.contextmanager
+def _stderr_held() -> Iterator[None]:
+    """Holds back what the block writes to stderr: shown if it succeeds, dropped if
+    it raises. A damaged checkpoint or a full disk makes Orbax and TensorStore
+    threads log and print tracebacks of their own; the caller reports the
+    failure in one line instead."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            # Reads and writes still in flight fail after Orbax gave up, each
+            # printing a traceback: let them finish while stderr is held.
+            for _ in range(10):
+                gc.collect()
+                time.sleep(0.1)
+            raise
+        else:
+            sys.stderr.flush()
+            held.seek(0)
+            os.write(saved, held.read())
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (a full disk, a permission); the
+    checkpoints written before it are intact."""
+
+
+def _cause(error: Exception) -> str:
+    """The OS's words for an Orbax/TensorStore failure, else its first line."""
+    code = re.search(r"os_error_code='(\d+)'", str(error))
+    if code:
+        return os.strerror(int(code[1]))
+    return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+
+
 class IncompatibleCheckpointError(ValueError):
     """A workdir's checkpoint does not fit the model the config asks for."""
 
@@ -127,17 +178,40 @@ class RunCheckpoints:
         with _orbax_quiet():
             return self._manager.latest_step()
 
+    def all_steps(self) -> list[int]:
+        """The steps of the finished checkpoints, newest first."""
+        with _orbax_quiet():
+            return sorted(self._manager.all_steps(), reverse=True)
+
+    def set_aside(self, step: int, directory: str | os.PathLike) -> str:
+        """Moves the checkpoint of ``step`` into ``directory`` (a damaged one,
+        kept for a look but out of the way of new saves); returns its new path."""
+        os.makedirs(directory, exist_ok=True)
+        target = os.path.join(directory, str(step))
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(os.path.join(self.directory, str(step)), target)
+        with _orbax_quiet():
+            self._manager.reload()
+        return target
+
     def save(self, step: int, state: Any, progress: dict[str, Any]) -> None:
+        """Writes the checkpoint of ``step``.
+
+        Raises:
+          CheckpointWriteError: it could not be written; the older ones are intact.
+        """
         arrays = _arrays(state)
         progress = {**progress, "shapes": _shapes(arrays)}
-        with _orbax_quiet():
-            self._manager.save(
-                step,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardSave(arrays), progress=ocp.args.JsonSave(progress)
-                ),
-                force=True,
-            )
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(arrays), progress=ocp.args.JsonSave(progress)
+        )
+        try:
+            with _orbax_quiet(), _stderr_held():
+                self._manager.save(step, args=args, force=True)
+        except Exception as e:
+            raise CheckpointWriteError(
+                f"could not write the checkpoint of step {step} in {self.directory}: {_cause(e)}"
+            ) from None
 
     def restore(self, step: int, like: Any) -> tuple[Any, dict[str, Any]]:
         """The state saved at ``step`` (shaped, typed and sharded like ``like``) and its progress.
@@ -145,7 +219,7 @@ class RunCheckpoints:
         Raises:
           IncompatibleCheckpointError: the checkpoint's arrays have other shapes.
         """
-        with _orbax_quiet():
+        with _orbax_quiet(), _stderr_held():
             progress = self._manager.restore(
                 step, args=ocp.args.Composite(progress=ocp.args.JsonRestore())
             )["progress"]
@@ -165,7 +239,7 @@ class RunCheckpoints:
         abstract = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), arrays
         )
-        with _orbax_quiet():
+        with _orbax_quiet(), _stderr_held():
             restored = self._manager.restore(
                 step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
             )["state"]

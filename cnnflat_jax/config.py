@@ -150,6 +150,10 @@ RULES: dict[str, Rule] = {
     "data_source": choice(*input_pipeline.SOURCES),
     "data_dir": directory(),
     "idx_dir": directory(),
+    "num_classes": Rule(
+        "0 (the dataset's count) or an int >= 2",
+        lambda v: integer(0).why(v) or (v == 1 and "one class is no classification") or None,
+    ),
     "num_train_examples": integer(0),
     "num_test_examples": integer(0),
     "validation_examples": integer(0),
@@ -172,6 +176,7 @@ RULES: dict[str, Rule] = {
     "steps_per_dispatch": integer(1),
     "progress_bar": boolean(),
     "stop_at_test_accuracy": number(0, 1),
+    "max_loss": number(0),
     "population.size": integer(1),
     "population.seeds": sequence(integer(-(2**63), 2**63 - 1)),
     "population.learning_rates": sequence(number(0, low_open=True)),
@@ -202,16 +207,15 @@ def _is_group(value: Any) -> bool:
     return isinstance(value, (Mapping, ml_collections.ConfigDict))
 
 
-def _flat(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"population.size": 1, ...}``: the leaves of a nested config (model excluded)."""
+def flat_fields(config: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"population.size": 1, "model.name": "cnn", ...}``: a nested config's leaves,
+    with tuples as lists (as in ``config.json``)."""
     leaves = {}
     for key, value in config.items():
-        if prefix + key == "model":
-            continue
         if _is_group(value):
-            leaves.update(_flat(value, f"{prefix}{key}."))
+            leaves.update({f"{key}.{k}": v for k, v in flat_fields(value).items()})
         else:
-            leaves[prefix + key] = value
+            leaves[key] = list(value) if isinstance(value, tuple) else value
     return leaves
 
 
@@ -219,7 +223,7 @@ def default_fields() -> dict[str, Any]:
     """The fields of ``configs/default.py`` and their default values."""
     from configs import default
 
-    return _flat(default.get_config())
+    return flat_fields(default.get_config())
 
 
 def check(config: ml_collections.ConfigDict) -> None:
@@ -228,8 +232,8 @@ def check(config: ml_collections.ConfigDict) -> None:
     Checks each field against its rule, then the rules that tie fields
     together (list lengths, divisibility by the devices and data shards).
     """
-    fields = _flat(config)
-    known = default_fields()
+    fields = {k: v for k, v in flat_fields(config).items() if not k.startswith("model.")}
+    known = {k: v for k, v in default_fields().items() if not k.startswith("model.")}
     for key in fields.keys() - known.keys():
         raise ConfigError(key, fields[key], "unknown field", ", ".join(sorted(known)))
     for key in known.keys() - fields.keys():

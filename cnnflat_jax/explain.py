@@ -112,6 +112,7 @@ def explain(
         data_dir=config["data_dir"] or None,
         idx_dir=config["idx_dir"] or None,
         part=input_pipeline.Part(num_train=1),
+        num_classes=config.get("num_classes", 0),  # Workdirs from before the field: 0.
     )
     if not 0 <= index < len(data.test_labels):
         raise ValueError(f"--index={index}: the test split has {len(data.test_labels)} images")

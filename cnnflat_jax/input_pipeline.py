@@ -27,6 +27,11 @@ SOURCES = ("auto", "tfds", "idx")
 # Where Debian packages put IDX copies (`apt-get install dataset-fashion-mnist`).
 DEBIAN_IDX_DIRS = {"fashion_mnist": "/usr/share/datasets/fashion-mnist"}
 
+# IDX files carry no class list. Their class count is the dataset's own, from
+# this table (TFDS's counts), or the caller's ``num_classes``; never the
+# largest label seen, so one bad label cannot grow the model.
+IDX_NUM_CLASSES = {"mnist": 10, "fashion_mnist": 10, "kmnist": 10}
+
 _IDX_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
@@ -91,6 +96,7 @@ def load_dataset(
     data_dir: str | None = None,
     idx_dir: str | None = None,
     part: Part = Part(),
+    num_classes: int = 0,
 ) -> Dataset:
     """Loads ``part`` of the train and test splits of ``name``.
 
@@ -105,11 +111,17 @@ def load_dataset(
         ``train-labels-idx1-ubyte[.gz]``, ``t10k-images-idx3-ubyte[.gz]`` and
         ``t10k-labels-idx1-ubyte[.gz]``.
       part: which examples to keep (default: all).
+      num_classes: the class count; 0 takes the dataset's (TFDS's metadata,
+        or ``IDX_NUM_CLASSES`` for IDX files). Every label must lie in
+        ``[0, num_classes)``.
 
     Raises:
       ValueError: an unknown ``source``.
-      IdxError: an IDX file that exists but is truncated or corrupt.
-      DatasetError: no source could provide the data; lists what was tried.
+      IdxError: an IDX file that exists but is truncated or corrupt, or holds
+        a label outside the classes.
+      DatasetError: no source could provide the data (lists what was tried),
+        the class count is unknown or disagrees with TFDS's, or the train and
+        test images differ in shape.
     """
     if source not in SOURCES:
         raise ValueError(f"unknown data source {source!r}; choose one of {SOURCES}")
@@ -131,9 +143,9 @@ def load_dataset(
             continue
         try:
             dataset = (
-                _load_idx(name, arg, part)
+                _load_idx(name, arg, part, num_classes)
                 if kind == "idx"
-                else _load_tfds(name, data_dir, part, download=arg)
+                else _load_tfds(name, data_dir, part, num_classes, download=arg)
             )
         except _NotAvailable as e:
             attempts.append(f"TFDS {name!r} ({'download' if arg else 'prepared copy'}): {e}")
@@ -158,6 +170,7 @@ def load_data(config: ml_collections.ConfigDict, data_shards: int) -> Dataset:
         data_dir=config.data_dir or None,
         idx_dir=config.idx_dir or None,
         part=part,
+        num_classes=config.num_classes,
     )
     if not config.permute_pixels:
         return data
@@ -189,8 +202,14 @@ def _find_idx_file(directory: str, stem: str) -> str:
     raise IdxError(f"{directory}: no {stem} or {stem}.gz")
 
 
-def _load_idx(name: str, directory: str, part: Part) -> Dataset:
-    arrays, totals, num_classes = {}, {}, 0
+def _load_idx(name: str, directory: str, part: Part, num_classes: int) -> Dataset:
+    num_classes = num_classes or IDX_NUM_CLASSES.get(name, 0)
+    if not num_classes:
+        raise DatasetError(
+            f"IDX files carry no class count and {name!r} is not one of "
+            f"{sorted(IDX_NUM_CLASSES)}: set --config.num_classes"
+        )
+    arrays, totals, paths = {}, {}, {}
     for split, (images_stem, labels_stem) in _IDX_FILES.items():
         images_path = _find_idx_file(directory, images_stem)
         labels_path = _find_idx_file(directory, labels_stem)
@@ -200,13 +219,37 @@ def _load_idx(name: str, directory: str, part: Part) -> Dataset:
             raise IdxError(
                 f"{labels_path}: {len(labels)} labels for {len(images)} images in {images_path}"
             )
-        # IDX files carry no class list: the classes are the labels that occur.
-        num_classes = max(num_classes, int(labels.max()) + 1)
+        check_labels(labels, num_classes, labels_path)
         totals[split], start, stop = part.bounds(split, len(labels))
         arrays[split] = (images[start:stop, ..., None].copy(), labels[start:stop].astype(np.int32))
+        paths[split] = images_path
+    return _dataset(name, f"IDX files in {directory}", num_classes, arrays, totals, paths)
+
+
+def check_labels(labels: np.ndarray, num_classes: int, where: str) -> None:
+    """Raises ``IdxError`` naming the first label outside ``[0, num_classes)``."""
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    if len(bad):
+        raise IdxError(
+            f"{where}: label {int(labels[bad[0]])} at index {int(bad[0])} is outside the "
+            f"{num_classes} classes [0, {num_classes}) ({len(bad)} such labels); set "
+            "--config.num_classes if the dataset has more classes"
+        )
+
+
+def _dataset(name, source, num_classes, arrays, totals, where) -> Dataset:
+    """A ``Dataset`` from ``{split: (images, labels)}``, its train and test image
+    shapes checked to agree (``where`` names each split's origin)."""
+    shapes = {split: images.shape[1:] for split, (images, _) in arrays.items()}
+    if shapes["train"] != shapes["test"]:
+        raise DatasetError(
+            f"{name}: the train images ({where['train']}) are "
+            f"{'x'.join(map(str, shapes['train']))} but the test images ({where['test']}) are "
+            f"{'x'.join(map(str, shapes['test']))}; both splits must have one image shape"
+        )
     return Dataset(
         name=name,
-        source=f"IDX files in {directory}",
+        source=source,
         num_classes=num_classes,
         train_images=arrays["train"][0],
         train_labels=arrays["train"][1],
@@ -233,7 +276,9 @@ def _import_tensorflow_cpu_only():
     return tf
 
 
-def _load_tfds(name: str, data_dir: str | None, part: Part, *, download: bool) -> Dataset:
+def _load_tfds(
+    name: str, data_dir: str | None, part: Part, num_classes: int, *, download: bool
+) -> Dataset:
     if not download and not _tfds_prepared(name, data_dir):
         raise _NotAvailable(f"not prepared in {_tfds_data_dir(data_dir)}")
     _import_tensorflow_cpu_only()
@@ -250,7 +295,13 @@ def _load_tfds(name: str, data_dir: str | None, part: Part, *, download: bool) -
     except Exception as e:  # Network, disk, checksum: report and go on to the next source.
         raise _NotAvailable(f"download failed: {type(e).__name__}: {e}") from e
     info = builder.info
-    splits, totals = {}, {}
+    classes = info.features["label"].num_classes
+    if num_classes not in (0, classes):
+        raise DatasetError(
+            f"config.num_classes={num_classes}, but TFDS {name} has {classes} classes; "
+            "leave it 0 to take TFDS's count"
+        )
+    splits, totals, selections = {}, {}, {}
     for split in ("train", "test"):
         selection = split
         if part != Part():  # Read only this part: TFDS slices by example index.
@@ -260,19 +311,12 @@ def _load_tfds(name: str, data_dir: str | None, part: Part, *, download: bool) -
         batches = list(tfds.as_numpy(ds))
         images = np.concatenate([b["image"] for b in batches])
         labels = np.concatenate([b["label"] for b in batches]).astype(np.int32)
+        selections[split] = f"TFDS {name} {selection}"
+        check_labels(labels, classes, selections[split])
         splits[split] = (images, labels)
         totals.setdefault(split, len(labels))
-    return Dataset(
-        name=name,
-        source=f"TFDS {name} {info.version} in {builder.data_dir}",
-        num_classes=info.features["label"].num_classes,
-        train_images=splits["train"][0],
-        train_labels=splits["train"][1],
-        test_images=splits["test"][0],
-        test_labels=splits["test"][1],
-        train_total=totals["train"],
-        test_total=totals["test"],
-    )
+    source = f"TFDS {name} {info.version} in {builder.data_dir}"
+    return _dataset(name, source, classes, splits, totals, selections)
 
 
 def _tfds_data_dir(data_dir: str | None) -> str:

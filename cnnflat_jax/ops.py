@@ -40,9 +40,17 @@ def _pair(value: IntOrPair, name: str, fn: str) -> tuple[int, int]:
     return int(pair[0]), int(pair[1])
 
 
+def _real(x: ArrayLike, name: str, fn: str) -> Array:
+    """``x`` as an array; complex values have no order (ReLU, max) and are refused."""
+    x = jnp.asarray(x)
+    if jnp.issubdtype(x.dtype, jnp.complexfloating):
+        raise TypeError(f"{fn}: {name} must be real, got dtype {x.dtype}")
+    return x
+
+
 def _as_nhwc(x: ArrayLike, name: str, fn: str) -> tuple[Array, bool]:
     """Returns ``x`` as NHWC and whether it was a single HWC example."""
-    x = jnp.asarray(x)
+    x = _real(x, name, fn)
     if x.ndim == 3:
         return x[None], True
     if x.ndim == 4:
@@ -156,7 +164,7 @@ def conv2d(
     """
     fn = "conv2d"
     x_NHWC, single = _as_nhwc(x, "x", fn)
-    kernel = jnp.asarray(kernel)
+    kernel = _real(kernel, "kernel", fn)
     if kernel.ndim != 4:
         raise ValueError(
             f"{fn}: kernel must be HWIO (kh, kw, C_in, C_out), got shape {tuple(kernel.shape)}"
@@ -337,14 +345,16 @@ def _channel_vector(bias: ArrayLike, size: int, fn: str) -> Array:
 def relu(x: ArrayLike) -> Array:
     r"""Rectified linear unit, :math:`\max(x, 0)`, elementwise; any shape.
 
-    The gradient at exactly 0 is 0 (as ``jax.nn.relu``).
+    The gradient at exactly 0 is 0, and NaN stays NaN (as ``jax.nn.relu``), so
+    a diverging network does not hide behind zeros. Complex inputs raise
+    ``TypeError``.
 
     Example:
-      >>> relu(jnp.array([-1.0, 0.0, 2.0]))
-      Array([0., 0., 2.], dtype=float32)
+      >>> relu(jnp.array([-1.0, 0.0, 2.0, jnp.nan]))
+      Array([ 0.,  0.,  2., nan], dtype=float32)
     """
-    x = jnp.asarray(x)
-    return jnp.where(x > 0, x, jnp.zeros_like(x))
+    x = _real(x, "x", "relu")
+    return jnp.where(x <= 0, jnp.zeros_like(x), x)
 
 
 def _pool(x, window, stride, padding, fn: str, reducer: str) -> Array:
@@ -517,7 +527,7 @@ def flatten(x: ArrayLike, *, batch_dims: int = 1) -> Array:
       >>> flatten(jnp.arange(4).reshape(2, 1, 2), batch_dims=0)
       Array([0, 1, 2, 3], dtype=int32)
     """
-    x = jnp.asarray(x)
+    x = _real(x, "x", "flatten")
     if not isinstance(batch_dims, int) or batch_dims < 0:
         raise ValueError(f"flatten: batch_dims must be an int >= 0, got {batch_dims!r}")
     if x.ndim < batch_dims:
@@ -605,8 +615,8 @@ def dense(x: ArrayLike, kernel: ArrayLike, bias: ArrayLike | None = None) -> Arr
       Array([21.5], dtype=float32)
     """
     fn = "dense"
-    x = jnp.asarray(x)
-    kernel = jnp.asarray(kernel)
+    x = _real(x, "x", fn)
+    kernel = _real(kernel, "kernel", fn)
     if kernel.ndim != 2:
         raise ValueError(f"{fn}: kernel must have shape (in, out), got shape {tuple(kernel.shape)}")
     if x.ndim < 1 or x.shape[-1] != kernel.shape[0]:

@@ -8,6 +8,7 @@ import os
 import sys
 from typing import Any
 
+import jax
 import ml_collections
 import numpy as np
 import tqdm
@@ -33,18 +34,36 @@ class MetricsLog:
         self.write({k: v for k, v in record.items() if k != "members"})
 
     def read(self) -> list[dict[str, Any]]:
-        with open(self.path) as f:
-            return [json.loads(line) for line in f]
+        return [record for _, record in self._lines()]
 
     def truncate(self, last_epoch: int) -> None:
-        """Keeps only the records of epochs up to ``last_epoch`` (atomically)."""
+        """Keeps only the records of epochs up to ``last_epoch`` (atomically).
+
+        The checkpoint says which epochs count, so a torn or garbage line (a
+        crash mid-write, a stray edit) is dropped with a warning.
+        """
         if not self.enabled or not os.path.exists(self.path):
             return
-        with open(self.path) as f:
-            kept = [line for line in f if json.loads(line)["epoch"] <= last_epoch]
+        kept = [line for line, record in self._lines() if record["epoch"] <= last_epoch]
         with open(self.path + ".tmp", "w") as f:
             f.writelines(kept)
         os.replace(self.path + ".tmp", self.path)
+
+    def _lines(self) -> list[tuple[str, dict[str, Any]]]:
+        """``(line, record)`` for every line that holds an epoch's record."""
+        result = []
+        with open(self.path, errors="replace") as f:
+            for number, line in enumerate(f, 1):
+                try:
+                    record = json.loads(line)
+                    int(record["epoch"])
+                except (ValueError, TypeError, KeyError):
+                    logging.warning(
+                        "%s: dropped line %d, not a record: %.60r", self.path, number, line
+                    )
+                    continue
+                result.append((line.rstrip("\n") + "\n", record))
+        return result
 
 
 def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
@@ -118,6 +137,24 @@ def shown_record(record: dict[str, Any]) -> dict[str, Any]:
     if "members" not in record:
         return record
     return record["members"][record.get("best_member", 0)]
+
+
+def log_data(data, num_train: int, num_validation: int, mesh, data_shards: int) -> None:
+    """The run's data (an ``input_pipeline.Dataset``) and how it is split."""
+    logging.info(
+        "Data: %s from %s: %d train / %d validation / %d test images of %s, %d classes; "
+        "%d device(s), %d data shard(s)",
+        data.name, data.source, num_train, num_validation, data.test_total,
+        "x".join(map(str, data.image_shape)), data.num_classes, mesh.size, data_shards,
+    )  # fmt: skip
+
+
+def log_model(name: str, params: Any, member_list: list[dict[str, Any]], mode: str) -> None:
+    """The model's parameter count, and a population's size and data order."""
+    num_params = sum(x.size for x in jax.tree.leaves(params)) // len(member_list)
+    population = f", population of {len(member_list)} ({mode} data order)"
+    logging.info("Model: %s, %d parameters%s", name, num_params,
+                 population if len(member_list) > 1 else "")  # fmt: skip
 
 
 def log_epoch(record: dict[str, Any], num_epochs: int) -> None:

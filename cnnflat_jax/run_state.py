@@ -1,28 +1,126 @@
-"""Where a run stands, and how it stops and goes on: resume, save, SIGTERM, NaN losses."""
+"""Where a run stands, and how it stops and goes on.
+
+The workdir lock, the run's fixed identity (its config), resume past damaged
+checkpoints, saves, SIGTERM/SIGINT, and stops on a diverging loss.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
+import json
+import os
 import signal
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
 from cnnflat_jax import checkpoints, reporting
+from cnnflat_jax import config as config_lib
 
 
 class Preempted(RuntimeError):
-    """SIGTERM arrived; a checkpoint was saved and rerunning resumes from it."""
+    """SIGTERM or SIGINT arrived; a checkpoint was saved and rerunning resumes from it."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum  # What a shell reports for that signal.
 
 
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or Inf; the last good checkpoint is kept."""
+class DivergedError(RuntimeError):
+    """The loss became NaN or Inf, or crossed ``config.max_loss``; the last good
+    checkpoint is kept."""
+
+
+class RunError(RuntimeError):
+    """The workdir cannot hold this run: in use, another run's, or no intact checkpoint."""
+
+
+# Fields that change how a run is watched or stored, not what it computes: a
+# rerun may change them. Any other field fixes the run's identity.
+FREE_FIELDS = frozenset({
+    "data_dir", "idx_dir", "progress_bar", "checkpoint_every_steps", "checkpoints_to_keep",
+    "stop_at_test_accuracy", "max_loss", "per_example.report_hardest",
+    "per_example.report_scan_examples",
+})  # fmt: skip
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str) -> Iterator[None]:
+    """Creates ``workdir`` and holds an exclusive OS lock on ``workdir/.lock``
+    (process 0 only).
+
+    The kernel drops the lock when the process ends, however it ends, so a
+    crash never leaves a stale lock behind.
+
+    Raises:
+      RunError: the workdir cannot be made or written, or another process
+        holds the lock (named by its PID).
+    """
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        lock = open(os.path.join(workdir, ".lock"), "a+") if jax.process_index() == 0 else None
+    except OSError as e:
+        why = "it is a file" if os.path.isfile(workdir) else e.strerror
+        raise RunError(f"cannot use {workdir} as the workdir: {why} ({e.filename})") from None
+    if lock is None:
+        yield
+        return
+    with lock as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            raise RunError(f"{workdir} is in use by process {holder}") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def check_same_run(workdir: str, config: ml_collections.ConfigDict) -> None:
+    """Refuses to resume a run in ``workdir`` with a config that computes otherwise.
+
+    A workdir with a checkpoint and a ``config.json`` holds a run whose
+    identity is that config, but for ``FREE_FIELDS``.
+
+    Raises:
+      RunError: naming every differing field as ``old -> new``.
+    """
+    path = os.path.join(workdir, "config.json")
+    saved = os.path.join(workdir, "checkpoints")
+    if not os.path.isfile(path) or not os.path.isdir(saved) or not os.listdir(saved):
+        return
+    try:
+        with open(path) as f:
+            old = config_lib.flat_fields(json.load(f))
+    except (OSError, ValueError) as e:
+        raise RunError(f"{path} is unreadable ({e}); it describes the run to resume") from None
+    new = config_lib.flat_fields(json.loads(config.to_json_best_effort()))
+    defaults = config_lib.default_fields()
+    changed = [
+        f"{key} {config_lib.show(old.get(key, defaults.get(key)))} -> {config_lib.show(value)}"
+        for key, value in new.items()
+        if key not in FREE_FIELDS and old.get(key, defaults.get(key)) != value
+    ]
+    if changed:
+        raise RunError(
+            f"{workdir} holds a run with another config: {'; '.join(changed)}. Rerun with its "
+            f"config ({path}) to resume it, or start a new run with another --workdir "
+            "(a finished run is not extended: more epochs need a new run and schedule)"
+        )
 
 
 def global_step(state: Any) -> int:
@@ -59,62 +157,102 @@ class RunPosition:
         state: Any,
         metrics_log: reporting.MetricsLog,
     ) -> tuple[Any, RunPosition]:
-        """The latest checkpoint's state and position, or ``state`` at the start.
+        """The newest intact checkpoint's state and position, or ``state`` at the start.
 
-        ``metrics.jsonl`` keeps only the records of epochs before the
-        position: later ones are written again as they are trained again.
+        A checkpoint that fails to restore is reported in one line and moved
+        to ``damaged_checkpoints/`` beside ``checkpoints/``; the next older
+        one is tried. ``metrics.jsonl`` keeps only the records of epochs
+        before the position: later ones are written again as they are
+        trained again.
+
+        Raises:
+          RunError: there are checkpoints, but none is intact.
+          checkpoints.IncompatibleCheckpointError: they hold another model.
         """
-        step = run_checkpoints.latest_step()
-        if step is None:
-            metrics_log.truncate(0)
-            return state, cls()
-        state, progress = run_checkpoints.restore(step, state)
-        fields = {f.name for f in dataclasses.fields(cls)}
-        position = cls(**{k: v for k, v in progress.items() if k in fields})
-        if position.totals is not None:
-            position.totals = {k: np.asarray(v) for k, v in position.totals.items()}
-        metrics_log.truncate(position.epoch - 1)
-        logging.info(
-            "Resuming from the checkpoint at step %d (epoch %d, dispatch %d) in %s",
-            step, position.epoch, position.dispatch, run_checkpoints.directory,
-        )  # fmt: skip
-        return state, position
+        steps = run_checkpoints.all_steps()
+        for step in steps:
+            try:
+                restored, progress = run_checkpoints.restore(step, state)
+            except checkpoints.IncompatibleCheckpointError:
+                raise
+            except Exception as e:  # Orbax, TensorStore and JSON each fail their own way.
+                aside = os.path.join(
+                    os.path.dirname(run_checkpoints.directory), "damaged_checkpoints"
+                )
+                moved = run_checkpoints.set_aside(step, aside)
+                logging.warning(
+                    "The checkpoint at step %d is damaged (%s: %.200s); moved it to %s and "
+                    "trying an older one", step, type(e).__name__, str(e).replace("\n", " "), moved,
+                )  # fmt: skip
+                continue
+            fields = {f.name for f in dataclasses.fields(cls)}
+            position = cls(**{k: v for k, v in progress.items() if k in fields})
+            if position.totals is not None:
+                position.totals = {k: np.asarray(v) for k, v in position.totals.items()}
+            metrics_log.truncate(position.epoch - 1)
+            logging.info(
+                "Resuming from the checkpoint at step %d (epoch %d, dispatch %d) in %s",
+                step, position.epoch, position.dispatch, run_checkpoints.directory,
+            )  # fmt: skip
+            return restored, position
+        if steps:
+            raise RunError(
+                f"no intact checkpoint in {run_checkpoints.directory}: the ones of steps "
+                f"{', '.join(map(str, steps))} are damaged (set aside in damaged_checkpoints/); "
+                "move the workdir away to start afresh"
+            )
+        metrics_log.truncate(0)
+        return state, cls()
 
 
 @contextlib.contextmanager
-def preemption() -> Iterator[Callable[[int], bool]]:
-    """Yields ``preempted(step)``: whether SIGTERM has arrived.
+def stop_signals() -> Iterator[Callable[[int], int]]:
+    """Yields ``stopping(step)``: the number of a SIGTERM or SIGINT that has
+    arrived (the run saves and stops), else 0.
 
     With several processes JAX's preemption sync point makes every process
-    agree on the step; one process catches SIGTERM itself, from the main thread.
+    agree on the step of a SIGTERM; one process catches both itself, from
+    its main thread.
     """
     if jax.process_count() > 1:
-        yield multihost_utils.reached_preemption_sync_point
+        yield lambda step: signal.SIGTERM * multihost_utils.reached_preemption_sync_point(step)
         return
     if threading.current_thread() is not threading.main_thread():
-        yield lambda step: False
+        yield lambda step: 0
         return
-    received = threading.Event()
-    previous = signal.signal(signal.SIGTERM, lambda *_: received.set())
+    received = []
+    previous = {
+        signum: signal.signal(signum, lambda signum, _: received.append(signum))
+        for signum in (signal.SIGTERM, signal.SIGINT)
+    }
     try:
-        yield lambda step: received.is_set()
+        yield lambda step: received[0] if received else 0
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
-def preempted_error(state: Any, run_checkpoints: checkpoints.RunCheckpoints) -> Preempted:
+def stopped_error(
+    signum: int, state: Any, run_checkpoints: checkpoints.RunCheckpoints
+) -> Preempted:
+    what = "preempted" if signum == signal.SIGTERM else "interrupted"
     return Preempted(
-        f"preempted (SIGTERM) at step {global_step(state)}; saved a checkpoint in "
-        f"{run_checkpoints.directory}. Rerun the same command to resume."
+        f"{what} ({signal.Signals(signum).name}) at step {global_step(state)}; saved a "
+        f"checkpoint in {run_checkpoints.directory}. Rerun the same command to resume.",
+        signum,
     )
 
 
-def nonfinite_error(
-    step: int, epoch: int, run_checkpoints: checkpoints.RunCheckpoints
-) -> NonFiniteLossError:
+def diverged_error(
+    step: int, epoch: int, loss: float, max_loss: float,
+    run_checkpoints: checkpoints.RunCheckpoints,
+) -> DivergedError:  # fmt: skip
     latest = run_checkpoints.latest_step()
     kept = f"the last good checkpoint (step {latest})" if latest is not None else "no checkpoint"
-    return NonFiniteLossError(
-        f"the training loss became NaN or Inf at step {step} (epoch {epoch}); "
-        f"stopped. {kept} is kept in {run_checkpoints.directory}"
+    why = (
+        "NaN or Inf" if not np.isfinite(loss) else f"{loss:.4g}, above config.max_loss={max_loss:g}"
+    )
+    return DivergedError(
+        f"the training loss became {why} at step {step} (epoch {epoch}); stopped. "
+        f"{kept} is kept in {run_checkpoints.directory}"
     )

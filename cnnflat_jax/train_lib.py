@@ -222,7 +222,20 @@ STEP_FNS = {
 LOOPS = ("compiled", "per_step")
 
 
-def _scan_steps(state: TrainState, batches: Batch, mode: str):
+def _divergence(loss_sum, count, max_loss: float):
+    """``(first diverged step or -1, its worst member's mean loss)`` over
+    ``(steps, [K])`` sums: a step diverges when a mean loss is NaN, Inf or
+    above ``max_loss`` (0: no bound). Works on jax and numpy arrays alike."""
+    xp = jnp if isinstance(loss_sum, jax.Array) else np
+    steps = loss_sum.shape[0]
+    mean = (loss_sum / xp.maximum(count, 1.0)).reshape(steps, -1)
+    worst = xp.where(xp.all(xp.isfinite(mean), axis=1), xp.max(mean, axis=1), xp.nan)
+    bad = ~xp.isfinite(worst) | ((worst > max_loss) if max_loss > 0 else False)
+    first = xp.where(xp.any(bad), xp.argmax(bad), -1)
+    return first, worst[xp.maximum(first, 0)]
+
+
+def _scan_steps(state: TrainState, batches: Batch, mode: str, max_loss: float):
     """``batches["mask"].shape[0]`` steps in one program; all-masked steps are skipped."""
     step_fn = STEP_FNS[mode]
 
@@ -234,10 +247,9 @@ def _scan_steps(state: TrainState, batches: Batch, mode: str):
         return jax.lax.cond(jnp.any(batch["mask"] > 0), step_fn, skip, state, batch)
 
     state, metrics = jax.lax.scan(body, state, batches)
-    num_steps = batches["mask"].shape[0]
-    finite = jnp.all(jnp.isfinite(metrics["loss_sum"].reshape(num_steps, -1)), axis=1)
     sums = jax.tree.map(lambda m: jnp.sum(m, axis=0), metrics)
-    sums["first_nonfinite_step"] = jnp.where(jnp.all(finite), -1, jnp.argmin(finite))
+    divergence = _divergence(metrics["loss_sum"], metrics["count"], max_loss)
+    sums["first_diverged_step"], sums["diverged_loss"] = divergence
     return state, sums
 
 
@@ -251,6 +263,7 @@ def build_train(
     batch_size: int,
     image_shape: tuple[int, ...],
     image_dtype: Any = np.uint8,
+    max_loss: float = 0.0,
 ) -> TrainProgram:
     """Compiles training for ``steps`` steps a call: the one way any code trains.
 
@@ -269,6 +282,8 @@ def build_train(
       steps: steps per call.
       batch_size: the global batch size (all processes together).
       image_shape, image_dtype: one example's image.
+      max_loss: a step whose mean loss exceeds it counts as diverged (0: only
+        NaN and Inf do).
 
     Returns:
       A ``TrainProgram``: ``program(state, batches) -> (state, metric sums)``,
@@ -277,8 +292,9 @@ def build_train(
       ``label`` ``(steps, [K,] b)``, ``mask`` ``(steps, b)``, with
       ``b = batch_size / process count`` and ``K`` members for
       ``mode="independent"``. The sums are host numpy
-      arrays (``(K,)`` each for a population), plus ``first_nonfinite_step``:
-      the first step of the call whose loss is NaN or Inf, or -1.
+      arrays (``(K,)`` each for a population), plus ``first_diverged_step``
+      (the first step of the call whose mean loss is NaN, Inf or above
+      ``max_loss``, or -1) and ``diverged_loss`` (that step's mean loss).
     """
     if loop not in LOOPS:
         raise ValueError(f"unknown loop {loop!r}; choose one of {LOOPS}")
@@ -300,7 +316,9 @@ def build_train(
         "label": jax.ShapeDtypeStruct(lead_shape, np.int32, sharding=shardings["label"]),
         "mask": jax.ShapeDtypeStruct(mask_shape, np.float32, sharding=shardings["mask"]),
     }
-    fn = functools.partial(_scan_steps, mode=mode) if loop == "compiled" else STEP_FNS[mode]
+    fn = STEP_FNS[mode]
+    if loop == "compiled":
+        fn = functools.partial(_scan_steps, mode=mode, max_loss=max_loss)
     replicated = sharding.replicated(mesh)
     compiled = jax.jit(
         fn,
@@ -308,7 +326,7 @@ def build_train(
         out_shardings=(replicated, replicated),
         donate_argnums=0,
     )
-    return TrainProgram(compiled.lower(state, abstract).compile(), shardings, loop)
+    return TrainProgram(compiled.lower(state, abstract).compile(), shardings, loop, max_loss)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -322,6 +340,7 @@ class TrainProgram:
     compiled: jax.stages.Compiled
     shardings: dict[str, jax.sharding.NamedSharding]
     loop: str
+    max_loss: float
 
     def __call__(
         self, state: TrainState, batches: dict[str, np.ndarray]
@@ -329,15 +348,22 @@ class TrainProgram:
         if self.loop == "compiled":
             state, sums = self.compiled(state, self._on_devices(batches))
             return state, jax.device_get(sums)
-        totals, first_nonfinite = None, -1
+        totals, divergence = None, (-1, np.nan)
         for t in np.flatnonzero(np.any(batches["mask"] > 0, axis=-1)):
             batch = self._on_devices({k: v[t] for k, v in batches.items()})
             state, metrics = self.compiled(state, batch)
             metrics = jax.device_get(metrics)
-            if first_nonfinite < 0 and not np.all(np.isfinite(metrics["loss_sum"])):
-                first_nonfinite = int(t)
+            first, loss = _divergence(
+                metrics["loss_sum"][None], metrics["count"][None], self.max_loss
+            )
+            if divergence[0] < 0 and first == 0:
+                divergence = (int(t), loss)
             totals = metrics if totals is None else jax.tree.map(np.add, totals, metrics)
-        return state, {**totals, "first_nonfinite_step": np.int32(first_nonfinite)}
+        return state, {
+            **totals,
+            "first_diverged_step": divergence[0],
+            "diverged_loss": divergence[1],
+        }
 
     def _on_devices(self, host_batch: dict[str, np.ndarray]) -> Batch:
         """Each process's columns -> global arrays split over the mesh."""

@@ -44,27 +44,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     Raises:
       config.ConfigError: a bad config, before any data is read.
-      run_state.Preempted: SIGTERM arrived; a checkpoint was saved.
-      run_state.NonFiniteLossError: a NaN or Inf loss; the last good
-      checkpoint is kept. checkpoints.IncompatibleCheckpointError: the
-      workdir holds a checkpoint of another model.
+      run_state.RunError: the workdir is in use, holds a run with another
+        config, or has checkpoints but none intact.
+      run_state.Preempted: SIGTERM or SIGINT arrived; a checkpoint was saved.
+      run_state.DivergedError: a NaN, Inf or too large loss; the last good
+        checkpoint is kept.
     """
     start = time.perf_counter()
     config_lib.check(config)
+    with run_state.workdir_lock(workdir):
+        run_state.check_same_run(workdir, config)
+        return _run(config, workdir, start)
+
+
+def _run(config: ml_collections.ConfigDict, workdir: str, start: float) -> dict[str, Any]:
     mesh = sharding.data_mesh(config.num_devices)
     data_shards = config.data_shards or jax.process_count()
-    os.makedirs(workdir, exist_ok=True)
-
     data = input_pipeline.load_data(config, data_shards)
     config_lib.check_data(config, data.image_shape, data.train_total)
     train, validation = batching.split_validation(data, config.validation_examples, data_shards)
-    logging.info(
-        "Data: %s from %s: %d train / %d validation / %d test images of %s, %d classes; "
-        "%d device(s), %d data shard(s)",
-        data.name, data.source, sum(train.shard_sizes), config.validation_examples,
-        data.test_total, "x".join(map(str, data.image_shape)), data.num_classes, mesh.size,
-        data_shards,
-    )  # fmt: skip
+    reporting.log_data(data, sum(train.shard_sizes), config.validation_examples, mesh, data_shards)
 
     model = models.from_fields(config.model, data.num_classes)
     steps = batching.steps_per_epoch(train.shard_sizes, config.batch_size)
@@ -72,26 +71,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     is_population = len(member_list) > 1
     state, mode, data_keys = population.initial_state(config, model, data.image_shape, steps)
     state = sharding.replicate(state, mesh)
-    num_params = sum(x.size for x in jax.tree.leaves(state.params)) // len(member_list)
-    logging.info(
-        "Model: %s, %d parameters%s", config.model.name, num_params,
-        f", population of {len(member_list)} ({mode} data order)" if is_population else "",
-    )  # fmt: skip
+    reporting.log_model(config.model.name, state.params, member_list, mode)
 
     lead = jax.process_index() == 0
-    if lead:
-        reporting.write_config(workdir, config)
     metrics_log = reporting.MetricsLog(workdir, enabled=lead)
     run_checkpoints = checkpoints.RunCheckpoints(
         os.path.join(workdir, "checkpoints"), config.checkpoints_to_keep
     )
+    if lead and not run_checkpoints.all_steps():  # A new run: its config is its identity.
+        reporting.write_config(workdir, config)
     state, position = run_state.RunPosition.resume(run_checkpoints, state, metrics_log)
 
     compile_start = time.perf_counter()
     steps_per_dispatch = min(config.steps_per_dispatch, steps)
     train_fn = train_lib.build_train(
         state, mesh, loop=config.loop, mode=mode, steps=steps_per_dispatch,
-        batch_size=config.batch_size, image_shape=data.image_shape,
+        batch_size=config.batch_size, image_shape=data.image_shape, max_loss=config.max_loss,
     )  # fmt: skip
     eval_sets = batching.eval_splits(data, validation, config.eval_batch_size, data_shards, mesh)
     eval_fns = {
@@ -102,8 +97,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     logging.info("Compiled the %s training loop and eval in %.2f s", config.loop, compile_sec)
 
     record = position.record
-    with run_state.preemption() as preempted:
-        epochs = _Epochs(config, train, train_fn, run_checkpoints, preempted)
+    with run_state.stop_signals() as stopping:
+        epochs = _Epochs(config, train, train_fn, run_checkpoints, stopping)
         for epoch in range(position.epoch, config.num_epochs + 1) if not position.stopped else ():
             if epoch != position.epoch:
                 position = run_state.RunPosition(epoch=epoch, record=record)
@@ -131,8 +126,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             if stopped:
                 logging.info("Reached test accuracy %.4f: stopping.", config.stop_at_test_accuracy)
                 break
-            if preempted(step):
-                raise run_state.preempted_error(state, run_checkpoints)
+            if signum := stopping(step):
+                raise run_state.stopped_error(signum, state, run_checkpoints)
     run_checkpoints.close()
 
     outputs.write(config, workdir, state, record, data, train, metrics_log, lead)
@@ -153,7 +148,7 @@ class _Epochs:
     data: batching.TrainData
     train_fn: Callable
     run_checkpoints: checkpoints.RunCheckpoints
-    preempted: Callable[[int], bool]
+    stopping: Callable[[int], int]
 
     def train(self, state, plan: batching.Plan, position: run_state.RunPosition):
         """The epoch's dispatches from ``position.dispatch`` on.
@@ -174,10 +169,12 @@ class _Epochs:
         for d in range(position.dispatch, len(indices)):
             step = run_state.global_step(state)
             new_state, metrics = self.train_fn(state, self.data.batches(indices[d], mask[d]))
-            bad = int(np.max(metrics.pop("first_nonfinite_step")))
+            bad, loss = int(metrics.pop("first_diverged_step")), metrics.pop("diverged_loss")
             if bad >= 0:
-                epoch = position.epoch
-                raise run_state.nonfinite_error(step + bad + 1, epoch, self.run_checkpoints)
+                raise run_state.diverged_error(
+                    step + bad + 1, position.epoch, float(loss), self.config.max_loss,
+                    self.run_checkpoints,
+                )  # fmt: skip
             state = new_state
             metrics = {k: np.asarray(v, np.float64) for k, v in metrics.items()}
             totals = metrics if totals is None else {k: totals[k] + metrics[k] for k in totals}
@@ -189,12 +186,12 @@ class _Epochs:
             bar.update(int(np.any(mask[d] > 0, axis=1).sum()))
             if d + 1 == len(indices):
                 break
-            stop = self.preempted(run_state.global_step(state))
-            if stop or (d + 1) % every == 0:
+            signum = self.stopping(run_state.global_step(state))
+            if signum or (d + 1) % every == 0:
                 run_state.RunPosition(position.epoch, d + 1, totals, position.record).save(
                     self.run_checkpoints, state
                 )
-            if stop:
-                raise run_state.preempted_error(state, self.run_checkpoints)
+            if signum:
+                raise run_state.stopped_error(signum, state, self.run_checkpoints)
         bar.close()
         return state, totals, time.perf_counter() - epoch_start

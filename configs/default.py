@@ -13,6 +13,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.data_source = "auto"  # auto | tfds | idx
     config.data_dir = ""  # TFDS data directory; "" = TFDS's default.
     config.idx_dir = ""  # Directory of MNIST-format IDX files.
+    # 0 = the dataset's own class count (TFDS's metadata; for IDX files, 10 for
+    # mnist, fashion_mnist and kmnist). Every label must lie in [0, num_classes).
+    config.num_classes = 0
     config.num_train_examples = 0  # 0 = all; else the first N.
     config.num_test_examples = 0
     config.validation_examples = 0  # Held out from the end of the training set.
@@ -58,6 +61,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.steps_per_dispatch = 50  # Steps per compiled program call.
     config.progress_bar = True
     config.stop_at_test_accuracy = 0.0  # > 0: stop once an epoch reaches it.
+    # Divergence guard: a step whose mean training loss is NaN, Inf or above
+    # max_loss stops the run (exit 1), keeping the last good checkpoint. 0 = NaN/Inf only.
+    config.max_loss = 1e4
 
     # K models in one program (vmap). Lists give one value per member; empty
     # lists use the values above (seeds: seed, seed + 1, ...).

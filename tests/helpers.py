@@ -97,11 +97,12 @@ def write_idx_dataset(directory, num_train=64, num_test=37, size=8, num_classes=
 
 
 def idx_config(directory, **overrides):
-    """The smoke config on a tiny IDX dataset: batch 16, eval batch 8, 2 epochs."""
+    """The smoke config on a tiny 3-class IDX dataset: batch 16, eval batch 8, 2 epochs."""
     config = smoke.get_config()
     config.data_source = "idx"
     config.idx_dir = str(directory)
     config.num_test_examples = 0
+    config.num_classes = 3
     config.batch_size = 16
     config.eval_batch_size = 8
     config.num_epochs = 2
@@ -133,11 +134,11 @@ def final_params(workdir, num_classes=3, members=0):
     return checkpoints.load_params(os.path.join(workdir, "final_params"), like)
 
 
-def step_program(state, batch_size, *, loop="per_step", steps=1):
+def step_program(state, batch_size, *, loop="per_step", steps=1, max_loss=0.0):
     """``build_train``'s program for one model on one device, on 8x8x1 images."""
     return train_lib.build_train(
         state, sharding.data_mesh(1), loop=loop, mode="single", steps=steps,
-        batch_size=batch_size, image_shape=(8, 8, 1),
+        batch_size=batch_size, image_shape=(8, 8, 1), max_loss=max_loss,
     )  # fmt: skip
 
 

@@ -54,9 +54,9 @@ def test_truncated_gzip_is_reported(tmp_path):
         read_idx(path, ndim=3)
 
 
-def test_idx_directory_loads_shapes_and_classes_from_the_files(tmp_path):
+def test_idx_directory_loads_shapes_and_labels_from_the_files(tmp_path):
     directory = write_idx_dataset(tmp_path, num_train=20, num_test=7, size=6, num_classes=3)
-    data = input_pipeline.load_dataset("toy", source="idx", idx_dir=str(directory))
+    data = input_pipeline.load_dataset("toy", source="idx", idx_dir=str(directory), num_classes=3)
     assert data.train_images.shape == (20, 6, 6, 1) and data.train_images.dtype == np.uint8
     assert data.test_labels.shape == (7,) and data.test_labels.dtype == np.int32
     assert data.num_classes == 3
@@ -67,10 +67,12 @@ def test_idx_directory_loads_shapes_and_classes_from_the_files(tmp_path):
 
 def test_a_part_loads_only_its_shards_of_the_first_examples(tmp_path):
     directory = write_idx_dataset(tmp_path, num_train=20, num_test=7, size=6, num_classes=3)
-    full = input_pipeline.load_dataset("toy", source="idx", idx_dir=str(directory))
+    full = input_pipeline.load_dataset("toy", source="idx", idx_dir=str(directory), num_classes=3)
     # The first 17 train / 6 test examples, cut into 4 shards; shards 2 and 3 kept.
     part = input_pipeline.Part(num_train=17, num_test=6, shard_count=4, shards=range(2, 4))
-    data = input_pipeline.load_dataset("toy", source="idx", idx_dir=str(directory), part=part)
+    data = input_pipeline.load_dataset(
+        "toy", source="idx", idx_dir=str(directory), part=part, num_classes=3
+    )
     assert (data.train_total, data.test_total) == (17, 6)
     np.testing.assert_array_equal(data.train_images, full.train_images[8:17])  # 2*17//4 = 8
     np.testing.assert_array_equal(data.test_labels, full.test_labels[3:6])  # 2*6//4 = 3
@@ -81,20 +83,20 @@ def test_mismatched_image_and_label_counts(tmp_path):
     directory = write_idx_dataset(tmp_path, num_train=20)
     (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(idx_bytes(np.zeros(3, np.uint8)))
     with pytest.raises(IdxError, match=r"3 labels for 37 images"):
-        input_pipeline.load_dataset("toy", source="idx", idx_dir=str(directory))
+        input_pipeline.load_dataset("toy", source="idx", idx_dir=str(directory), num_classes=3)
 
 
 def test_missing_idx_file_is_named(tmp_path):
     directory = write_idx_dataset(tmp_path)
     os.remove(tmp_path / "train-labels-idx1-ubyte.gz")
     with pytest.raises(IdxError, match=r"no train-labels-idx1-ubyte or train-labels-idx1-ubyte.gz"):
-        input_pipeline.load_dataset("toy", source="idx", idx_dir=str(directory))
+        input_pipeline.load_dataset("toy", source="idx", idx_dir=str(directory), num_classes=3)
 
 
 def test_nothing_loadable_gives_one_error_listing_attempts_and_fixes(tmp_path, monkeypatch):
     monkeypatch.setitem(input_pipeline.DEBIAN_IDX_DIRS, "fashion_mnist", str(tmp_path / "debian"))
 
-    def offline(name, data_dir, part, *, download):
+    def offline(name, data_dir, part, num_classes, *, download):
         raise input_pipeline._NotAvailable(
             "download failed: no network" if download else "not prepared"
         )
@@ -119,7 +121,7 @@ def test_auto_prefers_a_prepared_tfds_copy_then_local_idx(tmp_path, monkeypatch)
     monkeypatch.setitem(input_pipeline.DEBIAN_IDX_DIRS, "fashion_mnist", str(directory))
     calls = []
 
-    def not_prepared(name, data_dir, part, *, download):
+    def not_prepared(name, data_dir, part, num_classes, *, download):
         calls.append(download)
         raise input_pipeline._NotAvailable("not prepared")
 
@@ -155,9 +157,56 @@ def test_a_fresh_data_dir_is_removed_whole_on_failure(tmp_path):
 def test_looking_for_a_prepared_tfds_copy_writes_nothing(tmp_path):
     with pytest.raises(input_pipeline._NotAvailable, match="not prepared"):
         input_pipeline._load_tfds(
-            "mnist", str(tmp_path / "tfds"), input_pipeline.Part(), download=False
+            "mnist", str(tmp_path / "tfds"), input_pipeline.Part(), 0, download=False
         )
     assert not (tmp_path / "tfds").exists()
+
+
+def write_labels(path, labels):
+    path.write_bytes(idx_bytes(np.asarray(labels, np.uint8)))
+
+
+def test_a_label_outside_the_classes_is_named_with_its_file_and_index(tmp_path):
+    directory = write_idx_dataset(tmp_path, num_train=20, num_test=7)
+    labels = np.zeros(7, np.uint8)
+    labels[4] = 10  # fashion_mnist has classes 0..9: the test split alone is wrong.
+    write_labels(tmp_path / "t10k-labels-idx1-ubyte", labels)
+    message = r"t10k-labels-idx1-ubyte: label 10 at index 4 is outside the 10 classes \[0, 10\)"
+    with pytest.raises(IdxError, match=message):
+        input_pipeline.load_dataset("fashion_mnist", source="idx", idx_dir=str(directory))
+    # A declared count covers the labels it admits, and refuses the rest.
+    data = input_pipeline.load_dataset(
+        "fashion_mnist", source="idx", idx_dir=str(directory), num_classes=11
+    )
+    assert data.num_classes == 11
+    with pytest.raises(IdxError, match=r"label 10 at index 4 is outside the 3 classes"):
+        input_pipeline.load_dataset("toy", source="idx", idx_dir=str(directory), num_classes=3)
+
+
+def test_the_class_count_never_comes_from_the_largest_label(tmp_path):
+    directory = write_idx_dataset(tmp_path, num_train=20, num_test=7, num_classes=3)
+    data = input_pipeline.load_dataset("mnist", source="idx", idx_dir=str(directory))
+    assert data.num_classes == 10  # MNIST's count, though only labels 0..2 occur.
+    with pytest.raises(input_pipeline.DatasetError, match=r"set --config.num_classes"):
+        input_pipeline.load_dataset("toy", source="idx", idx_dir=str(directory))
+
+
+def test_train_and_test_images_of_different_sizes_are_one_error(tmp_path):
+    directory = write_idx_dataset(tmp_path, num_train=20, num_test=7, size=6)
+    (tmp_path / "t10k-images-idx3-ubyte").write_bytes(idx_bytes(np.zeros((7, 5, 6), np.uint8)))
+    message = r"the train images \(.*train-images-idx3-ubyte.gz\) are 6x6x1 but the test images"
+    with pytest.raises(input_pipeline.DatasetError, match=message):
+        input_pipeline.load_dataset("toy", source="idx", idx_dir=str(directory), num_classes=3)
+
+
+def test_tfds_class_count_comes_from_its_metadata_and_must_agree(tmp_path):
+    import tensorflow_datasets as tfds
+
+    with tfds.testing.mock_data(num_examples=12):
+        with pytest.raises(input_pipeline.DatasetError, match=r"TFDS cifar10 has 10 classes"):
+            input_pipeline.load_dataset(
+                "cifar10", source="tfds", data_dir=str(tmp_path), num_classes=5
+            )
 
 
 def test_unknown_source_is_rejected():

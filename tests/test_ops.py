@@ -427,3 +427,30 @@ def test_importing_the_library_loads_neither_tensorflow_nor_tfds():
         "sys.exit(f'imported {bad}' if bad else 0)"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_relu_propagates_nan_like_jax_nn_relu():
+    x = jnp.array([np.nan, -np.inf, -1.0, -0.0, 0.0, 2.0, np.inf])
+    np.testing.assert_array_equal(ops.relu(x), jax.nn.relu(x))
+    assert np.isnan(ops.relu(x)[0])
+    grads = jax.grad(lambda x: jnp.sum(ops.relu(x)))(jnp.array([-1.0, 0.0, 3.0]))
+    assert grads.tolist() == [0.0, 0.0, 1.0]
+
+
+@pytest.mark.parametrize(
+    "op,args",
+    [
+        (ops.relu, [(3,)]),
+        (ops.flatten, [(2, 3, 3, 1)]),
+        (lambda x: ops.max_pool(x, 2), [(1, 4, 4, 1)]),
+        (lambda x: ops.avg_pool(x, 2), [(1, 4, 4, 1)]),
+        (ops.conv2d, [(1, 4, 4, 1), (3, 3, 1, 2)]),
+        (ops.dense, [(2, 3), (3, 4)]),
+    ],
+)
+def test_ops_refuse_complex_inputs(op, args):
+    for i in range(len(args)):
+        arrays = [jnp.ones(shape, jnp.float32) for shape in args]
+        arrays[i] = arrays[i].astype(jnp.complex64)
+        with pytest.raises(TypeError, match="must be real, got dtype complex64"):
+            op(*arrays)

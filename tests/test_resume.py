@@ -1,5 +1,6 @@
 """Checkpoints: exact resume after SIGKILL, SIGTERM, NaN losses, incompatible configs."""
 
+import contextlib
 import json
 import os
 import random
@@ -118,9 +119,8 @@ def test_a_half_written_checkpoint_is_ignored(uninterrupted, tmp_path):
 def test_a_nan_loss_names_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
     data = write_idx_dataset(tmp_path / "data")
     config = idx_config(data, optimizer="sgd", schedule="constant", learning_rate=1e30, **RUN)
-    with pytest.raises(
-        run_state.NonFiniteLossError, match=r"NaN or Inf at step (\d+) \(epoch 1\)"
-    ) as e:
+    config.max_loss = 0.0  # Only NaN and Inf stop the run.
+    with pytest.raises(run_state.DivergedError, match=r"NaN or Inf at step (\d+) \(epoch 1\)") as e:
         trainer.train_and_evaluate(config, str(tmp_path / "run"))
     bad_step = int(e.value.args[0].split("at step ")[1].split()[0])
     manager = checkpoints.RunCheckpoints(tmp_path / "run" / "checkpoints", keep=3)
@@ -143,3 +143,197 @@ def test_an_incompatible_config_is_a_clear_error(uninterrupted, tmp_path):
     _, err = process.communicate(timeout=600)
     assert process.returncode == 1
     assert "error: the checkpoint in" in err and "Traceback" not in err
+
+
+def run_to_end(data, workdir, *flags):
+    process = start(data, workdir, *flags)
+    _, err = process.communicate(timeout=600)
+    return process.returncode, err
+
+
+def assert_one_error_line(err, *parts):
+    assert "Traceback" not in err, err[-3000:]
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, err[-3000:]
+    for part in parts:
+        assert part in errors[0], errors[0]
+
+
+def test_sigint_saves_a_checkpoint_and_exits_130_then_resumes(uninterrupted, tmp_path):
+    data, reference = uninterrupted
+    process = start(data, tmp_path)
+    wait_for_checkpoint(process, tmp_path, 0)
+    process.send_signal(signal.SIGINT)  # What Ctrl-C sends.
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 130, err[-3000:]
+    assert "interrupted (SIGINT) at step" in err and "Traceback" not in err
+    assert 0 < max(saved_steps(tmp_path)) < 40
+    returncode, err = run_to_end(data, tmp_path)
+    assert returncode == 0, err[-3000:]
+    assert_bit_identical(final_params(tmp_path), final_params(reference))
+    assert epoch_scores(tmp_path) == epoch_scores(reference)
+
+
+def test_a_damaged_latest_checkpoint_is_skipped_and_the_run_ends_bit_identical(
+    uninterrupted, tmp_path
+):
+    data, reference = uninterrupted
+    process = start(data, tmp_path)
+    wait_for_checkpoint(process, tmp_path, 12)
+    process.kill()
+    process.communicate()
+    # The finished checkpoints, as Orbax lists them (a kill can leave a step
+    # directory half-deleted or never finalised).
+    newest, second, third = checkpoints.RunCheckpoints(tmp_path / "checkpoints", 3).all_steps()[:3]
+    for path in (tmp_path / "checkpoints" / str(newest)).rglob("*"):
+        if path.is_file() and path.parent.name == "d":
+            path.write_bytes(path.read_bytes()[:10])  # Truncated data files.
+    os.remove(tmp_path / "checkpoints" / str(second) / "state" / "_METADATA")
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": 3, "train_lo')  # A line torn by the kill.
+    returncode, err = run_to_end(data, tmp_path)
+    assert returncode == 0, err[-3000:]
+    assert "Traceback" not in err, err
+    damaged = [line for line in err.splitlines() if "is damaged" in line]
+    assert len(damaged) == 2, err[-3000:]
+    assert f"step {newest} is damaged" in damaged[0] and f"step {second} is damaged" in damaged[1]
+    assert f"Resuming from the checkpoint at step {third} " in err
+    assert "dropped line" in err
+    assert sorted(os.listdir(tmp_path / "damaged_checkpoints")) == sorted(
+        [str(newest), str(second)]
+    )
+    assert_bit_identical(final_params(tmp_path), final_params(reference))
+    assert epoch_scores(tmp_path) == epoch_scores(reference)
+
+
+def test_no_intact_checkpoint_is_one_error_line(uninterrupted, tmp_path):
+    data, reference = uninterrupted
+    shutil.copytree(reference, tmp_path / "run")
+    for path in (tmp_path / "run" / "checkpoints").rglob("_METADATA"):
+        path.unlink()
+    returncode, err = run_to_end(data, tmp_path / "run")
+    assert returncode == 1
+    assert_one_error_line(err, "no intact checkpoint in", "are damaged")
+
+
+def test_a_garbage_line_in_metrics_is_dropped(uninterrupted, tmp_path):
+    data, reference = uninterrupted
+    shutil.copytree(reference, tmp_path / "run")
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    (tmp_path / "run" / "metrics.jsonl").write_text("\n".join([*lines, "\x00\x01garbage"]))
+    returncode, err = run_to_end(data, tmp_path / "run")
+    assert returncode == 0, err[-3000:]
+    assert "dropped line 11, not a record" in err and "Traceback" not in err
+    assert epoch_scores(tmp_path / "run") == epoch_scores(reference)
+
+
+def test_resuming_with_another_config_is_refused_and_config_json_kept(uninterrupted, tmp_path):
+    data, reference = uninterrupted
+    shutil.copytree(reference, tmp_path / "run")
+    before = (tmp_path / "run" / "config.json").read_bytes()
+    returncode, err = run_to_end(
+        data, tmp_path / "run", "--config.batch_size=8", "--config.learning_rate=0.01"
+    )
+    assert returncode == 1
+    assert_one_error_line(
+        err, "holds a run with another config", "batch_size 16 -> 8",
+        "learning_rate 0.002 -> 0.01", "another --workdir",
+    )  # fmt: skip
+    returncode, err = run_to_end(data, tmp_path / "run", "--config.num_epochs=12")
+    assert returncode == 1
+    assert_one_error_line(err, "num_epochs 10 -> 12", "not extended")
+    assert (tmp_path / "run" / "config.json").read_bytes() == before
+    # How the run is watched may change: the rerun resumes (and finds it finished).
+    returncode, err = run_to_end(data, tmp_path / "run", "--config.progress_bar=True")
+    assert returncode == 0, err[-3000:]
+    assert (tmp_path / "run" / "config.json").read_bytes() == before
+
+
+def test_a_second_run_on_a_busy_workdir_is_refused_and_the_first_is_unharmed(
+    uninterrupted, tmp_path
+):
+    data, reference = uninterrupted
+    first = start(data, tmp_path)
+    wait_for_checkpoint(first, tmp_path, 0)
+    returncode, err = run_to_end(data, tmp_path)
+    assert returncode == 1
+    assert_one_error_line(err, f"{tmp_path} is in use by process {first.pid}")
+    _, err = first.communicate(timeout=600)
+    assert first.returncode == 0, err[-3000:]
+    assert_bit_identical(final_params(tmp_path), final_params(reference))
+    assert epoch_scores(tmp_path) == epoch_scores(reference)  # No epoch twice.
+
+
+def test_the_lock_dies_with_its_process(uninterrupted, tmp_path):
+    data, reference = uninterrupted
+    process = start(data, tmp_path)
+    wait_for_checkpoint(process, tmp_path, 0)
+    process.kill()  # No handler runs, no cleanup: the kernel drops the lock.
+    process.communicate()
+    assert (tmp_path / ".lock").exists()
+    returncode, err = run_to_end(data, tmp_path)
+    assert returncode == 0, err[-3000:]
+
+
+def test_a_huge_finite_loss_stops_the_run_like_a_nan(tmp_path):
+    data = write_idx_dataset(tmp_path / "data")
+    flags = ["--config.optimizer=sgd", "--config.schedule=constant", "--config.learning_rate=1e6"]
+    returncode, err = run_to_end(data, tmp_path / "run", *flags)
+    assert returncode == 1
+    assert_one_error_line(err, "above config.max_loss=10000 at step", "(epoch 1)", "is kept in")
+
+
+@contextlib.contextmanager
+def tmpfs(path, size, *options):
+    """A small tmpfs mounted at ``path`` (the tests that need one run as root)."""
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join([f"size={size}", *options]), "tmpfs",
+                    str(path)], check=True)  # fmt: skip
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+AS_ROOT = pytest.mark.skipif(
+    os.geteuid() != 0 or not shutil.which("mount"),
+    reason="mounting a small or read-only tmpfs needs root (CI runs as root)",
+)
+
+
+@AS_ROOT
+def test_a_full_disk_is_one_error_line_and_the_last_checkpoint_survives(uninterrupted, tmp_path):
+    data, reference = uninterrupted
+    with tmpfs(tmp_path / "disk", "4m") as disk:
+        process = start(data, disk / "run")
+        wait_for_checkpoint(process, disk / "run", 8)
+        filler = disk / "filler"
+        with open(filler, "wb") as f:  # Fill every free byte, as another program would.
+            with contextlib.suppress(OSError):
+                while True:
+                    f.write(b"\0" * 65536)
+                    f.flush()
+        _, err = process.communicate(timeout=300)
+        assert process.returncode == 1
+        assert_one_error_line(err, "No space left on device", str(disk / "run"))
+        filler.unlink()
+        returncode, err = run_to_end(data, disk / "run")
+        assert returncode == 0, err[-3000:]
+        assert_bit_identical(final_params(disk / "run"), final_params(reference))
+        assert epoch_scores(disk / "run") == epoch_scores(reference)
+
+
+@AS_ROOT
+def test_an_unusable_workdir_is_one_error_line(uninterrupted, tmp_path):
+    data, _ = uninterrupted
+    (tmp_path / "file").write_text("not a directory")
+    cases = {
+        tmp_path / "file": "it is a file",
+        tmp_path / "file" / "run": "Not a directory",
+    }
+    with tmpfs(tmp_path / "readonly", "1m", "ro") as readonly:
+        cases[readonly / "run"] = "Read-only file system"
+        for workdir, why in cases.items():
+            returncode, err = run_to_end(data, workdir)
+            assert returncode == 1
+            assert_one_error_line(err, f"cannot use {workdir} as the workdir: {why}")

@@ -112,7 +112,7 @@ def test_compiled_loop_equals_per_step_loop():
         for plan in zip(indices, mask):
             batches = batching.gather_batches(images, labels, *plan)
             states[loop], sums = program(states[loop], batches)
-            assert int(sums.pop("first_nonfinite_step")) == -1
+            assert int(sums.pop("first_diverged_step")) == -1
             totals[loop] = sums if loop not in totals else jax.tree.map(np.add, totals[loop], sums)
     assert int(states["compiled"].step) == int(states["per_step"].step) == 5
     assert float(totals["compiled"]["count"]) == float(totals["per_step"]["count"]) == 70
@@ -126,16 +126,28 @@ def test_compiled_loop_equals_per_step_loop():
 
 
 @pytest.mark.parametrize("loop", LOOPS)
-def test_both_loops_report_the_first_nonfinite_step(loop):
+def test_both_loops_report_the_first_diverged_step_and_its_loss(loop):
     images, labels = toy_data(48)
-    images[20:32] = 255  # Step 1 of 3 (batch 16): made to diverge by a huge learning rate.
-    state = small_state("sgd")
-    state = state.replace(hparams={**state.hparams, "learning_rate": jnp.float32(1e30)})
-    batches = batching.gather_batches(
-        images, labels, np.arange(48).reshape(3, 16), np.ones((3, 16), np.float32)
-    )
-    _, sums = step_program(state, 16, loop=loop, steps=3)(state, batches)
-    assert 0 <= int(sums["first_nonfinite_step"]) <= 2
+    mask = np.ones((3, 16), np.float32)
+    batches = batching.gather_batches(images, labels, np.arange(48).reshape(3, 16), mask)
+
+    def divergence(learning_rate, max_loss):
+        state = small_state("sgd")
+        state = state.replace(
+            hparams={**state.hparams, "learning_rate": jnp.float32(learning_rate)}
+        )
+        program = step_program(state, 16, loop=loop, steps=3, max_loss=max_loss)
+        _, sums = program(state, batches)
+        return int(sums["first_diverged_step"]), float(sums["diverged_loss"]), sums
+
+    # A sane step: nothing diverges, whatever the bound.
+    assert divergence(0.1, 1e4)[0] == -1
+    # Step 0 trains at 1e9: its own loss is sane, step 1's is huge but finite.
+    first, loss, sums = divergence(1e9, 1e4)
+    assert first == 1 and 1e4 < loss < np.inf
+    # Without a bound only NaN or Inf count: the huge steps go on until one is not finite.
+    first, loss, sums = divergence(1e30, 0.0)
+    assert first >= 1 and not np.isfinite(loss)
     assert not np.isfinite(sums["loss_sum"])
 
 

@@ -5,8 +5,9 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
-from helpers import write_idx_dataset
+from helpers import idx_bytes, write_idx_dataset
 
 from cnnflat_jax import input_pipeline
 
@@ -90,3 +91,41 @@ def test_population_from_the_command_line(tmp_path):
     assert [r["member"] for r in lines] == [0, 1, 2, "ensemble"]
     assert [r["learning_rate"] for r in lines[:3]] == [0.01, 0.03, 0.1]
     assert "Population summary:" in result.stderr
+
+
+def one_error_line(result):
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, result.stderr[-3000:]
+    return errors[0]
+
+
+def idx_run(tmp_path, data, *flags):
+    return train(tmp_path / "run", "--config.data_source=idx", f"--config.idx_dir={data}", *flags)
+
+
+@pytest.mark.parametrize(
+    "split_file,index,value",
+    [("train-labels-idx1-ubyte", 7, 200), ("t10k-labels-idx1-ubyte", 3, 10)],
+)
+def test_a_label_outside_the_classes_stops_the_run_before_training(
+    tmp_path, split_file, index, value
+):
+    data = write_idx_dataset(tmp_path / "data", num_train=20, num_test=7)
+    for stale in (data / split_file, data / f"{split_file}.gz"):
+        stale.unlink(missing_ok=True)
+    labels = np.zeros(20 if split_file.startswith("train") else 7, np.uint8)
+    labels[index] = value
+    (data / split_file).write_bytes(idx_bytes(labels))
+    line = one_error_line(idx_run(tmp_path, data))  # fashion_mnist: 10 classes.
+    assert f"{data / split_file}: label {value} at index {index} is outside the 10 classes" in line
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_train_and_test_images_of_different_sizes_are_one_error_line(tmp_path):
+    data = write_idx_dataset(tmp_path / "data", num_train=20, num_test=7, size=8)
+    (data / "t10k-images-idx3-ubyte").write_bytes(idx_bytes(np.zeros((7, 9, 9), np.uint8)))
+    line = one_error_line(idx_run(tmp_path, data, "--config.num_classes=3"))
+    assert "the train images" in line and "are 8x8x1 but the test images" in line
+    assert "are 9x9x1" in line
