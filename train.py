@@ -10,6 +10,7 @@ processes (hosts): ``--coordinator_address=HOST:PORT --num_processes=N
 """
 
 import logging as std_logging
+import os
 import signal
 import sys
 
@@ -68,6 +69,11 @@ def main(argv):
         idx.IdxError,
     ) as e:
         sys.exit(f"error: {e}")
+    except checkpoints.CheckpointWriteError as e:
+        # Orbax's failed writes leave tasks that complain when the interpreter
+        # finalises them: the error is said, so leave without finalising.
+        print(f"error: {e}; the checkpoints before it are intact", file=sys.stderr, flush=True)
+        os._exit(1)
     except OSError as e:  # A full disk, a read-only or unusable workdir, a permission.
         sys.exit(f"error: {os_error(e)}")
 

@@ -1,77 +1,119 @@
-"""Side by side: the default CNN's training speed in every implementation we have.
+"""The default CNN's training and eval speed in every implementation, each in its own process.
 
     python -m benchmarks.speed_comparison --config configs/default.py --rounds 5
 
-One process, the same real Fashion-MNIST batches (batch 128, Adam), and in
-every round each implementation trains ``--steps`` steps, one after the
-other, so each ratio is measured under the same machine load. Rows:
+XLA's and PyTorch's worker threads keep spinning after their work and take
+the cores from whatever runs next in the same process, so every row runs in
+a fresh Python process, every round, with each framework's default threads:
 
-- the Flax example's way: ``flax.linen`` Conv/max_pool/Dense, one jitted
-  step per batch from a Python loop (the reference, ratio 1.00);
-- our per-step loop (``train_lib.build_train(loop="per_step")``, the first
-  lowering), as ``train.py`` builds it;
-- our compiled loop (``loop="compiled"``, ``lax.scan`` over the steps) with
-  each ``ops.conv2d`` lowering;
-- PyTorch eager and ``torch.compile(model)`` (skipped if torch is missing).
+- ``train.py``: the command users run (2 epochs); its epoch-2 ``images_per_sec``
+  from ``metrics.jsonl``, which includes the host gather of every dispatch.
+- ours, compiled step: the program ``train.py`` compiles
+  (``benchmarks.programs``), ``--steps`` steps per call, host gather included.
+- the Flax example's CNN and step: ``nn.Conv``/``nn.max_pool``/``nn.Dense``,
+  one jitted step per batch from a Python loop, as in flax/examples/mnist.
+- PyTorch eager, and ``torch.compile(model)``: our CNN exported by
+  ``interop.to_torch`` (the same weights), a plain Python loop.
 
-Reports training images/s (median over rounds), the ratio to the Flax example
-and to ``torch.compile`` (both medians of the per-round ratios), the compile
-time of each JAX program, and eval images/s of the first lowering. On CPU
-the ``lax`` compiled loop takes ~2 s per step (JAX's transposed convolutions
-inside ``lax.scan``), most of the ~15 minutes a run takes; leave it out of
-``--lowerings`` for a quick look.
+All train on real Fashion-MNIST batches of ``config.batch_size`` with Adam at
+``config.learning_rate``; eval scores the whole test split in batches of
+``config.eval_batch_size``. The row order rotates each round. Reports each
+row's median images/s, and the median over rounds of the per-round ratio of
+ours (``train.py`` and the compiled step) to that row.
 """
 
+from __future__ import annotations
+
+import json
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 from absl import app, flags
 from ml_collections import config_flags
 
-from benchmarks import programs
-from cnnflat_jax import batching, input_pipeline, interop, models
-
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Config to time.")
-_ROUNDS = flags.DEFINE_integer("rounds", 5, "Timed rounds; medians are reported.")
-_STEPS = flags.DEFINE_integer("steps", 40, "Training steps per implementation per round.")
-_LOWERINGS = flags.DEFINE_list(
-    "lowerings", ["hybrid", "im2col", "nhwc_grads", "lax"], "ops.conv2d lowerings to time."
-)
+_ROUNDS = flags.DEFINE_integer("rounds", 5, "Rounds; each runs every row once, in a new order.")
+_STEPS = flags.DEFINE_integer("steps", 40, "Training steps per timed call.")
+_CALLS = flags.DEFINE_integer("calls", 5, "Timed calls per row per round (after one warm-up).")
 _TORCH = flags.DEFINE_boolean("torch", True, "Also time PyTorch eager and torch.compile.")
+_ROW = flags.DEFINE_string("row", "", "Internal: run this one row and print its result.")
+
+TRAIN_PY = "train.py"
+OURS = "ours, compiled step"
+FLAX = "Flax example (nn.Conv, jitted step)"
+EAGER = "PyTorch eager"
+COMPILE = "torch.compile"
 
 
-class FlaxExampleCNN(nn.Module):
-    """``config.model``'s CNN written as the Flax examples write it (nn.Conv, nn.max_pool)."""
-
-    fields: dict
-    num_classes: int
-
-    @nn.compact
-    def __call__(self, x):
-        size, window = self.fields["kernel_size"], self.fields["pool_window"]
-        for features in self.fields["conv_features"]:
-            x = nn.relu(nn.Conv(features, (size, size))(x))
-            x = nn.max_pool(x, (window, window), (window, window))
-        x = x.reshape(x.shape[0], -1)
-        for features in self.fields["dense_features"]:
-            x = nn.relu(nn.Dense(features)(x))
-        return nn.Dense(self.num_classes)(x)
+def timed(fn, calls: int) -> float:
+    """Median seconds of ``calls`` calls of ``fn`` (which waits for its results)."""
+    seconds = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        fn()
+        seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds)
 
 
-def flax_example_runner(images, labels, learning_rate, fields, num_classes):
-    """A Python loop over one jitted step, as in flax/examples/mnist."""
-    model = FlaxExampleCNN(fields, num_classes)
-    tx = optax.adam(learning_rate)
-    params = model.init(jax.random.key(0), jnp.zeros((1, *images.shape[2:])))["params"]
-    opt_state = tx.init(params)
+def training_batches(config, data):
+    """The first ``--steps`` batches of epoch 1, gathered as train.py does."""
+    import jax
+
+    from cnnflat_jax import batching
+
+    indices, mask = batching.epoch_plan(
+        jax.random.key(1), 1, len(data.train_labels), config.batch_size, _STEPS.value
+    )
+    return batching.gather_batches(data.train_images, data.train_labels, indices[0], mask[0])
+
+
+def measure_ours(config, data) -> dict:
+    import jax
+
+    from benchmarks import programs
+
+    start = time.perf_counter()
+    training = programs.training(config, data, loop="compiled", steps=_STEPS.value)
+    evaluate, _ = programs.evaluation(config, data, training.state)
+    training.run(0)
+    jax.block_until_ready(evaluate(training.state))
+    warmup = time.perf_counter() - start
+    calls = iter(range(1, 1 + _CALLS.value))
+    train_sec = timed(lambda: training.run(next(calls)), _CALLS.value) / _STEPS.value
+    eval_sec = timed(lambda: jax.block_until_ready(evaluate(training.state)), 3)
+    return {"train_step_sec": train_sec, "eval_sec": eval_sec, "warmup_sec": warmup}
+
+
+def measure_flax(config, data) -> dict:
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    fields = config.model.to_dict()
+    size, window = fields["kernel_size"], fields["pool_window"]
+
+    class FlaxExampleCNN(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            for features in fields["conv_features"]:
+                x = nn.relu(nn.Conv(features, (size, size))(x))
+                x = nn.max_pool(x, (window, window), (window, window))
+            x = x.reshape(x.shape[0], -1)
+            for features in fields["dense_features"]:
+                x = nn.relu(nn.Dense(features)(x))
+            return nn.Dense(data.num_classes)(x)
+
+    model, tx = FlaxExampleCNN(), optax.adam(config.learning_rate)
+    params = model.init(jax.random.key(0), jnp.zeros((1, *data.image_shape)))["params"]
+    state = {"params": params, "opt": tx.init(params)}
 
     @jax.jit
-    def step(params, opt_state, image, label):
+    def train_step(params, opt_state, image, label):
         def loss_fn(params):
             logits = model.apply({"params": params}, image.astype(jnp.float32) / 255.0)
             return optax.softmax_cross_entropy_with_integer_labels(logits, label).mean()
@@ -80,133 +122,182 @@ def flax_example_runner(images, labels, learning_rate, fields, num_classes):
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state
 
+    @jax.jit
+    def eval_step(params, image, label):
+        logits = model.apply({"params": params}, image.astype(jnp.float32) / 255.0)
+        return jnp.sum(jnp.argmax(logits, -1) == label)
+
+    batches = training_batches(config, data)
+    test = eval_batches(config, data)
+
+    def train():
+        for image, label in zip(batches["image"], batches["label"]):
+            state["params"], state["opt"] = train_step(state["params"], state["opt"], image, label)
+        jax.block_until_ready(state["params"])
+
+    def evaluate():
+        return sum(int(eval_step(state["params"], x, y)) for x, y in test)
+
     start = time.perf_counter()
-    jax.block_until_ready(step(params, opt_state, images[0], labels[0]))
-    compile_sec = time.perf_counter() - start
-
-    def run():
-        nonlocal params, opt_state
-        for image, label in zip(images, labels):
-            params, opt_state = step(params, opt_state, image, label)
-        jax.block_until_ready(params)
-
-    return run, compile_sec
+    train()
+    evaluate()
+    warmup = time.perf_counter() - start
+    return {
+        "train_step_sec": timed(train, _CALLS.value) / _STEPS.value,
+        "eval_sec": timed(evaluate, 3),
+        "warmup_sec": warmup,
+    }
 
 
-def our_runners(config, data, lowering):
-    """Our compiled loop (and, for the first lowering, per-step loop and eval), as
-    ``train.py`` builds them (``benchmarks.programs``)."""
-    config = config.copy_and_resolve_references()
-    config.model.conv_lowering = lowering
-    loops = ["compiled"] if lowering != _LOWERINGS.value[0] else ["per_step", "compiled"]
-    names = {"compiled": "compiled loop", "per_step": "per-step loop"}
-    runners, compile_sec = {}, {}
-    for loop in loops:
-        training = programs.training(config, data, loop=loop, steps=_STEPS.value)
-        runners[f"{names[loop]}, {lowering}"] = lambda training=training: training.run(1)
-        compile_sec[loop] = training.compile_sec
-    if lowering != _LOWERINGS.value[0]:
-        return runners, compile_sec, None
-    evaluate, _ = programs.evaluation(config, data, training.state)
-    return runners, compile_sec, lambda: jax.block_until_ready(evaluate(training.state))
+def eval_batches(config, data):
+    size = config.eval_batch_size
+    return [
+        (data.test_images[i : i + size], data.test_labels[i : i + size])
+        for i in range(0, len(data.test_labels), size)
+    ]
 
 
-def torch_runners(images, labels, learning_rate, ported):
-    """PyTorch eager and torch.compile(model) on the same batches (NCHW).
-
-    The network is ``interop.to_torch(ported)``: our CNN, with our initial weights.
-    """
+def measure_torch(config, data, compiled: bool) -> dict:
+    import jax
+    import jax.numpy as jnp
     import torch
     import torch.nn.functional as F
 
-    x = torch.from_numpy(images.transpose(0, 1, 4, 2, 3).astype(np.float32) / 255.0)
-    y = torch.from_numpy(labels.astype(np.int64))
-    runners, compile_sec = {}, {}
-    for name, wrap in (("PyTorch eager", lambda m: m), ("torch.compile", torch.compile)):
-        net = interop.to_torch(ported)
-        forward = wrap(net)
-        optimizer = torch.optim.Adam(net.parameters(), learning_rate)
+    from cnnflat_jax import interop, models
 
-        def run(forward=forward, optimizer=optimizer):
-            for image, label in zip(x, y):
-                optimizer.zero_grad(set_to_none=True)
-                F.cross_entropy(forward(image), label).backward()
-                optimizer.step()
+    model = models.from_fields(config.model, data.num_classes)
+    params = model.init(jax.random.key(0), jnp.zeros((1, *data.image_shape)))["params"]
+    fields = config.model.to_dict()
+    ported = interop.Ported(fields, data.num_classes, data.image_shape, jax.device_get(params))
+    net = interop.to_torch(ported)
+    forward = torch.compile(net) if compiled else net
+    optimizer = torch.optim.Adam(net.parameters(), config.learning_rate)
 
+    def nchw(images):
+        return torch.from_numpy(images.transpose(0, 3, 1, 2).astype(np.float32) / 255.0)
+
+    batches = training_batches(config, data)
+    images = [nchw(x) for x in batches["image"]]
+    labels = [torch.from_numpy(y.astype(np.int64)) for y in batches["label"]]
+    test = [(nchw(x), torch.from_numpy(y.astype(np.int64))) for x, y in eval_batches(config, data)]
+
+    def train():
+        net.train()
+        for image, label in zip(images, labels):
+            optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(forward(image), label).backward()
+            optimizer.step()
+
+    def evaluate():
+        net.eval()
+        with torch.no_grad():
+            return sum(int((forward(x).argmax(1) == y).sum()) for x, y in test)
+
+    start = time.perf_counter()
+    train()  # Warm-up (and, for torch.compile, compilation).
+    evaluate()
+    warmup = time.perf_counter() - start
+    return {
+        "train_step_sec": timed(train, _CALLS.value) / _STEPS.value,
+        "eval_sec": timed(evaluate, 3),
+        "warmup_sec": warmup,
+    }
+
+
+def run_row(config) -> None:
+    """The child process: measure ``--row`` and print one JSON line."""
+    from cnnflat_jax import input_pipeline
+
+    data = input_pipeline.load_data(config, data_shards=1)
+    measure = {
+        OURS: measure_ours,
+        FLAX: measure_flax,
+        EAGER: lambda c, d: measure_torch(c, d, compiled=False),
+        COMPILE: lambda c, d: measure_torch(c, d, compiled=True),
+    }[_ROW.value]
+    result = measure(config, data)
+    result["train_images_per_sec"] = config.batch_size / result.pop("train_step_sec")
+    result["eval_images_per_sec"] = len(data.test_labels) / result.pop("eval_sec")
+    print("RESULT " + json.dumps(result))
+
+
+def config_flags_of(argv: list[str]) -> list[str]:
+    """The ``--config`` flags in ``argv`` (the command line), to pass on to children."""
+    passed = []
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            passed += [arg, argv[i + 1]]
+        elif arg.startswith("--config"):
+            passed.append(arg)
+    return passed
+
+
+def child(row: str, argv: list[str]) -> dict:
+    command = [sys.executable, "-m", "benchmarks.speed_comparison", f"--row={row}",
+               f"--steps={_STEPS.value}", f"--calls={_CALLS.value}",
+               *config_flags_of(argv)]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=1800)
+    if result.returncode:
+        raise RuntimeError(f"{row} failed:\n{result.stderr[-3000:]}")
+    line = next(x for x in result.stdout.splitlines() if x.startswith("RESULT "))
+    return json.loads(line.removeprefix("RESULT "))
+
+
+def train_py(argv: list[str]) -> dict:
+    """``train.py`` as users run it, 2 epochs: epoch 2's images/s."""
+    with tempfile.TemporaryDirectory() as workdir:
+        command = [sys.executable, "train.py", *config_flags_of(argv), "--workdir", workdir,
+                   "--config.num_epochs=2", "--config.progress_bar=False"]  # fmt: skip
         start = time.perf_counter()
-        run()  # Warm-up (and, for torch.compile, compilation).
-        compile_sec[name] = time.perf_counter() - start
-        runners[name] = run
-    return runners, compile_sec
+        result = subprocess.run(command, capture_output=True, text=True, timeout=1800)
+        if result.returncode:
+            raise RuntimeError(f"train.py failed:\n{result.stderr[-3000:]}")
+        with open(f"{workdir}/metrics.jsonl") as f:
+            last = [json.loads(line) for line in f][-1]
+    return {"train_images_per_sec": last["images_per_sec"], "wall_sec": time.perf_counter() - start}
 
 
 def main(_):
     config = _CONFIG.value
-    fields = config.model.to_dict()
-    if (fields["name"], fields["pool"], fields["padding"]) != ("cnn", "max", "SAME"):
-        raise app.UsageError("speed_comparison times a CNN with max pooling and SAME padding")
-    data = input_pipeline.load_data(config, data_shards=1)
-    indices, mask = batching.epoch_plan(
-        jax.random.key(1), 1, len(data.train_labels), config.batch_size, _STEPS.value
-    )
-    batches = batching.gather_batches(data.train_images, data.train_labels, indices[0], mask[0])
-    images, labels = batches["image"], batches["label"]
+    if _ROW.value:
+        run_row(config)
+        return
+    import jax
 
-    flax_run, flax_compile = flax_example_runner(
-        images, labels, config.learning_rate, fields, data.num_classes
-    )
-    runners = {"Flax example (nn.Conv, jit step)": flax_run}
-    compile_sec = {"Flax example step": flax_compile}
-    run_eval = None
-    for lowering in _LOWERINGS.value:
-        more, seconds, eval_fn = our_runners(config, data, lowering)
-        runners.update(more)
-        for kind, sec in seconds.items():
-            compile_sec[f"{kind}, {lowering}"] = sec
-        run_eval = run_eval or eval_fn
-    if _TORCH.value:
-        model = models.from_fields(config.model, data.num_classes)
-        params = model.init(jax.random.key(0), jnp.zeros((1, *data.image_shape)))["params"]
-        ported = interop.Ported(fields, data.num_classes, data.image_shape, jax.device_get(params))
-        more, seconds = torch_runners(images, labels, config.learning_rate, ported)
-        runners.update(more)
-        compile_sec.update({f"{name} warm-up": sec for name, sec in seconds.items()})
+    argv = sys.argv
 
-    for run in runners.values():  # Warm-up.
-        run()
-    rates = {name: [] for name in runners}
-    eval_rates = []
-    for _ in range(_ROUNDS.value):
-        for name, run in runners.items():
-            start = time.perf_counter()
-            run()
-            rates[name].append(_STEPS.value * config.batch_size / (time.perf_counter() - start))
-        start = time.perf_counter()
-        run_eval()
-        eval_rates.append(len(data.test_labels) / (time.perf_counter() - start))
+    rows = [TRAIN_PY, OURS, FLAX] + ([EAGER, COMPILE] if _TORCH.value else [])
+    results = {row: [] for row in rows}
+    for r in range(_ROUNDS.value):
+        order = rows[r % len(rows) :] + rows[: r % len(rows)]
+        for row in order:
+            results[row].append(train_py(argv) if row == TRAIN_PY else child(row, argv))
+        print(f"round {r}: " + ", ".join(
+            f"{row} {results[row][-1]['train_images_per_sec']:.0f}" for row in order
+        ), file=sys.stderr, flush=True)  # fmt: skip
 
-    def ratio_to(reference):
-        if reference not in rates:
-            return {}
-        return {
-            name: statistics.median(a / b for a, b in zip(values, rates[reference]))
-            for name, values in rates.items()
-        }
+    def median(row, key):
+        values = [x[key] for x in results[row] if key in x]
+        return statistics.median(values) if values else None
 
-    to_flax, to_torch = ratio_to(next(iter(rates))), ratio_to("torch.compile")
-    print(
-        f"\nDefault CNN, batch {config.batch_size}, {_ROUNDS.value} rounds x {_STEPS.value} "
-        f"steps, {jax.devices()[0].device_kind}, jax {jax.__version__}"
-    )
-    print("| implementation | train images/s | vs Flax example | vs torch.compile |")
-    print("|---|---|---|---|")
-    for name, values in rates.items():
-        vs_torch = f"{to_torch[name]:.2f}" if to_torch else "-"
-        print(f"| {name} | {statistics.median(values):.0f} | {to_flax[name]:.2f} | {vs_torch} |")
-    print(f"\neval images/s ({_LOWERINGS.value[0]}): {statistics.median(eval_rates):.0f}")
-    print("| program | compile or warm-up s |\n|---|---|")
-    for name, sec in compile_sec.items():
-        print(f"| {name} | {sec:.2f} |")
+    def ratio(ours, row):
+        return statistics.median(
+            a["train_images_per_sec"] / b["train_images_per_sec"]
+            for a, b in zip(results[ours], results[row])
+        )
+
+    print(f"\nbatch {config.batch_size}, {_ROUNDS.value} rounds (rotated), each row in its own "
+          f"process; {_STEPS.value} steps per call, {_CALLS.value} calls; jax {jax.__version__}, "
+          f"{jax.devices()[0].device_kind}")  # fmt: skip
+    print("| implementation | train images/s | train.py / it | compiled step / it "
+          "| eval images/s | warm-up s |\n|---|---|---|---|---|---|")  # fmt: skip
+    for row in rows:
+        evaluation, warmup = median(row, "eval_images_per_sec"), median(row, "warmup_sec")
+        print(
+            f"| {row} | {median(row, 'train_images_per_sec'):.0f} | {ratio(TRAIN_PY, row):.2f} "
+            f"| {ratio(OURS, row):.2f} | {f'{evaluation:.0f}' if evaluation else '-'} "
+            f"| {f'{warmup:.1f}' if warmup else '-'} |"
+        )
 
 
 if __name__ == "__main__":

@@ -31,8 +31,8 @@ SMOKE = ["--config", "configs/smoke.py", "--rounds", "1", "--steps", "2"]
         ),
         (
             "speed_comparison",
-            [*SMOKE, "--lowerings", "hybrid,im2col", "--notorch"],
-            "| compiled loop, im2col |",
+            [*SMOKE, "--calls", "1", "--notorch"],
+            "| ours, compiled step |",
         ),
         ("population_throughput", [*SMOKE, "--sizes", "1,2"], "| 2 |"),
         ("sharding_overhead", [*SMOKE, "--devices", "1,8"], "| 8 |"),
