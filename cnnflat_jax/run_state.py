@@ -106,7 +106,7 @@ def check_same_run(workdir: str, config: ml_collections.ConfigDict) -> None:
     try:
         with open(path) as f:
             old = config_lib.flat_fields(json.load(f))
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, AttributeError) as e:  # AttributeError: JSON, not an object.
         raise RunError(f"{path} is unreadable ({e}); it describes the run to resume") from None
     new = config_lib.flat_fields(json.loads(config.to_json_best_effort()))
     defaults = config_lib.default_fields()

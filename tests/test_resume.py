@@ -247,6 +247,10 @@ def test_resuming_with_another_config_is_refused_and_config_json_kept(uninterrup
     returncode, err = run_to_end(data, tmp_path / "run", "--config.progress_bar=True")
     assert returncode == 0, err[-3000:]
     assert (tmp_path / "run" / "config.json").read_bytes() == before
+    (tmp_path / "run" / "config.json").write_text("[]")  # Damaged: not the run's config.
+    returncode, err = run_to_end(data, tmp_path / "run")
+    assert returncode == 1
+    assert_one_error_line(err, "config.json is unreadable", "it describes the run to resume")
 
 
 def test_a_second_run_on_a_busy_workdir_is_refused_and_the_first_is_unharmed(
