@@ -17,6 +17,10 @@ from jax.sharding import Mesh
 
 from cnnflat_jax import batching, input_pipeline, models, population, sharding, train_lib
 
+# The per-layer profiles' names for what no conv or dense layer claims.
+BETWEEN = "between layers (ReLU, pool, flatten, loss)"
+OPTIMIZER = "optimizer, loss sums and loop"
+
 
 @dataclasses.dataclass
 class Training:

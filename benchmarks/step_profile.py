@@ -14,11 +14,18 @@ is charged to the op at its root. Times are ms per step on the thread that
 runs each op; work an op hands to other threads (a GEMM split over both
 cores) is not seen separately, and idle gaps are not counted, so the sum is
 not the wall time, which is printed too.
+
+With ``--torch`` (the default), ``benchmarks.torch_profile`` profiles the same
+CNN's eager PyTorch step in a child process, and the layer table gains
+PyTorch's ms per step beside ours.
 """
 
 import collections
 import glob
+import json
 import re
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -32,6 +39,7 @@ from cnnflat_jax import input_pipeline
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Config to profile.")
 _STEPS = flags.DEFINE_integer("steps", 20, "Training steps in the traced call.")
 _TOP = flags.DEFINE_integer("top", 15, "How many of the costliest ops to list.")
+_TORCH = flags.DEFINE_boolean("torch", True, "Profile PyTorch's eager step too, in a child.")
 _OP_NAME = re.compile(r'^\s*(?:ROOT )?%(\S+) = (\S+) .*op_name="([^"]*)"')
 # Control flow: its trace events enclose the ops it runs, which are counted.
 _CONTROL_FLOW = re.compile(r" (?:while|conditional|call)\(")
@@ -45,9 +53,19 @@ def charge(op_name):
     elif "jvp(" in op_name:
         direction = "forward"
     else:
-        return "optimizer, loss sums and loop", "-"
+        return programs.OPTIMIZER, "-"
     layer = _LAYER.search(op_name)
-    return (layer[1] if layer else "between layers (ReLU, pool, flatten, loss)"), direction
+    return (layer[1] if layer else programs.BETWEEN), direction
+
+
+def torch_profile(argv):
+    """``benchmarks.torch_profile``'s result, run in its own process."""
+    config = [arg for arg in argv[1:] if arg.startswith("--config")]
+    config += [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == "--config"]
+    command = [sys.executable, "-m", "benchmarks.torch_profile", f"--steps={_STEPS.value}", *config]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=1800, check=True)
+    line = next(x for x in result.stdout.splitlines() if x.startswith("RESULT "))
+    return json.loads(line.removeprefix("RESULT "))
 
 
 def thunk_times(trace_dir):
@@ -93,9 +111,18 @@ def main(_):
     op_ms = sum(per_step.values())
     print(f"\n{_STEPS.value} steps at batch {config.batch_size}, {jax.devices()[0].device_kind}; "
           f"wall {wall_ms:.1f} ms per step while traced, ops {op_ms:.1f} ms")  # fmt: skip
-    print("| layer | pass | ms per step | share |\n|---|---|---|---|")
-    for (layer, direction), ms in sorted(by_layer.items()):
-        print(f"| {layer} | {direction} | {ms:.2f} | {ms / op_ms:.0%} |")
+    theirs = {}
+    if _TORCH.value:
+        result = torch_profile(sys.argv)
+        theirs = {(layer, direction): ms for layer, direction, ms in result["rows"]}
+        print(f"PyTorch eager: wall {result['wall_ms']:.1f} ms per step while profiled, "
+              f"ops {sum(theirs.values()):.1f} ms")  # fmt: skip
+    print("| layer | pass | ours ms per step | share | PyTorch ms per step | ours / PyTorch |")
+    print("|---|---|---|---|---|---|")
+    for key in sorted(set(by_layer) | set(theirs)):
+        ours, torch_ms = by_layer.get(key, 0.0), theirs.get(key)
+        vs = f"{torch_ms:.2f} | {ours / torch_ms:.2f}" if torch_ms else "- | -"
+        print(f"| {key[0]} | {key[1]} | {ours:.2f} | {ours / op_ms:.0%} | {vs} |")
     print("\n| XLA op | shape | layer, pass | ms per step |\n|---|---|---|---|")
     for name, ms in collections.Counter(per_step).most_common(_TOP.value):
         shape, op_name = ops[name]

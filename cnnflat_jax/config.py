@@ -27,7 +27,7 @@ import jax
 import ml_collections
 from absl import flags
 
-from cnnflat_jax import input_pipeline, models, ops, population, train_lib
+from cnnflat_jax import input_pipeline, layers, models, ops, population, train_lib
 
 
 class ConfigError(ValueError):
@@ -200,7 +200,18 @@ MODEL_RULES: dict[str, Rule] = {
     "dense_features": sequence(integer(1)),
     "permute_flat": boolean(),
     "conv_lowering": choice(*ops.CONV_LOWERINGS),
+    "layers": Rule("a tuple of layer specs: " + layers.USAGE, lambda v: _layers_fault(v)),
 }
+
+
+def _layers_fault(specs: Any) -> str | None:
+    if not isinstance(specs, (tuple, list)) or not specs:
+        return "not a non-empty tuple"
+    try:
+        layers.parse(specs)
+    except layers.SpecError as e:
+        return str(e)
+    return None
 
 
 def _is_group(value: Any) -> bool:
@@ -263,7 +274,21 @@ def _check_model(model: Mapping[str, Any]) -> None:
                 f"model.{key}", value, f"not a field of model {model['name']!r}",
                 ", ".join(sorted(takes)),
             )  # fmt: skip
-        _check_rule(f"model.{key}", value, MODEL_RULES[key])
+        if key == "layers":
+            _check_layers(value)
+        else:
+            _check_rule(f"model.{key}", value, MODEL_RULES[key])
+
+
+def _check_layers(specs: Any) -> None:
+    """A tuple of layer specs, each one parsing and fitting the one before it."""
+    rule = MODEL_RULES["layers"]
+    try:
+        layers.parse(specs)
+    except layers.SpecError as e:
+        if isinstance(specs, (tuple, list)) and specs:
+            raise ConfigError(f"model.layers[{e.position}]", e.spec, e.why, rule.allowed) from None
+    _check_rule("model.layers", specs, rule)
 
 
 def _check_population(config: ml_collections.ConfigDict) -> None:
@@ -317,9 +342,15 @@ def _check_devices(config: ml_collections.ConfigDict) -> None:
 
 
 def check_data(
-    config: ml_collections.ConfigDict, image_shape: tuple[int, ...], train_total: int
+    config: ml_collections.ConfigDict,
+    image_shape: tuple[int, ...],
+    train_total: int,
+    num_classes: int | None = None,
 ) -> None:
-    """Raises ``ConfigError`` for limits set by the data: the split and the model's sizes."""
+    """Raises ``ConfigError`` for limits set by the data: the split and the model's sizes.
+
+    With ``num_classes``, the model must also output one logit per class.
+    """
     data_shards = config.data_shards or jax.process_count()
     held = config.validation_examples
     if held % data_shards:
@@ -335,6 +366,30 @@ def check_data(
         )  # fmt: skip
     if config.model.name == "cnn":
         _check_cnn_sizes(config.model, image_shape)
+    _check_model_shapes(config.model, image_shape, num_classes)
+
+
+def _check_model_shapes(model: Mapping[str, Any], image_shape, num_classes: int | None) -> None:
+    """The model runs on ``image_shape`` and, given ``num_classes``, outputs that many logits."""
+    module = models.from_fields(model, num_classes or 1)
+    x = jax.ShapeDtypeStruct((1, *image_shape), jax.numpy.float32)
+    try:
+        shape = jax.eval_shape(lambda x: module.init_with_output(jax.random.key(0), x)[0], x).shape
+    except layers.SpecError as e:
+        raise ConfigError(
+            f"model.layers[{e.position}]", e.spec, f"on {_hwc(image_shape)} images: {e.why}",
+            "layers that fit the maps they get",
+        ) from None  # fmt: skip
+    if num_classes and model["name"] == "sequential" and shape != (1, num_classes):
+        raise ConfigError(
+            "model.layers", model["layers"],
+            f"outputs {_hwc(shape[1:])} values per image, but the dataset has {num_classes} "
+            "classes", f"layers ending in dense:{num_classes} (or a map pooled to it)",
+        )  # fmt: skip
+
+
+def _hwc(shape) -> str:
+    return "x".join(map(str, shape))
 
 
 def _check_cnn_sizes(model: Mapping[str, Any], image_shape: tuple[int, ...]) -> None:

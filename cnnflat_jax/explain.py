@@ -32,13 +32,19 @@ def stages(model, params, image_HWC: np.ndarray) -> list[tuple[str, np.ndarray]]
     """``(name, array)`` for the input and every sown stage of ``model`` on one image."""
     x = train_lib.normalize_images(image_HWC[None])
     _, state = model.apply({"params": params}, x, mutable=["intermediates"])
-    sown = {name: np.asarray(value[0][0]) for name, value in state["intermediates"].items()}
-    result = [("input", np.asarray(x[0]))]
-    for i in range(len(model.conv_features)):
-        result.append((f"conv{i + 1} + ReLU", sown[f"conv{i}"]))
-        if f"pool{i}" in sown:
-            result.append((f"{model.pool} pool {i + 1}", sown[f"pool{i}"]))
-    result.append(("flatten", sown["flattened"]))
+    result, previous, convs, pools = [("input", np.asarray(x[0]))], "", 0, 0
+    for kind, value in models.sown_layers(state["intermediates"]):
+        if kind == "conv":
+            convs += 1
+        elif kind == "relu" and previous == "conv":
+            result.append((f"conv{convs} + ReLU", np.asarray(value[0][0])))
+        elif kind in ("max_pool", "avg_pool"):
+            pools += 1
+            result.append((f"{kind.removesuffix('_pool')} pool {pools}", np.asarray(value[0][0])))
+        elif kind in ("flatten", "global_avg_pool"):
+            result.append((kind.replace("_", " "), np.asarray(value[0][0])))
+            break  # What comes after is dense layers on the vector.
+        previous = kind
     return result
 
 

@@ -1,4 +1,4 @@
-"""Ports CNNs between cnnflat_jax, Keras 3 and PyTorch, flatten order included.
+"""Ports models between cnnflat_jax, Keras 3 and PyTorch, flatten order included.
 
     from cnnflat_jax import interop
 
@@ -7,6 +7,13 @@
     logits = ported.apply(images_NHWC)             # our models take NHWC
     keras_model = interop.to_keras(ported)
     torch_model = interop.to_torch(ported)         # .state_dict() to save
+
+Any chain of the layers that ``models.Sequential`` runs ports both ways:
+convolutions (stride, dilation, same/valid/explicit padding), ReLU, max and
+average pooling (window, stride, padding), global average pooling, flatten,
+dense, dropout, and a final softmax or log-softmax. A model that matches the
+``cnn`` or ``mlp`` preset comes back as that preset's fields; any other as
+``{"name": "sequential", "layers": (...)}``.
 
 Every weight moves by an exact transpose or permutation:
 
@@ -17,11 +24,6 @@ Every weight moves by an exact transpose or permutation:
   channels_last ``Flatten``; ours is ``(h, w, c)``, so its rows are reordered
   with ``ops.reorder_flat_kernel``. Forgetting this step is the classic
   porting bug: the network runs and predicts garbage.
-
-Supported layers are Conv2D/Conv2d, max and average pooling, Flatten,
-Dense/Linear, ReLU (a layer or ``activation="relu"``), Dropout (dropped: it
-is the identity at inference) and a final softmax. They must form our models'
-shape: ``(conv -> ReLU -> pool)* -> flatten -> (dense -> ReLU)* -> dense``.
 
 Keras and PyTorch are imported only by the functions that use them, so
 ``import cnnflat_jax.interop`` needs neither. Files are read without
@@ -42,16 +44,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cnnflat_jax import checkpoints, models, ops
+from cnnflat_jax import checkpoints, layers, models, ops
 
 SUPPORTED_KERAS = (
-    "Conv2D, MaxPooling2D, AveragePooling2D, Flatten, Dense, ReLU, Activation('relu' | "
-    "'softmax' | 'linear'), Softmax, Dropout"
+    "Conv2D, MaxPooling2D, AveragePooling2D, GlobalAveragePooling2D, Flatten, Dense, ReLU, "
+    "Activation('relu' | 'softmax' | 'log_softmax' | 'linear'), Softmax, Dropout, ZeroPadding2D "
+    "(before a Conv2D)"
 )
-SUPPORTED_TORCH = "Conv2d, MaxPool2d, AvgPool2d, Flatten, Linear, ReLU, Softmax, Dropout"
-_SHAPE = (
-    "(conv -> ReLU -> pool)* -> flatten -> (dense -> ReLU)* -> dense [-> softmax], "
-    "with one kernel size, conv padding and pooling for every block"
+SUPPORTED_TORCH = (
+    "Conv2d, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d(1), Flatten, Linear, ReLU, Dropout, "
+    "Softmax, LogSoftmax, Identity; in forward also F.relu, F.max_pool2d, F.avg_pool2d, "
+    "F.adaptive_avg_pool2d(x, 1), F.dropout, torch.flatten(x, 1), x.view(n, -1), "
+    "F.softmax and F.log_softmax"
 )
 
 
@@ -61,14 +65,15 @@ class UnsupportedModelError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Ported:
-    """A CNN or MLP in cnnflat_jax terms.
+    """A model in cnnflat_jax terms.
 
     Attributes:
       model: ``models.create_model`` fields plus "name", as ``config.model``.
       num_classes: the size of the output.
       input_hwc: the input shape ``(H, W, C)``; our models take NHWC images.
       params: the parameter tree (``variables["params"]``).
-      softmax: whether the source model ended with a softmax. ``apply``
+      softmax: whether a ``cnn``/``mlp`` preset ended with a softmax in the
+        source (a ``sequential`` model records it in its layers). ``apply``
         returns the logits before it either way.
     """
 
@@ -85,19 +90,24 @@ class Ported:
         """Logits for a batch of NHWC images."""
         return self.module().apply({"params": self.params}, images_NHWC)
 
+    def specs(self) -> tuple[str, ...]:
+        """The model as layer specs, the final softmax (if any) included."""
+        module = self.module()
+        specs = tuple(module.layers if isinstance(module, models.Sequential) else module.specs())
+        if self.softmax and specs[-1] not in layers.FINAL_KINDS:
+            specs += ("softmax",)
+        return specs
+
 
 @dataclasses.dataclass(frozen=True)
 class _Layer:
-    """One layer, framework-neutral: weights in our layouts, names for errors."""
+    """One layer, framework-neutral: its spec, weights in our layouts, a name for errors."""
 
-    kind: str  # conv | relu | pool | flatten | dense | softmax
+    spec: layers.Layer
     name: str
     kernel: np.ndarray | None = None  # conv HWIO; dense (in, out)
     bias: np.ndarray | None = None
-    padding: str = ""  # conv: SAME | VALID
-    pool: str = ""  # pool: max | avg
-    window: int = 0  # pool: window and stride
-    order: str = ""  # flatten: hwc | chw
+    order: str = "hwc"  # flatten: the order the source flattens maps in (hwc | chw)
 
 
 def _require(module: str, user: str):
@@ -107,127 +117,162 @@ def _require(module: str, user: str):
         raise ImportError(f"interop.{user} needs {module}: pip install {module}") from None
 
 
-def _shapes(module: nn.Module, input_hwc: Sequence[int]) -> tuple[Any, tuple[int, int, int]]:
-    """``module``'s parameter shapes and the shape of the maps it flattens."""
+def _input_shapes(module: nn.Module, input_hwc: Sequence[int]) -> tuple[Any, list[tuple]]:
+    """``module``'s parameter shapes and the input shape (no batch) of each of its layers."""
     x = jax.ShapeDtypeStruct((1, *input_hwc), jnp.float32)
     init = jax.eval_shape(lambda x: module.init(jax.random.key(0), x, mutable=True), x)
-    return init["params"], init.get("intermediates", {}).get("flatten_input", (x,))[0].shape[1:]
+    outputs = [value[0].shape[1:] for _, value in models.sown_layers(init["intermediates"])]
+    return init["params"], [tuple(input_hwc), *outputs[:-1]]
 
 
-def _assemble(layers: Sequence[_Layer], input_hwc: Sequence[int], source: str) -> Ported:
-    """Reads our model's fields and parameters off a sequence of layers."""
-    layers = list(layers)
-
-    def take(kind: str) -> _Layer:
-        found = layers[0] if layers else None
-        if found is None or found.kind != kind:
-            what = f"layer {found.name!r} ({found.kind})" if found else "the end of the model"
-            raise UnsupportedModelError(
-                f"{source}: expected {kind} but found {what}; cnnflat_jax models are {_SHAPE}"
-            )
-        return layers.pop(0)
-
-    convs, pools = [], []
-    while layers and layers[0].kind == "conv":
-        convs.append(take("conv"))
-        take("relu")
-        pools.append(take("pool"))
-    flatten = take("flatten")
-    denses = [take("dense")]
-    while layers and layers[0].kind == "relu":
-        take("relu")
-        denses.append(take("dense"))
-    softmax = bool(layers) and layers[0].kind == "softmax"
-    if softmax:
-        take("softmax")
-    if layers:
-        take("the end of the model")
-    return _build(convs, pools, flatten.order, denses, softmax, input_hwc, source)
-
-
-def _build(convs, pools, flatten_order, denses, softmax, input_hwc, source) -> Ported:
-    for what, values in (
-        ("kernel size", [layer.kernel.shape[:2] for layer in convs]),
-        ("conv padding", [layer.padding for layer in convs]),
-        ("pooling", [(layer.pool, layer.window) for layer in pools]),
-    ):
-        if len(set(values)) > 1:
-            raise UnsupportedModelError(
-                f"{source}: cnnflat_jax's CNN uses one {what} for every block; this model "
-                f"has {values}"
-            )
-    if convs and convs[0].kernel.shape[0] != convs[0].kernel.shape[1]:
-        raise UnsupportedModelError(
-            f"{source}: layer {convs[0].name!r} has a non-square kernel "
-            f"{convs[0].kernel.shape[:2]}; cnnflat_jax's CNN uses square kernels"
-        )
-    fields: dict[str, Any] = {"name": "mlp" if not convs else "cnn"}
+def _preset(specs: tuple[str, ...], num_classes: int) -> dict[str, Any] | None:
+    """The ``cnn`` or ``mlp`` fields whose specs are ``specs``, if there are such."""
+    parsed = layers.parse(specs)
+    convs = [layer for layer in parsed if layer.kind == "conv"]
+    pools = [layer for layer in parsed if layer.kind.endswith("_pool")]
+    fields: dict[str, Any] = {"name": "cnn" if convs else "mlp"}
     if convs:
         fields.update(
-            conv_features=tuple(layer.kernel.shape[3] for layer in convs),
-            kernel_size=convs[0].kernel.shape[0],
-            padding=convs[0].padding,
-            pool=pools[0].pool,
-            pool_window=pools[0].window,
+            conv_features=tuple(layer.features for layer in convs),
+            kernel_size=convs[0].kernel[0],
+            padding=convs[0].padding if isinstance(convs[0].padding, str) else "",
+            pool=pools[0].kind.removesuffix("_pool") if pools else "stride",
+            pool_window=pools[0].kernel[0] if pools else (convs[0].stride or (2,))[0],
         )
-    fields["dense_features"] = tuple(layer.kernel.shape[1] for layer in denses[:-1])
-    input_hwc = tuple(int(d) for d in input_hwc)
-    ported = Ported(fields, denses[-1].kernel.shape[1], input_hwc, None, softmax)
-    module = ported.module()
-    expected, map_hwc = _shapes(module, input_hwc)
-    if denses[0].kernel.shape[0] != np.prod(map_hwc):
-        raise UnsupportedModelError(
-            f"{source}: layer {denses[0].name!r} takes {denses[0].kernel.shape[0]} inputs, but "
-            f"an input of shape (H, W, C) = {input_hwc} flattens to {tuple(map_hwc)} = "
-            f"{int(np.prod(map_hwc))} values; check the input shape"
-        )
-    first_kernel = ops.reorder_flat_kernel(
-        denses[0].kernel, map_hwc, source=flatten_order, target="hwc"
-    )
-    layers = {f"Conv2D_{i}": layer for i, layer in enumerate(convs)}
-    layers.update({f"Dense_{i}": layer for i, layer in enumerate(denses)})
-    params = {
-        name: {"kernel": jnp.asarray(layer.kernel), "bias": jnp.asarray(layer.bias)}
-        for name, layer in layers.items()
-    }
-    params["Dense_0"]["kernel"] = first_kernel
-    for name, leaves in expected.items():
-        for leaf, shape_dtype in leaves.items():
-            if params[name][leaf].shape != shape_dtype.shape:
+    dense = [layer.features for layer in parsed if layer.kind == "dense"]
+    fields["dense_features"] = tuple(dense[:-1])
+    try:
+        preset = models.from_fields(fields, num_classes)
+    except ValueError:
+        return None
+    return fields if preset.specs() == specs else None
+
+
+# A zero-padding layer (Keras ZeroPadding2D, PyTorch ZeroPad2d) before a conv:
+# not a layer of ours, but the conv's explicit padding.
+_ZERO_PAD = "zero_pad"
+
+
+def _merge_padding(neutral: Sequence[_Layer], source: str) -> list[_Layer]:
+    """Folds each zero-padding layer into the "valid" conv after it."""
+    merged = []
+    for layer in neutral:
+        pad = merged[-1] if merged and merged[-1].spec.kind == _ZERO_PAD else None
+        if layer.spec.kind == _ZERO_PAD and pad is None:
+            merged.append(layer)
+            continue
+        if pad is not None:
+            if layer.spec.kind != "conv" or layer.spec.padding != "VALID":
                 raise UnsupportedModelError(
-                    f"{source}: layer {layers[name].name!r} has a {leaf} of shape "
-                    f"{params[name][leaf].shape}, but the model needs {shape_dtype.shape}"
+                    f"{source}: layer {pad.name!r}: zero padding is supported only right "
+                    "before a conv with no padding of its own"
                 )
-    return dataclasses.replace(ported, params=params)
+            spec = dataclasses.replace(layer.spec, padding=pad.spec.padding)
+            merged[-1] = dataclasses.replace(layer, spec=spec)
+            continue
+        merged.append(layer)
+    if merged and merged[-1].spec.kind == _ZERO_PAD:
+        raise UnsupportedModelError(f"{source}: layer {merged[-1].name!r} ends the model")
+    return merged
 
 
-def _layers(ported: Ported) -> list[_Layer]:
-    """Our model as framework-neutral layers, flatten in (h, w, c) order."""
-    module, params = ported.module(), ported.params
-    if getattr(module, "pool", "") == "stride" or getattr(module, "permute_flat", False):
+def _same_if_equal(neutral: list[_Layer], inputs: list[tuple]) -> list[_Layer]:
+    """Explicit conv padding that is exactly what "SAME" pads on its input, as "SAME"."""
+    result = []
+    for layer, shape in zip(neutral, inputs):
+        spec = layer.spec
+        if spec.kind == "conv" and not isinstance(spec.padding, str):
+            if _explicit_pads(dataclasses.replace(spec, padding="SAME"), shape) == spec.padding:
+                layer = dataclasses.replace(layer, spec=dataclasses.replace(spec, padding="SAME"))
+        result.append(layer)
+    return result
+
+
+def _assemble(neutral: Sequence[_Layer], input_hwc: Sequence[int], source: str) -> Ported:
+    """Our model and parameters from a chain of neutral layers."""
+    neutral = _merge_padding(neutral, source)
+    specs = tuple(str(layer.spec) for layer in neutral)
+    try:
+        layers.parse(specs)
+    except layers.SpecError as e:
         raise UnsupportedModelError(
-            "export supports pooled CNNs without permute_flat; this model has "
-            f"pool={module.pool!r}, permute_flat={module.permute_flat}"
+            f"{source}: layer {neutral[e.position].name!r}: {e.why}"
+        ) from None
+    input_hwc = tuple(int(d) for d in input_hwc)
+    module = models.Sequential(specs)
+    try:
+        expected, inputs = _input_shapes(module, input_hwc)
+    except layers.SpecError as e:
+        raise UnsupportedModelError(
+            f"{source}: layer {neutral[e.position].name!r} does not fit an input of shape "
+            f"(H, W, C) = {input_hwc}: {e.why}"
+        ) from None
+    neutral = _same_if_equal(neutral, inputs)
+    specs = tuple(str(layer.spec) for layer in neutral)
+    module = models.Sequential(specs)
+    params, counts, flatten_order = {}, {"conv": 0, "dense": 0}, "hwc"
+    for layer, shape in zip(neutral, inputs):
+        kind = layer.spec.kind
+        if kind == "flatten":
+            flatten_order, flatten_map = layer.order, shape
+        if kind not in counts:
+            continue
+        name = f"{'Conv2D' if kind == 'conv' else 'Dense'}_{counts[kind]}"
+        counts[kind] += 1
+        kernel = layer.kernel
+        if kind == "dense" and flatten_order != "hwc":
+            if kernel.shape[0] == np.prod(flatten_map):
+                kernel = ops.reorder_flat_kernel(kernel, flatten_map, source="chw", target="hwc")
+            flatten_order = "hwc"
+        for leaf, value in (("kernel", kernel), ("bias", layer.bias)):
+            if value.shape != expected[name][leaf].shape:
+                raise UnsupportedModelError(
+                    f"{source}: layer {layer.name!r} has a {leaf} of shape {value.shape}, but "
+                    f"on an input of shape (H, W, C) = {input_hwc} it needs "
+                    f"{expected[name][leaf].shape}; check the input shape"
+                )
+        params[name] = {"kernel": jnp.asarray(kernel), "bias": jnp.asarray(layer.bias)}
+    output = jax.eval_shape(module.apply, {"params": params}, jnp.zeros((1, *input_hwc)))
+    if len(output.shape) != 2:
+        raise UnsupportedModelError(
+            f"{source}: the model outputs maps of shape {output.shape[1:]}, not one vector "
+            "per image; end it with flatten or global pooling"
         )
+    num_classes = output.shape[1]
+    body = specs[:-1] if specs[-1] == "softmax" else specs
+    preset = _preset(body, num_classes)
+    if preset:
+        return Ported(preset, num_classes, input_hwc, params, softmax=body != specs)
+    return Ported({"name": "sequential", "layers": specs}, num_classes, input_hwc, params)
 
-    def weights(kind: str, name: str, **extra) -> _Layer:
-        kernel, bias = (np.asarray(params[name][leaf]) for leaf in ("kernel", "bias"))
-        return _Layer(kind, name, kernel, bias, **extra)
 
-    layers = []
-    for i in range(len(getattr(module, "conv_features", ()))):
-        layers.append(weights("conv", f"Conv2D_{i}", padding=module.padding))
-        layers.append(_Layer("relu", f"relu_{i}"))
-        layers.append(_Layer("pool", f"pool_{i}", pool=module.pool, window=module.pool_window))
-    layers.append(_Layer("flatten", "flatten", order="hwc"))
-    num_dense = len(module.dense_features) + 1
-    for i in range(num_dense):
-        layers.append(weights("dense", f"Dense_{i}"))
-        if i < num_dense - 1:
-            layers.append(_Layer("relu", f"dense_relu_{i}"))
-    if ported.softmax:
-        layers.append(_Layer("softmax", "softmax"))
-    return layers
+def _layers(ported: Ported) -> list[tuple[_Layer, tuple]]:
+    """Our model as neutral layers (weights in our layouts), each with its input shape."""
+    specs = ported.specs()
+    _, inputs = _input_shapes(models.Sequential(specs), ported.input_hwc)
+    counts, result = {"conv": 0, "dense": 0}, []
+    for spec, shape in zip(layers.parse(specs), inputs):
+        if spec.kind == "permute":
+            raise UnsupportedModelError(
+                "export: the 'permute' layer (a fixed shuffle of the flat vector) has no "
+                "Keras or PyTorch layer"
+            )
+        layer = _Layer(spec, str(spec))
+        if spec.kind in counts:
+            name = f"{'Conv2D' if spec.kind == 'conv' else 'Dense'}_{counts[spec.kind]}"
+            counts[spec.kind] += 1
+            weights = ported.params[name]
+            kernel, bias = (np.asarray(weights[leaf]) for leaf in ("kernel", "bias"))
+            layer = _Layer(spec, name, kernel, bias)
+        result.append((layer, shape))
+    return result
+
+
+def _explicit_pads(spec: layers.Layer, shape: tuple) -> tuple[tuple[int, int], tuple[int, int]]:
+    """``spec``'s padding as ((top, bottom), (left, right)) on an input of ``shape`` (HWC)."""
+    effective = tuple(d * (k - 1) + 1 for k, d in zip(spec.kernel, spec.dilation))
+    stride = spec.stride or ((1, 1) if spec.kind == "conv" else spec.kernel)
+    return ops._explicit_padding(spec.padding, shape[:2], effective, stride, spec.kind)
 
 
 def from_workdir(
@@ -245,21 +290,21 @@ def from_workdir(
 # Keras 3 ---------------------------------------------------------------------
 
 
-def _keras_weights(layer, kind: str, **extra) -> _Layer:
+def _keras_weights(layer, spec: layers.Layer) -> _Layer:
     weights = layer.get_weights()
     if len(weights) == 1:  # use_bias=False
         weights.append(np.zeros(weights[0].shape[-1], weights[0].dtype))
-    return _Layer(kind, layer.name, weights[0], weights[1], **extra)
+    return _Layer(spec, layer.name, weights[0], weights[1])
 
 
 def _keras_activation(layer, activation: str) -> list[_Layer]:
     if activation in ("linear", None):
         return []
-    if activation in ("relu", "softmax"):
-        return [_Layer(activation, f"{layer.name} (activation)")]
+    if activation in ("relu", *layers.FINAL_KINDS):
+        return [_Layer(layers.Layer(activation), f"{layer.name} (activation)")]
     raise UnsupportedModelError(
         f"Keras layer {layer.name!r}: activation {activation!r} is not supported; "
-        f"use 'relu', or 'softmax' on the last layer"
+        "use 'relu', or 'softmax'/'log_softmax' on the last layer"
     )
 
 
@@ -268,48 +313,45 @@ def _keras_layer(layer, keras) -> tuple[list[_Layer], str | None]:
     config = layer.get_config()
     kl = keras.layers
     if isinstance(layer, kl.Conv2D):
-        if tuple(config["strides"]) != (1, 1) or tuple(config["dilation_rate"]) != (1, 1):
-            raise UnsupportedModelError(
-                f"Keras layer {layer.name!r}: strides {config['strides']} and dilation "
-                f"{config['dilation_rate']} must be 1; cnnflat_jax's CNN pools instead"
-            )
         if config.get("groups", 1) != 1:
             raise UnsupportedModelError(f"Keras layer {layer.name!r}: groups must be 1")
-        conv = _keras_weights(layer, "conv", padding=config["padding"].upper())
+        spec = layers.Layer(
+            "conv", config["filters"], tuple(config["kernel_size"]), tuple(config["strides"]),
+            config["padding"].upper(), tuple(config["dilation_rate"]),
+        )  # fmt: skip
+        conv = _keras_weights(layer, spec)
         return [conv, *_keras_activation(layer, config["activation"])], config["data_format"]
+    if isinstance(layer, kl.ZeroPadding2D):
+        padding = tuple(map(tuple, config["padding"]))
+        return [_Layer(layers.Layer(_ZERO_PAD, padding=padding), layer.name)], config["data_format"]
     if isinstance(layer, (kl.MaxPooling2D, kl.AveragePooling2D)):
         window = tuple(config["pool_size"])
-        if tuple(config["strides"] or window) != window or config["padding"] != "valid":
-            raise UnsupportedModelError(
-                f"Keras layer {layer.name!r}: pooling must use strides = pool_size and "
-                f"padding='valid', got strides {config['strides']}, padding {config['padding']!r}"
-            )
-        if window[0] != window[1]:
-            raise UnsupportedModelError(
-                f"Keras layer {layer.name!r}: pool_size {window} must be square"
-            )
-        kind = "max" if isinstance(layer, kl.MaxPooling2D) else "avg"
-        return [_Layer("pool", layer.name, pool=kind, window=window[0])], config["data_format"]
+        kind = "max_pool" if isinstance(layer, kl.MaxPooling2D) else "avg_pool"
+        stride = tuple(config["strides"] or window)
+        spec = layers.Layer(kind, kernel=window, stride=stride, padding=config["padding"].upper())
+        return [_Layer(spec, layer.name)], config["data_format"]
+    if isinstance(layer, kl.GlobalAveragePooling2D):
+        if config.get("keepdims"):
+            raise UnsupportedModelError(f"Keras layer {layer.name!r}: keepdims must be False")
+        return [_Layer(layers.Layer("global_avg_pool"), layer.name)], config["data_format"]
     if isinstance(layer, kl.Flatten):
-        return [_Layer("flatten", layer.name)], config["data_format"]
+        return [_Layer(layers.Layer("flatten"), layer.name)], config["data_format"]
     if isinstance(layer, kl.Dense):
-        return [
-            _keras_weights(layer, "dense"),
-            *_keras_activation(layer, config["activation"]),
-        ], None
+        dense = _keras_weights(layer, layers.Layer("dense", config["units"]))
+        return [dense, *_keras_activation(layer, config["activation"])], None
     if isinstance(layer, kl.ReLU):
         if config["max_value"] is not None or config["negative_slope"] or config["threshold"]:
             raise UnsupportedModelError(
                 f"Keras layer {layer.name!r}: only a plain ReLU (no max_value, "
                 "negative_slope or threshold) is supported"
             )
-        return [_Layer("relu", layer.name)], None
+        return [_Layer(layers.Layer("relu"), layer.name)], None
     if isinstance(layer, kl.Activation):
         return _keras_activation(layer, config["activation"]), None
     if isinstance(layer, kl.Softmax):
-        return [_Layer("softmax", layer.name)], None
+        return [_Layer(layers.Layer("softmax"), layer.name)], None
     if isinstance(layer, kl.Dropout):
-        return [], None
+        return [_Layer(layers.Layer("dropout", rate=float(config["rate"])), layer.name)], None
     raise UnsupportedModelError(
         f"Keras layer {layer.name!r} ({type(layer).__name__}) is not supported; "
         f"supported layers: {SUPPORTED_KERAS}"
@@ -317,7 +359,7 @@ def _keras_layer(layer, keras) -> tuple[list[_Layer], str | None]:
 
 
 def from_keras(model) -> Ported:
-    """Our model and parameters from a built Keras 3 ``Sequential`` or functional CNN.
+    """Our model and parameters from a built Keras 3 ``Sequential`` or functional chain.
 
     Works in either ``data_format``. With channels_first layers the Keras
     input is ``(C, H, W)``; ours stays NHWC, so transpose images with
@@ -339,12 +381,12 @@ def from_keras(model) -> Ported:
                 )
     neutral, maps_formats, flatten_format = [], set(), None
     for layer in chain:
-        layers, data_format = _keras_layer(layer, keras)
+        neutral_layers, data_format = _keras_layer(layer, keras)
         if isinstance(layer, keras.layers.Flatten):
             flatten_format = data_format
         elif data_format is not None:
             maps_formats.add(data_format)
-        neutral.extend(layers)
+        neutral.extend(neutral_layers)
     if len(maps_formats) > 1:
         raise UnsupportedModelError("from_keras: the layers mix channels_first and channels_last")
     maps_format = maps_formats.pop() if maps_formats else flatten_format or "channels_last"
@@ -353,7 +395,9 @@ def from_keras(model) -> Ported:
             "from_keras: a channels_first Flatten after channels_last maps scrambles them"
         )
     order = "chw" if (maps_format, flatten_format) == ("channels_first", "channels_last") else "hwc"
-    neutral = [dataclasses.replace(x, order=order) if x.kind == "flatten" else x for x in neutral]
+    neutral = [
+        dataclasses.replace(x, order=order) if x.spec.kind == "flatten" else x for x in neutral
+    ]
     shape = tuple(model.inputs[0].shape[1:])
     if len(shape) != 3:
         raise UnsupportedModelError(f"from_keras: the input must be an image, got shape {shape}")
@@ -378,25 +422,46 @@ def load_keras(path: str | os.PathLike) -> Ported:
 def to_keras(ported: Ported):
     """A channels_last ``keras.Sequential`` with ``ported``'s weights.
 
-    Its input is ``(H, W, C)``; a model that came with a softmax keeps it.
+    Its input is ``(H, W, C)``; a final softmax or log-softmax is kept.
     """
     keras = _require("keras", "to_keras")
     kl = keras.layers
-    layers, weights = [kl.Input(ported.input_hwc)], {}
-    for layer in _layers(ported):
-        if layer.kind == "conv":
-            size = layer.kernel.shape[0]
-            new = kl.Conv2D(layer.kernel.shape[3], size, padding=layer.padding.lower())
-        elif layer.kind == "pool":
-            new = (kl.MaxPooling2D if layer.pool == "max" else kl.AveragePooling2D)(layer.window)
-        elif layer.kind == "dense":
-            new = kl.Dense(layer.kernel.shape[1])
+    model_layers, weights = [kl.Input(ported.input_hwc)], {}
+    for layer, _ in _layers(ported):
+        spec = layer.spec
+        if spec.kind == "conv":
+            padding = spec.padding
+            if not isinstance(padding, str):
+                model_layers.append(kl.ZeroPadding2D(padding))
+                padding = "VALID"
+            new = kl.Conv2D(
+                spec.features, spec.kernel, strides=spec.stride or 1, padding=padding.lower(),
+                dilation_rate=spec.dilation,
+            )  # fmt: skip
+        elif spec.kind in ("max_pool", "avg_pool"):
+            if not isinstance(spec.padding, str):
+                raise UnsupportedModelError(
+                    f"to_keras: layer {layer.name!r}: Keras pools pad only 'same' or 'valid'"
+                )
+            pool = kl.MaxPooling2D if spec.kind == "max_pool" else kl.AveragePooling2D
+            new = pool(spec.kernel, strides=spec.stride, padding=spec.padding.lower())
+        elif spec.kind == "dense":
+            new = kl.Dense(spec.features)
+        elif spec.kind == "dropout":
+            new = kl.Dropout(spec.rate)
+        elif spec.kind == "log_softmax":
+            new = kl.Activation("log_softmax")
         else:
-            new = {"relu": kl.ReLU, "flatten": kl.Flatten, "softmax": kl.Softmax}[layer.kind]()
+            new = {
+                "relu": kl.ReLU,
+                "flatten": kl.Flatten,
+                "global_avg_pool": kl.GlobalAveragePooling2D,
+                "softmax": kl.Softmax,
+            }[spec.kind]()
         if layer.kernel is not None:
             weights[id(new)] = [layer.kernel, layer.bias]
-        layers.append(new)
-    model = keras.Sequential(layers)
+        model_layers.append(new)
+    model = keras.Sequential(model_layers)
     for new in model.layers:
         if id(new) in weights:
             new.set_weights(weights[id(new)])
@@ -406,62 +471,90 @@ def to_keras(ported: Ported):
 # PyTorch ---------------------------------------------------------------------
 
 
-def _torch_padding(name: str, padding, kernel_size: int) -> str:
+def _torch_pair(value) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else tuple(value)
+
+
+def _torch_padding(padding) -> str | tuple:
     if padding in ("same", "valid"):
         return padding.upper()
-    pads = set(padding if isinstance(padding, tuple) else (padding, padding))
-    if pads == {0}:
-        return "VALID"
-    if kernel_size % 2 and pads == {(kernel_size - 1) // 2}:
-        return "SAME"
-    raise UnsupportedModelError(
-        f"PyTorch layer {name!r}: padding {padding!r} is neither 0 (VALID) nor "
-        f"{(kernel_size - 1) // 2} (SAME for kernel size {kernel_size})"
-    )
+    h, w = _torch_pair(padding)
+    return "VALID" if (h, w) == (0, 0) else ((h, h), (w, w))
+
+
+def _torch_pool(name: str, kind: str, kernel, stride, padding, ceil_mode=False, **extra) -> _Layer:
+    """A max or average pooling layer or call as a neutral layer."""
+    plain = not ceil_mode and extra.get("dilation", 1) in (1, (1, 1))
+    plain = plain and not extra.get("return_indices") and extra.get("divisor_override") is None
+    padded = _torch_pair(padding) != (0, 0)
+    if kind == "avg_pool" and padded and extra.get("count_include_pad", True):
+        plain = False  # PyTorch's default counts the zero padding in the mean; ours does not.
+    if not plain:
+        raise UnsupportedModelError(
+            f"PyTorch layer {name!r}: pooling with ceil_mode, dilation, return_indices, "
+            "divisor_override or (average) count_include_pad=True with padding is not supported"
+        )
+    kernel = _torch_pair(kernel)
+    spec = layers.Layer(
+        kind, kernel=kernel, stride=_torch_pair(stride) if stride else kernel,
+        padding=_torch_padding(padding),
+    )  # fmt: skip
+    return _Layer(spec, name)
 
 
 def _torch_layer(name: str, module, torch) -> list[_Layer]:
     tnn = torch.nn
     if isinstance(module, tnn.Conv2d):
-        if module.stride != (1, 1) or module.dilation != (1, 1) or module.groups != 1:
+        if module.groups != 1 or module.padding_mode != "zeros":
             raise UnsupportedModelError(
-                f"PyTorch layer {name!r}: stride, dilation and groups must be 1, got "
-                f"{module.stride}, {module.dilation}, {module.groups}"
+                f"PyTorch layer {name!r}: groups must be 1 and padding_mode 'zeros', got "
+                f"{module.groups}, {module.padding_mode!r}"
             )
-        if module.padding_mode != "zeros":
-            raise UnsupportedModelError(f"PyTorch layer {name!r}: padding_mode must be 'zeros'")
         kernel = module.weight.detach().numpy().transpose(2, 3, 1, 0)  # OIHW -> HWIO
-        bias = _torch_bias(module, kernel.shape[3])
-        padding = _torch_padding(name, module.padding, module.kernel_size[0])
-        return [_Layer("conv", name, kernel, bias, padding=padding)]
+        spec = layers.Layer(
+            "conv", kernel.shape[3], kernel.shape[:2], module.stride,
+            _torch_padding(module.padding), module.dilation,
+        )  # fmt: skip
+        return [_Layer(spec, name, kernel, _torch_bias(module, kernel.shape[3]))]
     if isinstance(module, (tnn.MaxPool2d, tnn.AvgPool2d)):
-        window = module.kernel_size
-        window = window if isinstance(window, int) else window[0]
-        square = {module.kernel_size, module.stride} <= {window, (window, window)}
-        plain = module.padding in (0, (0, 0)) and not module.ceil_mode
-        if isinstance(module, tnn.MaxPool2d):
-            plain = plain and module.dilation in (1, (1, 1)) and not module.return_indices
-        else:
-            plain = plain and module.divisor_override is None
-        if not (square and plain):
-            raise UnsupportedModelError(
-                f"PyTorch layer {name!r}: pooling must be a square window with stride = "
-                "window, no padding, no ceil_mode, got {module}"
-            )
-        kind = "max" if isinstance(module, tnn.MaxPool2d) else "avg"
-        return [_Layer("pool", name, pool=kind, window=window)]
+        kind = "max_pool" if isinstance(module, tnn.MaxPool2d) else "avg_pool"
+        extra = {
+            key: getattr(module, key)
+            for key in ("dilation", "return_indices", "divisor_override", "count_include_pad")
+            if hasattr(module, key)
+        }
+        return [
+            _torch_pool(
+                name,
+                kind,
+                module.kernel_size,
+                module.stride,
+                module.padding,
+                module.ceil_mode,
+                **extra,
+            )  # fmt: skip
+        ]
+    if isinstance(module, tnn.ZeroPad2d):
+        left, right, top, bottom = module.padding
+        return [_Layer(layers.Layer(_ZERO_PAD, padding=((top, bottom), (left, right))), name)]
+    if isinstance(module, tnn.AdaptiveAvgPool2d):
+        return [_torch_global_pool(name, module.output_size)]
     if isinstance(module, tnn.Flatten):
         if module.start_dim != 1 or module.end_dim != -1:
             raise UnsupportedModelError(f"PyTorch layer {name!r}: Flatten must keep only dim 0")
-        return [_Layer("flatten", name, order="chw")]
+        return [_Layer(layers.Layer("flatten"), name, order="chw")]
     if isinstance(module, tnn.Linear):
         kernel = module.weight.detach().numpy().T  # (out, in) -> (in, out)
-        return [_Layer("dense", name, kernel, _torch_bias(module, kernel.shape[1]))]
+        spec = layers.Layer("dense", kernel.shape[1])
+        return [_Layer(spec, name, kernel, _torch_bias(module, kernel.shape[1]))]
     if isinstance(module, tnn.ReLU):
-        return [_Layer("relu", name)]
-    if isinstance(module, tnn.Softmax) and module.dim in (1, -1):
-        return [_Layer("softmax", name)]
-    if isinstance(module, (tnn.Dropout, tnn.Identity)):
+        return [_Layer(layers.Layer("relu"), name)]
+    if isinstance(module, (tnn.Softmax, tnn.LogSoftmax)) and module.dim in (1, -1):
+        kind = "softmax" if isinstance(module, tnn.Softmax) else "log_softmax"
+        return [_Layer(layers.Layer(kind), name)]
+    if isinstance(module, tnn.Dropout):
+        return [_Layer(layers.Layer("dropout", rate=float(module.p)), name)]
+    if isinstance(module, tnn.Identity):
         return []
     if isinstance(module, tnn.Sequential):
         prefix = f"{name}." if name else ""
@@ -473,22 +566,94 @@ def _torch_layer(name: str, module, torch) -> list[_Layer]:
     )
 
 
+def _torch_global_pool(name: str, output_size) -> _Layer:
+    if _torch_pair(output_size) != (1, 1):
+        raise UnsupportedModelError(
+            f"PyTorch layer {name!r}: adaptive average pooling is supported to size 1 only "
+            f"(global average pooling), got {output_size}"
+        )
+    return _Layer(layers.Layer("global_avg_pool"), name)
+
+
 def _torch_bias(module, size: int) -> np.ndarray:
     if module.bias is None:
         return np.zeros(size, np.float32)
     return module.bias.detach().numpy()
 
 
+def _call_arguments(function, node) -> dict[str, Any]:
+    """A traced call's arguments by name (first one, the input, dropped)."""
+    import inspect
+
+    signature = inspect.signature(function)
+    bound = signature.bind(*node.args, **node.kwargs)
+    bound.apply_defaults()
+    return dict(list(bound.arguments.items())[1:])
+
+
+def _torch_call(node, torch) -> _Layer | None:
+    """A traced function or method call as a neutral layer (None: no layer)."""
+    F, target = torch.nn.functional, node.target
+    if target in (torch.relu, F.relu, "relu"):
+        return _Layer(layers.Layer("relu"), node.name)
+    if target in (F.max_pool2d, F.avg_pool2d):
+        kind = "max_pool" if target is F.max_pool2d else "avg_pool"
+        signature = _avg_pool2d_signature if kind == "avg_pool" else _max_pool2d_signature
+        args = _call_arguments(signature, node)
+        return _torch_pool(node.name, kind, args.pop("kernel_size"), **args)
+    if target is F.adaptive_avg_pool2d:
+        return _torch_global_pool(node.name, _call_arguments(target, node)["output_size"])
+    if target in (F.dropout, "dropout"):
+        rate = _call_arguments(F.dropout, node)["p"] if target is F.dropout else node.args[1]
+        return _Layer(layers.Layer("dropout", rate=float(rate)), node.name)
+    if target in (torch.flatten, "flatten"):
+        start = (list(node.args[1:]) or [node.kwargs.get("start_dim", 0)])[0]
+        if start != 1:
+            raise UnsupportedModelError(
+                f"from_torch: {node.name!r}: torch.flatten must start at dim 1 (keep the batch)"
+            )
+        return _Layer(layers.Layer("flatten"), node.name, order="chw")
+    if target in ("view", "reshape"):
+        if list(node.args[2:]) != [-1]:
+            raise UnsupportedModelError(
+                f"from_torch: {node.name!r}: only x.{target}(x.size(0), -1) is supported"
+            )
+        return _Layer(layers.Layer("flatten"), node.name, order="chw")
+    if target in (F.softmax, F.log_softmax, "softmax", "log_softmax"):
+        dim = (list(node.args[1:2]) or [node.kwargs.get("dim")])[0]
+        if dim not in (1, -1):
+            raise UnsupportedModelError(f"from_torch: {node.name!r}: softmax must be over dim 1")
+        name = target if isinstance(target, str) else target.__name__
+        return _Layer(layers.Layer(name), node.name)
+    raise UnsupportedModelError(
+        f"from_torch: {node.name!r} ({node.op} {target}) is not supported; supported: "
+        f"{SUPPORTED_TORCH}"
+    )
+
+
+def _max_pool2d_signature(
+    input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False
+):
+    """``F.max_pool2d``'s arguments (it is a dispatcher without a plain signature)."""
+
+
+def _avg_pool2d_signature(
+    input, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True,
+    divisor_override=None,
+):  # fmt: skip
+    """``F.avg_pool2d``'s arguments (it is a builtin without a Python signature)."""
+
+
 def _traced_layers(module, torch) -> list[_Layer]:
     """The layers of a non-Sequential module, in the order ``forward`` calls them."""
-    functional = torch.nn.functional
-    relus = {torch.relu, functional.relu}
     graph = torch.fx.symbolic_trace(module).graph
-    layers, previous = [], None
+    layers_, previous = [], None
     for node in graph.nodes:
         if node.op in ("placeholder", "output"):
             previous = node if node.op == "placeholder" else previous
             continue
+        if node.op == "call_method" and node.target == "size":
+            continue  # x.size(0), for x.view(x.size(0), -1).
         if not node.args or node.args[0] is not previous:
             raise UnsupportedModelError(
                 f"from_torch: {node.name!r} does not take the previous layer's output; "
@@ -496,35 +661,38 @@ def _traced_layers(module, torch) -> list[_Layer]:
             )
         previous = node
         if node.op == "call_module":
-            layers += _torch_layer(node.target, module.get_submodule(node.target), torch)
-        elif node.target in relus or node.target == "relu":
-            layers.append(_Layer("relu", node.name))
-        elif node.target in (torch.flatten, "flatten", "view", "reshape"):
-            layers.append(_Layer("flatten", node.name, order="chw"))
+            layers_ += _torch_layer(node.target, module.get_submodule(node.target), torch)
         else:
-            raise UnsupportedModelError(
-                f"from_torch: {node.name!r} ({node.op} {node.target}) is not supported; use "
-                f"modules ({SUPPORTED_TORCH}), F.relu and torch.flatten"
-            )
-    return layers
+            layers_.append(_torch_call(node, torch))
+    return layers_
 
 
 def from_torch(module, *, input_chw: Sequence[int]) -> Ported:
-    """Our model and parameters from a PyTorch CNN.
+    """Our model and parameters from a PyTorch model.
 
     ``module`` is an ``nn.Sequential``, or any ``nn.Module`` whose ``forward``
-    is a plain chain that ``torch.fx`` can trace (modules, ``F.relu``,
-    ``torch.flatten`` / ``x.view(n, -1)``). ``input_chw`` is the PyTorch input
-    shape ``(C, H, W)``; ours is NHWC, so transpose images with
-    ``images.transpose(0, 2, 3, 1)``.
+    is a plain chain that ``torch.fx`` can trace: modules and the functional
+    calls in ``SUPPORTED_TORCH``, as in pytorch/examples' MNIST ``Net``.
+    ``input_chw`` is the PyTorch input shape ``(C, H, W)``; ours is NHWC, so
+    transpose images with ``images.transpose(0, 2, 3, 1)``. The
+    ``.training`` flag at trace time decides nothing: dropout is recorded
+    with its rate and is off at inference, as in PyTorch's ``eval()``.
     """
     torch = _require("torch", "from_torch")
     if isinstance(module, torch.nn.Sequential):
-        layers = _torch_layer("", module, torch)
+        neutral = _torch_layer("", module, torch)
     else:
-        layers = _traced_layers(module, torch)
+        neutral = _traced_layers(module, torch)
     c, h, w = input_chw
-    return _assemble(layers, (h, w, c), "from_torch")
+    return _assemble(_pooled_flat(neutral), (h, w, c), "from_torch")
+
+
+def _pooled_flat(neutral: list[_Layer]) -> list[_Layer]:
+    """Drops the flatten that PyTorch needs after ``AdaptiveAvgPool2d(1)``: ours gives a vector."""
+    pooled = [i for i, layer in enumerate(neutral) if layer.spec.kind == "global_avg_pool"]
+    if not pooled:
+        return neutral
+    return [x for i, x in enumerate(neutral) if i < pooled[0] or x.spec.kind != "flatten"]
 
 
 def from_torch_state_dict(
@@ -533,15 +701,17 @@ def from_torch_state_dict(
     """Our model and parameters from a PyTorch ``state_dict`` and a description.
 
     ``model`` describes the PyTorch network in our terms, as ``config.model``
-    does (e.g. ``dict(name="cnn", conv_features=(32, 64), padding="SAME",
-    pool="max", pool_window=2, dense_features=(256,))``; missing fields take
-    our defaults): conv -> ReLU -> pool blocks, ``nn.Flatten`` on NCHW maps,
-    then Linear layers with ReLUs. The state_dict's ``weight``/``bias``
-    entries are read in order: 4-D weights are the convs, 2-D the Linears.
+    does: a preset (e.g. ``dict(name="cnn", conv_features=(32, 64),
+    dense_features=(256,))``; missing fields take our defaults) or
+    ``dict(name="sequential", layers=(...))``, with its flatten on NCHW maps
+    as PyTorch's. The state_dict's ``weight``/``bias`` entries are read in
+    order: each goes to the next conv (4-D weights) or dense layer (2-D).
     """
     torch = _require("torch", "from_torch_state_dict")
-    template = models.from_fields(model, 1)
-    params = {}
+    c, h, w = input_chw
+    template = Ported(model, 1, (h, w, c), None)
+    weighted: list[dict[str, Any]] = []
+    prefixes: list[str] = []
     for key, value in state_dict.items():
         prefix, _, leaf = key.rpartition(".")
         if leaf not in ("weight", "bias") or not isinstance(value, torch.Tensor):
@@ -549,35 +719,35 @@ def from_torch_state_dict(
                 f"from_torch_state_dict: entry {key!r} is not a weight or bias tensor; "
                 f"supported layers: {SUPPORTED_TORCH}"
             )
-        params.setdefault(prefix, {})[leaf] = value
-    conv_layers = [p for p, v in params.items() if v["weight"].ndim == 4]
-    dense_layers = [p for p, v in params.items() if v["weight"].ndim == 2]
-    num_convs = len(getattr(template, "conv_features", ()))
-    if len(conv_layers) != num_convs or len(dense_layers) != len(template.dense_features) + 1:
+        if prefix not in prefixes:
+            prefixes.append(prefix)
+            weighted.append({})
+        weighted[-1][leaf] = value.detach().numpy()
+    specs = layers.parse(template.specs())
+    wanted = [spec for spec in specs if spec.kind in ("conv", "dense")]
+    got = ["conv" if x["weight"].ndim == 4 else "dense" for x in weighted]
+    if [spec.kind for spec in wanted] != got:
         raise UnsupportedModelError(
-            f"from_torch_state_dict: the description has {num_convs} convs and "
-            f"{len(template.dense_features) + 1} Linear layers, the state_dict has conv "
-            f"weights {conv_layers} and Linear weights {dense_layers}"
+            f"from_torch_state_dict: the description's weighted layers are "
+            f"{[str(spec) for spec in wanted]}, the state_dict's are {list(zip(prefixes, got))}"
         )
-    sequential = torch.nn.Sequential()
-    for prefix in conv_layers:
-        out, c_in, k, _ = params[prefix]["weight"].shape
-        padding = k // 2 if template.padding == "SAME" else 0
-        pool = torch.nn.MaxPool2d if template.pool == "max" else torch.nn.AvgPool2d
-        conv = torch.nn.Conv2d(c_in, out, k, padding=padding, bias="bias" in params[prefix])
-        sequential.extend([conv, torch.nn.ReLU(), pool(template.pool_window)])
-    sequential.append(torch.nn.Flatten())
-    for i, prefix in enumerate(dense_layers):
-        out, d_in = params[prefix]["weight"].shape
-        sequential.append(torch.nn.Linear(d_in, out, bias="bias" in params[prefix]))
-        if i < len(dense_layers) - 1:
-            sequential.append(torch.nn.ReLU())
-    weighted = [m for m in sequential if isinstance(m, torch.nn.Conv2d | torch.nn.Linear)]
-    with torch.no_grad():
-        for prefix, layer in zip(conv_layers + dense_layers, weighted):
-            for leaf, value in params[prefix].items():
-                getattr(layer, leaf).copy_(value)
-    ported = from_torch(sequential, input_chw=input_chw)
+    neutral, found = [], iter(zip(prefixes, weighted))
+    for spec in specs:
+        if spec.kind == "conv":
+            prefix, weights = next(found)
+            kernel = weights["weight"].transpose(2, 3, 1, 0)
+            bias = weights.get("bias", np.zeros(kernel.shape[3], np.float32))
+            spec = dataclasses.replace(spec, features=kernel.shape[3], kernel=kernel.shape[:2])
+            neutral.append(_Layer(spec, prefix, kernel, bias))
+        elif spec.kind == "dense":
+            prefix, weights = next(found)
+            kernel = weights["weight"].T
+            bias = weights.get("bias", np.zeros(kernel.shape[1], np.float32))
+            spec = dataclasses.replace(spec, features=kernel.shape[1])
+            neutral.append(_Layer(spec, prefix, kernel, bias))
+        else:
+            neutral.append(_Layer(spec, str(spec), order="chw"))
+    ported = _assemble(_pooled_flat(neutral), (h, w, c), "from_torch_state_dict")
     for key, value in model.items():
         value = tuple(value) if isinstance(value, list | tuple) else value
         if key in ported.model and ported.model[key] != value:
@@ -617,32 +787,58 @@ def to_torch(ported: Ported):
     """An ``nn.Sequential`` with ``ported``'s weights (NCHW input ``(C, H, W)``).
 
     Its ``state_dict()`` is what to save; ``from_torch`` reads it back exactly.
+    Padding that PyTorch cannot put on both sides alike (TensorFlow's "SAME"
+    with a stride) becomes an ``nn.ZeroPad2d`` before the conv.
     """
     torch = _require("torch", "to_torch")
     tnn = torch.nn
-    _, map_hwc = _shapes(ported.module(), ported.input_hwc)
-    sequential, after_flatten = tnn.Sequential(), False
+    sequential, flatten_map = tnn.Sequential(), None
     with torch.no_grad():
-        for layer in _layers(ported):
-            if layer.kind == "conv":
-                k, _, c_in, out = layer.kernel.shape
-                new = tnn.Conv2d(c_in, out, k, padding=layer.padding.lower())
+        for layer, shape in _layers(ported):
+            spec = layer.spec
+            if spec.kind == "conv":
+                (top, bottom), (left, right) = _explicit_pads(spec, shape)
+                if (top, left) != (bottom, right):
+                    sequential.append(tnn.ZeroPad2d((left, right, top, bottom)))
+                    top = left = 0
+                new = tnn.Conv2d(
+                    shape[2], spec.features, spec.kernel, stride=spec.stride or 1,
+                    padding=(top, left), dilation=spec.dilation,
+                )  # fmt: skip
                 new.weight.copy_(torch.from_numpy(layer.kernel.transpose(3, 2, 0, 1).copy()))
-            elif layer.kind == "pool":
-                new = (tnn.MaxPool2d if layer.pool == "max" else tnn.AvgPool2d)(layer.window)
-            elif layer.kind == "dense":
-                kernel = layer.kernel
-                if after_flatten:
-                    kernel = np.asarray(
-                        ops.reorder_flat_kernel(kernel, map_hwc, source="hwc", target="chw")
+            elif spec.kind in ("max_pool", "avg_pool"):
+                (top, bottom), (left, right) = _explicit_pads(spec, shape)
+                if (top, left) != (bottom, right) or 2 * max(top, left) > min(spec.kernel):
+                    raise UnsupportedModelError(
+                        f"to_torch: layer {layer.name!r}: PyTorch pools pad both sides alike, "
+                        "by at most half the window"
                     )
-                    after_flatten = False
+                if spec.kind == "avg_pool":
+                    new = tnn.AvgPool2d(
+                        spec.kernel, spec.stride, (top, left), count_include_pad=False
+                    )
+                else:
+                    new = tnn.MaxPool2d(spec.kernel, spec.stride, (top, left))
+            elif spec.kind == "global_avg_pool":
+                sequential.append(tnn.AdaptiveAvgPool2d(1))
+                new = tnn.Flatten()
+            elif spec.kind == "dense":
+                kernel = layer.kernel
+                if flatten_map is not None:
+                    kernel = np.asarray(
+                        ops.reorder_flat_kernel(kernel, flatten_map, source="hwc", target="chw")
+                    )
+                    flatten_map = None
                 new = tnn.Linear(*kernel.shape)
                 new.weight.copy_(torch.from_numpy(kernel.T.copy()))
+            elif spec.kind == "flatten":
+                new, flatten_map = tnn.Flatten(), shape
+            elif spec.kind == "dropout":
+                new = tnn.Dropout(spec.rate)
+            elif spec.kind in layers.FINAL_KINDS:
+                new = (tnn.Softmax if spec.kind == "softmax" else tnn.LogSoftmax)(dim=1)
             else:
-                new = {"relu": tnn.ReLU, "flatten": tnn.Flatten, "softmax": tnn.Softmax}[layer.kind]
-                new = new(dim=1) if layer.kind == "softmax" else new()
-                after_flatten = after_flatten or layer.kind == "flatten"
+                new = tnn.ReLU()
             if layer.bias is not None:
                 new.bias.copy_(torch.from_numpy(layer.bias.copy()))
             sequential.append(new)

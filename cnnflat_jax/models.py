@@ -1,9 +1,11 @@
 """Flax Linen models built only from the pure functions in ``ops``.
 
-``CNN`` is the classic recipe (conv -> ReLU -> pool blocks, flatten, dense
-layers); ``MLP`` flattens raw pixels straight into dense layers. Layer sizes
-after the flatten are read from the shapes at initialisation, never written
-down.
+``Sequential`` runs any tuple of layer specs (``cnnflat_jax.layers``), such as
+``("conv:32:3", "relu", "max_pool:2", "flatten", "dense:10")``. ``CNN`` (conv
+-> ReLU -> pool blocks, flatten, dense layers) and ``MLP`` (raw pixels
+straight into dense layers) are presets: named fields that build a spec
+(``.specs()``) and run it the same way. Layer sizes after a flatten or a
+global pool are read from the shapes at initialisation, never written down.
 """
 
 from __future__ import annotations
@@ -15,35 +17,34 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from cnnflat_jax import ops
+from cnnflat_jax import layers, ops
 
-POOLS: dict[str, Callable] = {"max": ops.max_pool, "avg": ops.avg_pool}
-# "stride": no pooling layer; each conv strides by pool_window instead.
-POOL_KINDS = (*POOLS, "stride")
-PADDINGS = ("SAME", "VALID")  # Conv padding, as ops.conv2d names it.
+# CNN's pool field: "stride" means no pooling layer, each conv strides by pool_window.
+POOL_KINDS = ("max", "avg", "stride")
+PADDINGS = ("SAME", "VALID")  # CNN's conv padding, as ops.conv2d names it.
 
 
 class Conv2D(nn.Module):
     """``ops.conv2d`` with its HWIO kernel and bias as parameters."""
 
     features: int
-    kernel_size: int = 3
-    padding: str = "SAME"
+    kernel_size: int | tuple[int, int] = 3
+    padding: str | tuple = "SAME"
     lowering: str = "auto"  # See ops.conv2d.
-    stride: int = 1
+    stride: int | tuple[int, int] = 1
+    dilation: int | tuple[int, int] = 1
 
     @nn.compact
     def __call__(self, x_NHWC: jnp.ndarray) -> jnp.ndarray:
         c_in = x_NHWC.shape[-1]
-        kernel = self.param(
-            "kernel",
-            nn.initializers.lecun_normal(),
-            (self.kernel_size, self.kernel_size, c_in, self.features),
-        )
+        size = self.kernel_size
+        kh, kw = (size, size) if isinstance(size, int) else size
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (kh, kw, c_in, self.features))
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
         return ops.conv2d(
-            x_NHWC, kernel, bias, stride=self.stride, padding=self.padding, lowering=self.lowering
-        )
+            x_NHWC, kernel, bias, stride=self.stride, padding=self.padding,
+            dilation=self.dilation, lowering=self.lowering,
+        )  # fmt: skip
 
 
 class Dense(nn.Module):
@@ -60,8 +61,78 @@ class Dense(nn.Module):
         return ops.dense(x_NxD, kernel, bias)
 
 
+def run_layers(module: nn.Module, specs: Sequence[str], x: jnp.ndarray, lowering: str):
+    """Runs the layer specs on ``x`` inside ``module``'s ``@nn.compact`` call.
+
+    Parameters are ``Conv2D_{i}`` and ``Dense_{i}`` submodules of ``module``.
+    Each layer's output is sown under ``intermediates`` as ``layer{position}_{kind}``.
+    Dropout is on only when ``apply`` is given a "dropout" PRNG key.
+    """
+    for position, layer in enumerate(layers.parse(specs)):
+        try:
+            x = _run_layer(module, layer, x, lowering)
+        except ValueError as e:  # A shape that does not fit: name the layer.
+            raise layers.SpecError(position, specs[position], str(e)) from None
+        module.sow("intermediates", f"layer{position}_{layer.kind}", x)
+    return x
+
+
+def _run_layer(module: nn.Module, layer: layers.Layer, x: jnp.ndarray, lowering: str):
+    kind = layer.kind
+    if kind == "conv":
+        stride = layer.stride or (1, 1)
+        conv = Conv2D(layer.features, layer.kernel, layer.padding, lowering, stride, layer.dilation)
+        return conv(x)
+    if kind in POOLS:
+        return POOLS[kind](x, layer.kernel, stride=layer.stride, padding=layer.padding)
+    if kind == "dense":
+        return Dense(layer.features)(x)
+    if kind == "permute":
+        return x[:, flat_permutation(x.shape[1])]
+    if kind == "dropout":
+        dropping = layer.rate and module.has_rng("dropout")
+        return ops.dropout(x, layer.rate, module.make_rng("dropout")) if dropping else x
+    return SIMPLE[kind](x)
+
+
+def sown_layers(intermediates: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    """``(kind, value)`` of each layer that ``run_layers`` sowed, in layer order."""
+    positions = {name: int(name[len("layer") :].split("_", 1)[0]) for name in intermediates}
+    ordered = sorted(intermediates, key=positions.get)
+    return [(name.split("_", 1)[1], intermediates[name]) for name in ordered]
+
+
+POOLS: dict[str, Callable] = {"max_pool": ops.max_pool, "avg_pool": ops.avg_pool}
+# The layers without parameters or options; softmax and log_softmax are
+# recorded for export only: the model returns the logits before them.
+SIMPLE: dict[str, Callable] = {
+    "relu": ops.relu,
+    "flatten": ops.flatten,
+    "global_avg_pool": ops.global_avg_pool,
+    "softmax": lambda x: x,
+    "log_softmax": lambda x: x,
+}
+
+
+class Sequential(nn.Module):
+    """Any stack of ``ops`` as a model: ``layers`` is a tuple of layer specs.
+
+    See ``cnnflat_jax.layers`` for the specs, for example
+    ``("conv:32:3", "relu", "max_pool:2", "flatten", "dense:10")``. The
+    output is the last layer's (logits; a final softmax or log_softmax is
+    recorded, not applied). ``conv_lowering`` is how ``ops.conv2d`` computes.
+    """
+
+    layers: tuple[str, ...]
+    conv_lowering: str = "auto"
+
+    @nn.compact
+    def __call__(self, x_NHWC: jnp.ndarray) -> jnp.ndarray:
+        return run_layers(self, self.layers, x_NHWC, self.conv_lowering)
+
+
 class CNN(nn.Module):
-    """Conv blocks -> flatten -> dense layers -> logits.
+    """Conv blocks -> flatten -> dense layers -> logits: the preset ``cnn_layers`` gives.
 
     Each block is conv2d (``kernel_size`` square, ``padding`` "SAME" or
     "VALID") -> relu -> pool (``pool`` "max" or "avg", window and stride
@@ -71,11 +142,6 @@ class CNN(nn.Module):
     inputs) -> dense 256 -> dense ``num_classes``. ``permute_flat`` shuffles
     the flattened vector by one fixed permutation before the dense layers
     (an experiment: the order of the flatten should not matter).
-
-    Each stage is sown under ``intermediates`` (read them with
-    ``apply(..., mutable=["intermediates"])``): ``conv{i}`` after the ReLU,
-    ``pool{i}``, ``flatten_input`` (the maps that are flattened) and
-    ``flattened``.
     """
 
     num_classes: int = 10
@@ -88,29 +154,27 @@ class CNN(nn.Module):
     permute_flat: bool = False
     conv_lowering: str = "auto"  # How ops.conv2d computes; values are the same.
 
+    def specs(self) -> tuple[str, ...]:
+        """This CNN as layer specs."""
+        specs = []
+        for features in self.conv_features:
+            conv = f"conv:{features}:{self.kernel_size}"
+            conv += ":padding=valid" if self.padding == "VALID" else ""
+            if self.pool == "stride":
+                specs += [f"{conv}:stride={self.pool_window}", "relu"]
+            else:
+                specs += [conv, "relu", f"{self.pool}_pool:{self.pool_window}"]
+        specs += ["flatten", *(["permute"] if self.permute_flat else [])]
+        specs += [x for features in self.dense_features for x in (f"dense:{features}", "relu")]
+        return (*specs, f"dense:{self.num_classes}")
+
     @nn.compact
     def __call__(self, x_NHWC: jnp.ndarray) -> jnp.ndarray:
-        strided = self.pool == "stride"
-        for i, features in enumerate(self.conv_features):
-            stride = self.pool_window if strided else 1
-            conv = Conv2D(features, self.kernel_size, self.padding, self.conv_lowering, stride)
-            x_NHWC = ops.relu(conv(x_NHWC))
-            self.sow("intermediates", f"conv{i}", x_NHWC)
-            if not strided:
-                x_NHWC = POOLS[self.pool](x_NHWC, self.pool_window)
-                self.sow("intermediates", f"pool{i}", x_NHWC)
-        self.sow("intermediates", "flatten_input", x_NHWC)
-        x_NxD = ops.flatten(x_NHWC)
-        if self.permute_flat:
-            x_NxD = x_NxD[:, flat_permutation(x_NxD.shape[1])]
-        self.sow("intermediates", "flattened", x_NxD)
-        for features in self.dense_features:
-            x_NxD = ops.relu(Dense(features)(x_NxD))
-        return Dense(self.num_classes)(x_NxD)
+        return run_layers(self, self.specs(), x_NHWC, self.conv_lowering)
 
 
 def flat_permutation(size: int) -> np.ndarray:
-    """The fixed permutation that ``CNN(permute_flat=True)`` applies (seed 0)."""
+    """The fixed permutation that the "permute" layer applies (seed 0)."""
     return np.random.default_rng(0).permutation(size)
 
 
@@ -120,15 +184,17 @@ class MLP(nn.Module):
     num_classes: int = 10
     dense_features: Sequence[int] = (256,)
 
+    def specs(self) -> tuple[str, ...]:
+        """This MLP as layer specs."""
+        dense = [x for features in self.dense_features for x in (f"dense:{features}", "relu")]
+        return ("flatten", *dense, f"dense:{self.num_classes}")
+
     @nn.compact
     def __call__(self, x_NHWC: jnp.ndarray) -> jnp.ndarray:
-        x_NxD = ops.flatten(x_NHWC)
-        for features in self.dense_features:
-            x_NxD = ops.relu(Dense(features)(x_NxD))
-        return Dense(self.num_classes)(x_NxD)
+        return run_layers(self, self.specs(), x_NHWC, "auto")
 
 
-MODELS: dict[str, type[nn.Module]] = {"cnn": CNN, "mlp": MLP}
+MODELS: dict[str, type[nn.Module]] = {"cnn": CNN, "mlp": MLP, "sequential": Sequential}
 
 
 def create_model(name: str, num_classes: int, **fields) -> nn.Module:
@@ -150,6 +216,9 @@ def create_model(name: str, num_classes: int, **fields) -> nn.Module:
         raise ValueError(f"unknown pool {fields['pool']!r}; choose one of {POOL_KINDS}")
     if fields.get("padding", "SAME") not in PADDINGS:
         raise ValueError(f"unknown padding {fields['padding']!r}; choose one of {PADDINGS}")
+    if cls is Sequential:
+        # The spec's last layers give the classes; config.check_data checks them.
+        return Sequential(**{**fields, "layers": tuple(fields.get("layers", ()))})
     return cls(num_classes=num_classes, **fields)
 
 

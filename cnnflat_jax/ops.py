@@ -1,4 +1,5 @@
-"""Pure CNN layer functions: conv2d, relu, max_pool, avg_pool, flatten, dense.
+"""Pure CNN layer functions: conv2d, relu, max_pool, avg_pool, global_avg_pool,
+flatten, dense and dropout.
 
 Layouts are channels-last: images NHWC ``(N, H, W, C)`` or a single example
 HWC ``(H, W, C)``; convolution kernels HWIO ``(kh, kw, C_in, C_out)``; dense
@@ -12,28 +13,42 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
+from jax.sharding import PartitionSpec as P
 from jax.typing import ArrayLike
 
 Array = jnp.ndarray
 IntOrPair = int | tuple[int, int]
 Padding = str | Sequence[tuple[int, int]]
 
-__all__ = ["conv2d", "relu", "max_pool", "avg_pool", "flatten", "reorder_flat_kernel", "dense"]
+__all__ = [
+    "conv2d",
+    "relu",
+    "max_pool",
+    "avg_pool",
+    "global_avg_pool",
+    "flatten",
+    "reorder_flat_kernel",
+    "dense",
+    "dropout",
+]
+
+
+def _is_int(value) -> bool:
+    """A Python or NumPy integer (not a bool)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
 
 
 def _pair(value: IntOrPair, name: str, fn: str) -> tuple[int, int]:
     """Returns ``value`` as a pair of positive ints, or raises naming ``name``."""
-    pair = (value, value) if isinstance(value, int) else value
-    if (
-        not isinstance(pair, (tuple, list))
-        or len(pair) != 2
-        or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair)
-    ):
+    pair = (value, value) if _is_int(value) else value
+    if not isinstance(pair, (tuple, list)) or len(pair) != 2 or not all(map(_is_int, pair)):
         raise TypeError(f"{fn}: {name} must be an int or a pair of ints, got {value!r}")
     if min(pair) < 1:
         raise ValueError(f"{fn}: {name} must be >= 1, got {value!r}")
@@ -140,15 +155,17 @@ def conv2d(
       dilation: kernel dilation ``d``, an int or ``(d_h, d_w)``.
       lowering: how XLA computes it; values agree to float rounding.
         "lax": one ``lax.conv_general_dilated`` with JAX's own gradient
-        rules. "nhwc_grads": the same forward, with both gradients written as
-        plain NHWC/HWIO convolutions, because XLA:CPU runs JAX's transposed
-        convolutions up to ~400x slower inside ``lax.scan``; reverse mode
-        only (``grad``, ``vjp``, grad of grad; not ``jvp``). "im2col": the
-        kernel taps as strided slices stacked along channels, then one
-        matmul; its gradients and its ``vmap`` over kernels (populations)
-        are plain GEMMs. "hybrid": "lax" for values (the fastest inference
-        on CPU), "im2col" once differentiated or vmapped over kernels; a
-        value under ``grad`` may differ from one without by float rounding.
+        rules (under an explicit-sharding mesh, whose kernel gradient JAX
+        cannot place, "nhwc_grads"' rules). "nhwc_grads": the same
+        forward, with both gradients written as plain NHWC/HWIO
+        convolutions, because XLA:CPU runs JAX's transposed convolutions up
+        to ~400x slower inside ``lax.scan``; reverse mode only (``grad``,
+        ``vjp``, grad of grad; not ``jvp``). "im2col": the kernel taps as
+        strided slices stacked along channels, then one matmul; its
+        gradients and its ``vmap`` over kernels (populations) are plain
+        GEMMs. "hybrid": "lax" for values (the fastest inference on CPU),
+        "im2col" once differentiated or vmapped over kernels; a value under
+        ``grad`` may differ from one without by float rounding.
         "auto" (default): "hybrid" on CPU, "lax" elsewhere.
 
     Returns:
@@ -198,7 +215,8 @@ def conv2d(
 _NHWC_HWIO = ("NHWC", "HWIO", "NHWC")
 
 
-def _canonical_conv(x_NHWC, kernel_HWIO, stride, pads, lhs_dilation, rhs_dilation):
+def _canonical_conv(x_NHWC, kernel_HWIO, stride, pads, lhs_dilation, rhs_dilation, axes=None):
+    """``axes``: the output's mesh axes under explicit sharding (default: the batch's)."""
     return lax.conv_general_dilated(
         x_NHWC,
         kernel_HWIO,
@@ -207,6 +225,7 @@ def _canonical_conv(x_NHWC, kernel_HWIO, stride, pads, lhs_dilation, rhs_dilatio
         lhs_dilation=lhs_dilation,
         rhs_dilation=rhs_dilation,
         dimension_numbers=_NHWC_HWIO,
+        out_sharding=_sharding(x_NHWC, axes or (_spec(x_NHWC)[0], None, None, None)),
     )
 
 
@@ -242,7 +261,8 @@ def _conv_bwd(stride, pads, dilation, residuals, g_NHWO):
     dx_NHWC = _canonical_conv(g_NHWO, kernel_flipped_HWOI, (1, 1), dx_pads, stride, dilation)
     x_CHWN = x_NHWC.transpose(3, 1, 2, 0)
     g_HWNO = g_NHWO.transpose(1, 2, 0, 3)
-    dk_CHWO = _canonical_conv(x_CHWN, g_HWNO, dilation, dk_pads, (1, 1), stride)
+    # The batch is contracted, so the kernel gradient is whole on every device.
+    dk_CHWO = _canonical_conv(x_CHWN, g_HWNO, dilation, dk_pads, (1, 1), stride, (None,) * 4)
     return dx_NHWC, dk_CHWO.transpose(1, 2, 0, 3)
 
 
@@ -285,6 +305,10 @@ def _im2col_conv(x_NHWC, kernel_HWIO, stride, pads, dilation):
 
 
 def _lax_conv(x_NHWC, kernel_HWIO, stride, pads, dilation):
+    if any(_spec(x_NHWC)):
+        # JAX's own kernel-gradient rule cannot place its output under an
+        # explicit-sharding mesh; nhwc_grads' rules say where it goes.
+        return _conv(x_NHWC, kernel_HWIO, stride, pads, dilation)
     return _canonical_conv(x_NHWC, kernel_HWIO, stride, pads, (1, 1), dilation)
 
 
@@ -353,8 +377,20 @@ def relu(x: ArrayLike) -> Array:
       >>> relu(jnp.array([-1.0, 0.0, 2.0, jnp.nan]))
       Array([ 0.,  0.,  2., nan], dtype=float32)
     """
-    x = _real(x, "x", "relu")
-    return jnp.where(x <= 0, jnp.zeros_like(x), x)
+    return _relu(_real(x, "x", "relu"))
+
+
+@jax.custom_jvp
+def _relu(x: Array) -> Array:
+    # ``max`` (NaN-propagating in XLA) fuses into a following max pool's
+    # reduction, which a select does not: eval ran ~1.8x faster so.
+    return jnp.maximum(x, jnp.zeros_like(x))
+
+
+@_relu.defjvp
+def _relu_jvp(primals, tangents):
+    (x,), (tangent,) = primals, tangents
+    return _relu(x), jnp.where(x <= 0, jnp.zeros_like(tangent), tangent)
 
 
 def _pool(x, window, stride, padding, fn: str, reducer: str) -> Array:
@@ -392,42 +428,67 @@ def _pool(x, window, stride, padding, fn: str, reducer: str) -> Array:
 
 
 def _tiled_pool(x_NHWC: Array, window_hw: tuple[int, int], reducer: str) -> Array:
-    """Pooling whose windows tile the input (stride = window, VALID), by reshape.
+    """Pooling whose windows tile the input (stride = window, VALID).
 
-    Rows and columns that no window covers are dropped (as VALID does), and
-    the windows become two axes of a reshape, ``(N, Ho, wh, Wo, ww, C)``,
-    reduced over ``wh`` and ``ww``: no ``reduce_window``, whose max gradient
-    XLA:CPU runs as a slow generic scatter.
+    Rows and columns that no window covers are dropped (as VALID does). The
+    average is a mean over the windows as two axes of a reshape; the max is
+    ``_tiled_max``.
     """
-    n, h, w, c = x_NHWC.shape
-    (wh, ww), out_h, out_w = window_hw, h // window_hw[0], w // window_hw[1]
-    windows = x_NHWC[:, : out_h * wh, : out_w * ww].reshape(n, out_h, wh, out_w, ww, c)
     if reducer == "max":
-        return _window_max(windows)
+        return _tiled_max(x_NHWC, window_hw)
+    windows = _windows(x_NHWC, window_hw)
     if not jnp.issubdtype(windows.dtype, jnp.floating):
         windows = windows.astype(jnp.float32)
     return windows.mean(axis=(2, 4))
 
 
-@jax.custom_jvp
-def _window_max(windows: Array) -> Array:
-    """Max over axes 2 and 4 of ``(N, Ho, wh, Wo, ww, C)``; derivative: the first max.
+def _windows(x_NHWC: Array, window_hw: tuple[int, int]) -> Array:
+    """``(N, Ho, wh, Wo, ww, C)``: the tiling windows as two axes (VALID crop)."""
+    n, h, w, c = x_NHWC.shape
+    (wh, ww), out_h, out_w = window_hw, h // window_hw[0], w // window_hw[1]
+    # Under an explicit-sharding mesh JAX asks where a split axis goes: the
+    # windows' cells stay with their rows and columns.
+    n_axis, h_axis, w_axis, c_axis = _spec(x_NHWC)
+    sharding = _sharding(x_NHWC, (n_axis, h_axis, None, w_axis, None, c_axis))
+    cropped = x_NHWC[:, : out_h * wh, : out_w * ww]
+    return lax.reshape(cropped, (n, out_h, wh, out_w, ww, c), out_sharding=sharding)
 
-    The derivative picks each window's first maximum in row-major order, as
-    XLA's select-and-scatter (and so TensorFlow and PyTorch) does, instead of
-    ``jnp.max``'s even split among ties. It is written as a JVP that is
-    linear in the tangent (a one-hot mask, then a sum), so ``grad`` is JAX's
-    transpose of it: one broadcast-and-select that XLA fuses with the ReLU's
-    gradient, and ``jvp`` works too.
+
+def _spec(x: Array) -> tuple:
+    """The mesh axes of each dimension of ``x`` in explicit-sharding mode, else Nones."""
+    spec = tuple(jax.typeof(x).sharding.spec)
+    return spec + (None,) * (x.ndim - len(spec))
+
+
+def _sharding(x: Array, axes: tuple) -> P | None:
+    """``PartitionSpec(*axes)`` where ``x`` is explicitly sharded, else None (JAX's choice)."""
+    return P(*axes) if any(_spec(x)) else None
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _tiled_max(x_NHWC: Array, window_hw: tuple[int, int]) -> Array:
+    """Max over tiling windows; derivative: each window's first maximum.
+
+    Values come from ``reduce_window``, which XLA:CPU fuses with the ReLU
+    before it. The derivative picks each window's first maximum in
+    row-major order, as XLA's select-and-scatter (and so TensorFlow and
+    PyTorch) does, instead of ``jnp.max``'s even split among ties. It is
+    written as a JVP that is linear in the tangent (a one-hot mask over the
+    reshaped windows, then a sum), so ``grad`` is JAX's transpose of it: one
+    broadcast-and-select that XLA fuses with the ReLU's gradient, not the
+    generic scatter that XLA:CPU makes of ``reduce_window``'s gradient.
     """
-    return windows.max(axis=(2, 4))
+    floating = jnp.issubdtype(x_NHWC.dtype, jnp.floating)
+    init = -math.inf if floating else int(jnp.iinfo(x_NHWC.dtype).min)
+    dims = (1, *window_hw, 1)
+    return lax.reduce_window(x_NHWC, init, lax.max, dims, dims, "VALID")
 
 
-@_window_max.defjvp
-def _window_max_jvp(primals, tangents):
-    (windows,), (tangent,) = primals, tangents
-    _, _, wh, _, ww, _ = windows.shape
-    y = windows.max(axis=(2, 4))
+@_tiled_max.defjvp
+def _tiled_max_jvp(window_hw, primals, tangents):
+    (x_NHWC,), (tangent_NHWC,) = primals, tangents
+    windows, tangent = _windows(x_NHWC, window_hw), _windows(tangent_NHWC, window_hw)
+    (wh, ww), y = window_hw, windows.max(axis=(2, 4))
     shape = (1, 1, wh, 1, ww, 1)
     row, column = (lax.broadcasted_iota(jnp.int32, shape, axis) for axis in (2, 4))
     cell = row * ww + column  # Each cell's row-major position in its window.
@@ -504,6 +565,57 @@ def avg_pool(
     return _pool(x, window, stride, padding, "avg_pool", "avg")
 
 
+def global_avg_pool(x: ArrayLike) -> Array:
+    r"""The mean of each channel over all positions, as ``keras.layers.GlobalAveragePooling2D``.
+
+    .. math:: y[n, c] = \frac{1}{H W} \sum_{h, w} x[n, h, w, c]
+
+    It turns maps into a vector as ``flatten`` does, but of C values instead
+    of H * W * C, and the same wherever a feature lies on the map.
+
+    Args:
+      x: NHWC ``(N, H, W, C)`` or a single example ``(H, W, C)``.
+
+    Returns:
+      ``(N, C)``, or ``(C,)`` for a single example; integer inputs give float32.
+
+    Example:
+      >>> global_avg_pool(jnp.arange(8.0).reshape(2, 2, 2))
+      Array([3., 4.], dtype=float32)
+    """
+    x_NHWC, single = _as_nhwc(x, "x", "global_avg_pool")
+    if not jnp.issubdtype(x_NHWC.dtype, jnp.floating):
+        x_NHWC = x_NHWC.astype(jnp.float32)
+    y_NC = jnp.mean(x_NHWC, axis=(1, 2))
+    return y_NC[0] if single else y_NC
+
+
+def dropout(x: ArrayLike, rate: float, key: jax.Array) -> Array:
+    """Inverted dropout: zeroes each value with probability ``rate``, scales the rest up.
+
+    Kept values are divided by ``1 - rate``, so the expectation over ``key`` is
+    ``x`` and nothing changes at inference, where dropout is simply not
+    called. Any shape.
+
+    Args:
+      x: array of any shape.
+      rate: the probability of dropping a value, in [0, 1).
+      key: a ``jax.random`` key; the same key drops the same values.
+
+    Example:
+      >>> y = dropout(jnp.ones(1000), 0.25, jax.random.key(0))
+      >>> sorted(set(y.tolist()))
+      [0.0, 1.3333333730697632]
+    """
+    x = _real(x, "x", "dropout")
+    if not 0 <= rate < 1:
+        raise ValueError(f"dropout: rate must be in [0, 1), got {rate!r}")
+    if rate == 0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape, out_sharding=_sharding(x, _spec(x)))
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
 def flatten(x: ArrayLike, *, batch_dims: int = 1) -> Array:
     """Flattens all but the leading ``batch_dims`` axes, in row-major (C) order.
 
@@ -528,14 +640,14 @@ def flatten(x: ArrayLike, *, batch_dims: int = 1) -> Array:
       Array([0, 1, 2, 3], dtype=int32)
     """
     x = _real(x, "x", "flatten")
-    if not isinstance(batch_dims, int) or batch_dims < 0:
+    if not _is_int(batch_dims) or batch_dims < 0:
         raise ValueError(f"flatten: batch_dims must be an int >= 0, got {batch_dims!r}")
     if x.ndim < batch_dims:
         raise ValueError(
             f"flatten: x must have at least batch_dims={batch_dims} axes, "
             f"got shape {tuple(x.shape)}"
         )
-    keep = tuple(x.shape[:batch_dims])
+    keep = tuple(x.shape[: int(batch_dims)])
     return x.reshape(*keep, math.prod(x.shape[batch_dims:]))
 
 

@@ -160,13 +160,21 @@ def normalize_images(images: jax.Array) -> jax.Array:
     return images.astype(jnp.float32) / 255.0
 
 
-def loss_and_metrics(params: Any, apply_fn: Callable, batch: Batch) -> tuple[jax.Array, Metrics]:
+def _logits_of(apply_fn: Callable, params: Any, images: jax.Array, dropout_key) -> jax.Array:
+    """Logits; a ``dropout_key`` turns the model's dropout layers on (training)."""
+    rngs = {} if dropout_key is None else {"dropout": dropout_key}
+    return apply_fn({"params": params}, normalize_images(images), rngs=rngs)
+
+
+def loss_and_metrics(
+    params: Any, apply_fn: Callable, batch: Batch, dropout_key: jax.Array | None = None
+) -> tuple[jax.Array, Metrics]:
     """Mean softmax cross-entropy over the unmasked examples, and metric sums.
 
     ``batch["mask"]`` (float, 1 = real example, 0 = padding) weights every
     example, so padded slots affect neither the loss nor the metrics.
     """
-    logits = apply_fn({"params": params}, normalize_images(batch["image"]))
+    logits = _logits_of(apply_fn, params, batch["image"], dropout_key)
     mask = batch["mask"]
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
     count = jnp.sum(mask)
@@ -177,8 +185,12 @@ def loss_and_metrics(params: Any, apply_fn: Callable, batch: Batch) -> tuple[jax
 
 
 def example_loss(params: Any, apply_fn: Callable, example: Batch) -> jax.Array:
-    """Cross-entropy of ONE example (``image`` HWC uint8, scalar ``label``)."""
-    logits = apply_fn({"params": params}, normalize_images(example["image"][None]))[0]
+    """Cross-entropy of ONE example (``image`` HWC uint8, scalar ``label``).
+
+    An optional ``example["dropout_key"]`` turns dropout on, as in training.
+    """
+    key = example.get("dropout_key")
+    logits = _logits_of(apply_fn, params, example["image"][None], key)[0]
     return optax.softmax_cross_entropy_with_integer_labels(logits, example["label"])
 
 
@@ -189,11 +201,20 @@ def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
     (float). Metric sums: ``loss_sum``, ``correct`` and ``count``. With
     ``state.clip_per_example`` the gradient is DP-SGD's clipped, noised mean
     of per-example gradients, with noise from ``fold_in(state.key, state.step)``.
+    Dropout layers draw from ``fold_in(fold_in(state.key, state.step), 1)``
+    (each example its own key under DP-SGD), so a run is the same for a seed,
+    and a resumed run draws what an uninterrupted one would.
     ``build_train`` compiles it; it also works under ``jax.jit`` and ``jax.vmap``.
     """
+    step_key = jax.random.fold_in(state.key, state.step)
+    dropout_key = jax.random.fold_in(step_key, 1)
     if state.clip_per_example:
-        _, metrics = loss_and_metrics(state.params, state.apply_fn, batch)
-        examples = {"image": batch["image"], "label": batch["label"]}
+        _, metrics = loss_and_metrics(state.params, state.apply_fn, batch, dropout_key)
+        examples = {
+            "image": batch["image"],
+            "label": batch["label"],
+            "dropout_key": jax.random.split(dropout_key, batch["label"].shape[0]),
+        }
         grads, _ = per_example.private_mean(
             per_example.per_example_grads(
                 lambda params, example: example_loss(params, state.apply_fn, example),
@@ -203,11 +224,11 @@ def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
             batch["mask"],
             state.hparams["clip_norm"],
             state.hparams["noise_multiplier"],
-            jax.random.fold_in(state.key, state.step),
+            step_key,
         )
     else:
         grad_fn = jax.grad(loss_and_metrics, has_aux=True)
-        grads, metrics = grad_fn(state.params, state.apply_fn, batch)
+        grads, metrics = grad_fn(state.params, state.apply_fn, batch, dropout_key)
     return state.apply_gradients(grads=grads), metrics
 
 

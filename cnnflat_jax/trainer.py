@@ -61,7 +61,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, start: float) -> dict[
     mesh = sharding.data_mesh(config.num_devices)
     data_shards = config.data_shards or jax.process_count()
     data = input_pipeline.load_data(config, data_shards)
-    config_lib.check_data(config, data.image_shape, data.train_total)
+    config_lib.check_data(config, data.image_shape, data.train_total, data.num_classes)
     train, validation = batching.split_validation(data, config.validation_examples, data_shards)
     reporting.log_data(data, sum(train.shard_sizes), config.validation_examples, mesh, data_shards)
 

@@ -11,11 +11,11 @@ from helpers import idx_config, write_idx_dataset
 
 from cnnflat_jax import config as config_lib
 from cnnflat_jax import models, train_lib
-from configs import cifar10, default, fast, mnist, smoke, tpu
+from configs import cifar10, default, fast, mnist, pytorch_net, sequential, smoke, tpu
 from configs import population as population_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHIPPED = [default, fast, mnist, cifar10, population_config, smoke, tpu]
+SHIPPED = [default, fast, mnist, cifar10, population_config, smoke, tpu, sequential, pytorch_net]
 
 # One bad value per field, as a user would type it, and what the error must say.
 BAD_VALUES = {

@@ -85,6 +85,10 @@ def keras_cnn(data_format, padding="same", pool=kl.MaxPooling2D, functional=Fals
         kl.Dense(32, activation="relu"),
         kl.Dense(10),
     ]
+    return keras_model(shape, layers, functional)
+
+
+def keras_model(shape, layers, functional=False):
     inputs = keras.Input(shape)
     if not functional:
         return keras.Sequential([inputs, *layers])
@@ -113,8 +117,15 @@ def test_keras_cnn_gives_the_same_logits(data_format, padding, pool, functional)
     images = random_images(model.inputs[0].shape[1:])
     ported = interop.from_keras(model)
     assert ported.input_hwc == (28, 28, 1)
-    assert ported.model["conv_features"] == (8, 16)
-    assert ported.model["padding"] == padding.upper()
+    conv = "conv:{}:3" + (":padding=valid" if padding == "valid" else "")
+    pool_spec = "max_pool:2" if pool is kl.MaxPooling2D else "avg_pool:2"
+    assert ported.model == {
+        "name": "sequential",
+        "layers": (
+            conv.format(8), "relu", pool_spec, conv.format(16), "relu", pool_spec,
+            "flatten", "dropout:0.5", "dense:32", "relu", "dense:10",
+        ),
+    }  # fmt: skip
     logits = np.asarray(ported.apply(nhwc(images, data_format)))
     assert_rounding_close(logits, keras_logits(model, images))
 
@@ -133,7 +144,7 @@ def test_keras_channels_first_with_a_channels_last_flatten_is_reordered():
     )
     images = random_images((3, 12, 10))
     ported = interop.from_keras(model)
-    assert ported.softmax
+    assert ported.softmax and ported.model["name"] == "cnn"
     probs = jax.nn.softmax(ported.apply(nhwc(images, cf)))
     np.testing.assert_allclose(probs, keras_logits(model, images), rtol=0, atol=1e-6)
 
@@ -158,7 +169,78 @@ def test_to_keras_and_back_is_exact():
     np.testing.assert_allclose(keras_logits(model, images), probs, rtol=0, atol=1e-6)
     back = interop.from_keras(model)
     assert back.softmax and back.input_hwc == (16, 16, 3)
+    assert back.model == {**models_defaults(fields), **fields}
     assert_trees_equal(back.params, ported.params)
+
+
+def keras_simple_mnist_convnet():
+    """The keras.io example "Simple MNIST convnet", as published."""
+    keras.utils.set_random_seed(0)
+    return keras.Sequential(
+        [
+            keras.Input(shape=(28, 28, 1)),
+            kl.Conv2D(32, kernel_size=(3, 3), activation="relu"),
+            kl.MaxPooling2D(pool_size=(2, 2)),
+            kl.Conv2D(64, kernel_size=(3, 3), activation="relu"),
+            kl.MaxPooling2D(pool_size=(2, 2)),
+            kl.Flatten(),
+            kl.Dropout(0.5),
+            kl.Dense(10, activation="softmax"),
+        ]
+    )
+
+
+def keras_gap_head(functional=False):
+    keras.utils.set_random_seed(0)
+    layers = [
+        kl.Conv2D(8, 3, padding="same", activation="relu"),
+        kl.MaxPooling2D(2),
+        kl.Conv2D(16, 3, strides=2, padding="same", activation="relu"),
+        kl.GlobalAveragePooling2D(),
+        kl.Dropout(0.2),
+        kl.Dense(10),
+    ]
+    return keras_model((28, 28, 1), layers, functional)
+
+
+def keras_conv_conv_pool():
+    keras.utils.set_random_seed(0)
+    layers = [
+        kl.Conv2D(6, 3, activation="relu"),
+        kl.Conv2D(8, 3, dilation_rate=2, padding="same", activation="relu"),
+        kl.MaxPooling2D(3, strides=2, padding="same"),
+        kl.AveragePooling2D(2, strides=1),
+        kl.Flatten(),
+        kl.Dense(5),
+        kl.Activation("log_softmax"),
+    ]
+    return keras_model((20, 18, 3), layers)
+
+
+@pytest.mark.parametrize(
+    "make,last",
+    [
+        (keras_simple_mnist_convnet, "softmax"),
+        (keras_gap_head, None),
+        (lambda: keras_gap_head(functional=True), None),
+        (keras_conv_conv_pool, "log_softmax"),
+    ],
+)
+def test_keras_models_port_both_ways(make, last):
+    model = make()
+    shape = tuple(model.inputs[0].shape[1:])
+    images = random_images(shape)
+    ported = interop.from_keras(model)
+    assert ported.model["name"] == "sequential" and ported.input_hwc == shape
+    assert ported.model["layers"][-1] == last or last is None
+    final = {"softmax": jax.nn.softmax, "log_softmax": jax.nn.log_softmax}.get(last, np.asarray)
+    ours = np.asarray(final(ported.apply(images)))
+    assert_rounding_close(ours, keras_logits(model, images))
+    back = interop.to_keras(ported)
+    assert_rounding_close(keras_logits(back, images), ours)
+    again = interop.from_keras(back)
+    assert again.model == ported.model
+    assert_trees_equal(again.params, ported.params)
 
 
 def test_load_keras_file(tmp_path):
@@ -187,16 +269,10 @@ def test_load_keras_missing_or_corrupt_file(tmp_path):
             r"Keras layer 'bn' \(BatchNormalization\) is not supported; supported layers: "
             r"Conv2D, MaxPooling2D",
         ),
-        (
-            [kl.Conv2D(4, 3, activation="relu"), kl.Flatten(), kl.Dense(2)],
-            r"expected pool but found layer '\w+' \(flatten\)",
-        ),
         ([kl.Conv2D(4, 3, activation="tanh", name="c")], r"'c': activation 'tanh'"),
-        ([kl.Conv2D(4, 3, strides=2, name="c")], r"'c': strides \(2, 2\)"),
-        (
-            [kl.Conv2D(4, 3, activation="relu"), kl.MaxPooling2D(2, strides=1, name="p")],
-            r"'p': pooling must use strides = pool_size",
-        ),
+        ([kl.Conv2D(4, 3), kl.Conv2D(4, 3, groups=2, name="c")], r"'c': groups must be 1"),
+        ([kl.Conv2D(4, 3, name="c"), kl.Dense(2, name="d")], r"'d': dense needs a vector"),
+        ([kl.Conv2D(4, 3, name="c")], r"outputs maps of shape \(6, 6, 4\)"),
     ],
 )
 def test_keras_unsupported_models_name_the_layer(layers, message):
@@ -219,7 +295,6 @@ def torch_cnn(padding=1, pool=tnn.MaxPool2d):
         tnn.ReLU(),
         pool(2),
         tnn.Flatten(),
-        tnn.Dropout(0.5),
         tnn.Linear(16 * side * side, 32),
         tnn.ReLU(),
         tnn.Linear(32, 10),
@@ -228,7 +303,7 @@ def torch_cnn(padding=1, pool=tnn.MaxPool2d):
 
 def torch_logits(module, images_NCHW):
     with torch.no_grad():
-        return module(torch.from_numpy(images_NCHW)).numpy()
+        return module.eval()(torch.from_numpy(images_NCHW)).numpy()
 
 
 @pytest.mark.parametrize("padding,pool", [(1, tnn.MaxPool2d), ("valid", tnn.AvgPool2d)])
@@ -236,6 +311,7 @@ def test_torch_cnn_gives_the_same_logits(padding, pool):
     module = torch_cnn(padding, pool)
     images = random_images((1, 28, 28))
     ported = interop.from_torch(module, input_chw=(1, 28, 28))
+    assert ported.model["name"] == "cnn"
     assert ported.model["padding"] == ("SAME" if padding == 1 else "VALID")
     logits = np.asarray(ported.apply(images.transpose(0, 2, 3, 1)))
     assert_rounding_close(logits, torch_logits(module, images))
@@ -246,7 +322,7 @@ def test_torch_dense_without_the_flatten_permutation_is_wrong():
     images = random_images((1, 28, 28))
     ported = interop.from_torch(module, input_chw=(1, 28, 28))
     unpermuted = jax.tree.map(lambda x: x, ported.params)
-    unpermuted["Dense_0"]["kernel"] = jnp.asarray(module[8].weight.detach().numpy().T)
+    unpermuted["Dense_0"]["kernel"] = jnp.asarray(module[7].weight.detach().numpy().T)
     wrong = interop.Ported(ported.model, 10, ported.input_hwc, unpermuted)
     expected = torch_logits(module, images)
     right_error = np.abs(np.asarray(ported.apply(images.transpose(0, 2, 3, 1))) - expected)
@@ -255,8 +331,97 @@ def test_torch_dense_without_the_flatten_permutation_is_wrong():
     assert wrong_error.max() > 1e-2
 
 
+F = torch.nn.functional
+
+
+class ExamplesNet(tnn.Module):
+    """``Net`` from pytorch/examples ``mnist/main.py``, as published."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1 = tnn.Conv2d(1, 32, 3, 1)
+        self.conv2 = tnn.Conv2d(32, 64, 3, 1)
+        self.dropout1 = tnn.Dropout(0.25)
+        self.dropout2 = tnn.Dropout(0.5)
+        self.fc1 = tnn.Linear(9216, 128)
+        self.fc2 = tnn.Linear(128, 10)
+
+    def forward(self, x):
+        x = self.conv1(x)
+        x = F.relu(x)
+        x = self.conv2(x)
+        x = F.relu(x)
+        x = F.max_pool2d(x, 2)
+        x = self.dropout1(x)
+        x = torch.flatten(x, 1)
+        x = self.fc1(x)
+        x = F.relu(x)
+        x = self.dropout2(x)
+        x = self.fc2(x)
+        output = F.log_softmax(x, dim=1)
+        return output
+
+
+EXAMPLES_NET = (
+    "conv:32:3:padding=valid", "relu", "conv:64:3:padding=valid", "relu", "max_pool:2",
+    "dropout:0.25", "flatten", "dense:128", "relu", "dropout:0.5", "dense:10", "log_softmax",
+)  # fmt: skip
+
+
+def test_the_pytorch_examples_net_ports_both_ways_and_through_a_state_dict_file(tmp_path):
+    net = ExamplesNet().eval()
+    images = random_images((1, 28, 28))
+    expected = torch_logits(net, images)  # log-probabilities
+    ported = interop.from_torch(net, input_chw=(1, 28, 28))
+    assert ported.model == {"name": "sequential", "layers": EXAMPLES_NET}
+    ours = np.asarray(jax.nn.log_softmax(ported.apply(images.transpose(0, 2, 3, 1))))
+    np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-5)
+    exported = interop.to_torch(ported)
+    np.testing.assert_allclose(torch_logits(exported, images), ours, rtol=0, atol=1e-5)
+    path = tmp_path / "mnist_cnn.pt"  # What pytorch/examples saves with --save-model.
+    torch.save(net.state_dict(), path)
+    loaded = interop.load_torch(path, ported.model, input_chw=(1, 28, 28))
+    assert_trees_equal(loaded.params, ported.params)
+    back = interop.from_torch(exported, input_chw=(1, 28, 28))
+    assert back.model == ported.model
+    assert_trees_equal(back.params, ported.params)
+
+
+class FunctionalNet(tnn.Module):
+    """Every functional call from_torch reads, in a traced forward."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1 = tnn.Conv2d(3, 6, 3, padding=1)
+        self.conv2 = tnn.Conv2d(6, 8, 3, stride=2, padding=1)
+        self.fc = tnn.Linear(8, 4)
+
+    def forward(self, x):
+        x = F.avg_pool2d(torch.relu(self.conv1(x)), 3, stride=1, padding=1, count_include_pad=False)
+        x = F.max_pool2d(F.relu(self.conv2(x)), kernel_size=2)
+        x = F.dropout(x, 0.1, training=self.training)
+        x = F.adaptive_avg_pool2d(x, 1)
+        x = x.view(x.size(0), -1)
+        return F.softmax(self.fc(x), dim=1)
+
+
+def test_functional_calls_port_both_ways():
+    net = FunctionalNet().eval()
+    images = random_images((3, 16, 12))
+    ported = interop.from_torch(net, input_chw=(3, 16, 12))
+    assert ported.model["layers"] == (
+        "conv:6:3", "relu", "avg_pool:3:stride=1:padding=1", "conv:8:3:stride=2:padding=1",
+        "relu", "max_pool:2", "dropout:0.1", "global_avg_pool", "dense:4", "softmax",
+    )  # fmt: skip
+    ours = np.asarray(jax.nn.softmax(ported.apply(images.transpose(0, 2, 3, 1))))
+    np.testing.assert_allclose(ours, torch_logits(net, images), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(torch_logits(interop.to_torch(ported), images), ours, atol=1e-6)
+
+
 class TutorialNet(tnn.Module):
-    """The PyTorch tutorial style: modules for weights, F.relu and torch.flatten."""
+    """``Net`` from PyTorch's CIFAR-10 tutorial: modules for weights, F.relu, torch.flatten."""
 
     def __init__(self):
         super().__init__()
@@ -265,22 +430,56 @@ class TutorialNet(tnn.Module):
         self.pool = tnn.MaxPool2d(2, 2)
         self.conv2 = tnn.Conv2d(6, 16, 5)
         self.fc1 = tnn.Linear(16 * 5 * 5, 120)
-        self.fc2 = tnn.Linear(120, 10)
+        self.fc2 = tnn.Linear(120, 84)
+        self.fc3 = tnn.Linear(84, 10)
 
     def forward(self, x):
-        x = self.pool(torch.nn.functional.relu(self.conv1(x)))
-        x = self.pool(torch.relu(self.conv2(x)))
+        x = self.pool(F.relu(self.conv1(x)))
+        x = self.pool(F.relu(self.conv2(x)))
         x = torch.flatten(x, 1)
-        return self.fc2(torch.nn.functional.relu(self.fc1(x)))
+        x = F.relu(self.fc1(x))
+        x = F.relu(self.fc2(x))
+        x = self.fc3(x)
+        return x
 
 
-def test_traced_torch_module_gives_the_same_logits():
+def test_the_cifar10_tutorial_net_ports_both_ways():
     module = TutorialNet()
     images = random_images((3, 32, 32))
     ported = interop.from_torch(module, input_chw=(3, 32, 32))
-    assert ported.model["kernel_size"] == 5 and ported.model["padding"] == "VALID"
+    assert ported.model == {
+        "name": "cnn", "conv_features": (6, 16), "kernel_size": 5, "padding": "VALID",
+        "pool": "max", "pool_window": 2, "dense_features": (120, 84),
+    }  # fmt: skip
     logits = np.asarray(ported.apply(images.transpose(0, 2, 3, 1)))
     assert_rounding_close(logits, torch_logits(module, images))
+    assert_rounding_close(torch_logits(interop.to_torch(ported), images), logits)
+
+
+def torch_gap_head():
+    torch.manual_seed(0)
+    return tnn.Sequential(
+        tnn.Conv2d(1, 8, 3, padding="same"), tnn.ReLU(), tnn.Conv2d(8, 8, 3), tnn.ReLU(),
+        tnn.MaxPool2d(2), tnn.Conv2d(8, 16, 3, padding=1), tnn.ReLU(),
+        tnn.AdaptiveAvgPool2d(1), tnn.Flatten(), tnn.Dropout(0.3), tnn.Linear(16, 10),
+        tnn.LogSoftmax(dim=1),
+    )  # fmt: skip
+
+
+def test_a_torch_global_average_pooling_head_ports_both_ways():
+    module = torch_gap_head().eval()
+    images = random_images((1, 28, 28))
+    ported = interop.from_torch(module, input_chw=(1, 28, 28))
+    assert ported.model["layers"] == (
+        "conv:8:3", "relu", "conv:8:3:padding=valid", "relu", "max_pool:2", "conv:16:3", "relu",
+        "global_avg_pool", "dropout:0.3", "dense:10", "log_softmax",
+    )  # fmt: skip
+    ours = np.asarray(jax.nn.log_softmax(ported.apply(images.transpose(0, 2, 3, 1))))
+    assert_rounding_close(ours, torch_logits(module, images))
+    assert_rounding_close(torch_logits(interop.to_torch(ported), images), ours)
+    assert_rounding_close(
+        keras_logits(interop.to_keras(ported), images.transpose(0, 2, 3, 1)), ours
+    )
 
 
 @pytest.mark.parametrize(
@@ -289,9 +488,12 @@ def test_traced_torch_module_gives_the_same_logits():
         (dict(name="cnn", conv_features=(4, 6), kernel_size=3), (12, 10, 2)),
         (dict(name="cnn", conv_features=(5,), kernel_size=2, pool="avg"), (9, 9, 1)),
         (dict(name="cnn", padding="VALID", pool_window=3, dense_features=(7, 5)), (20, 20, 1)),
+        (dict(name="cnn", conv_features=(4, 6), pool="stride"), (12, 11, 2)),
         (dict(name="mlp", dense_features=(9,)), (6, 5, 2)),
+        (dict(name="sequential", layers=("conv:4:3:stride=2", "relu", "conv:5:2:stride=2",
+                                         "global_avg_pool", "dense:3")), (10, 9, 1)),
     ],
-)
+)  # fmt: skip
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel:UserWarning")
 def test_ours_to_torch_and_back_is_exact(fields, input_hwc):
     ported = random_ported(fields, input_hwc)
@@ -301,7 +503,10 @@ def test_ours_to_torch_and_back_is_exact(fields, input_hwc):
     assert_rounding_close(torch_logits(module, images.transpose(0, 3, 1, 2)), expected)
     h, w, c = input_hwc
     back = interop.from_torch(module, input_chw=(c, h, w))
-    assert back.model == {**models_defaults(fields), **fields}
+    if fields["name"] == "sequential":
+        assert back.model == fields
+    else:
+        assert back.model == {**models_defaults(fields), **fields}
     assert_trees_equal(back.params, ported.params)
 
 
@@ -320,6 +525,8 @@ def test_load_torch_state_dict_file(tmp_path):
     images = random_images((1, 28, 28))
     logits = np.asarray(ported.apply(images.transpose(0, 2, 3, 1)))
     assert_rounding_close(logits, torch_logits(module, images))
+    with pytest.raises(interop.UnsupportedModelError, match=r"weighted layers are \['conv:8:3'"):
+        interop.load_torch(path, dict(description, conv_features=(8,)), input_chw=(1, 28, 28))
     with pytest.raises(interop.UnsupportedModelError, match=r"says conv_features=\(8, 32\)"):
         interop.load_torch(path, dict(description, conv_features=(8, 32)), input_chw=(1, 28, 28))
 
@@ -340,8 +547,12 @@ def test_load_torch_refuses_pickled_modules_and_missing_files(tmp_path):
             [tnn.Conv2d(1, 4, 3), tnn.BatchNorm2d(4), tnn.Flatten(), tnn.LazyLinear(2)],
             r"PyTorch layer '1' \(BatchNorm2d\) is not supported; supported layers: Conv2d",
         ),
-        ([tnn.Conv2d(1, 4, 3, padding=2)], r"'0': padding \(2, 2\) is neither 0"),
         ([tnn.Conv2d(1, 4, 3), tnn.Sigmoid()], r"'1' \(Sigmoid\) is not supported"),
+        ([tnn.Conv2d(1, 4, 3, groups=1, padding_mode="reflect")], r"'0': groups must be 1"),
+        ([tnn.AdaptiveAvgPool2d(2)], r"'0': adaptive average pooling is supported to size 1"),
+        ([tnn.AvgPool2d(3, 1, padding=1)], r"'0': pooling with .*count_include_pad=True"),
+        ([tnn.MaxPool2d(2, ceil_mode=True)], r"'0': pooling with ceil_mode"),
+        ([tnn.Flatten(), tnn.Conv2d(1, 4, 3)], r"layer '1': conv needs maps"),
     ],
 )
 def test_torch_unsupported_models_name_the_layer(layers, message):
@@ -371,8 +582,9 @@ def test_a_model_trained_here_serves_in_pytorch_and_keras(tmp_path):
     np.testing.assert_allclose(keras_logits(interop.to_keras(ported), images), logits, atol=1e-5)
 
 
-@pytest.mark.parametrize("fields", [dict(pool="stride"), dict(permute_flat=True)])
-def test_exporting_a_model_the_frameworks_cannot_express_is_refused(fields):
-    ported = random_ported(dict(name="cnn", conv_features=(4,), **fields), (8, 8, 1))
-    with pytest.raises(interop.UnsupportedModelError, match="export supports pooled CNNs"):
+def test_exporting_a_layer_the_frameworks_lack_is_refused():
+    ported = random_ported(dict(name="cnn", conv_features=(4,), permute_flat=True), (8, 8, 1))
+    with pytest.raises(interop.UnsupportedModelError, match="the 'permute' layer"):
         interop.to_torch(ported)
+    with pytest.raises(interop.UnsupportedModelError, match="the 'permute' layer"):
+        interop.to_keras(ported)

@@ -454,3 +454,101 @@ def test_ops_refuse_complex_inputs(op, args):
         arrays[i] = arrays[i].astype(jnp.complex64)
         with pytest.raises(TypeError, match="must be real, got dtype complex64"):
             op(*arrays)
+
+
+# global_avg_pool, dropout --------------------------------------------------------
+
+
+def test_global_avg_pool_matches_numpy_and_its_gradient_is_one_over_hw():
+    x = rand(2, 5, 7, 3)
+    means = np.asarray(x).mean(axis=(1, 2))
+    np.testing.assert_allclose(ops.global_avg_pool(x), means, rtol=1e-6)
+    np.testing.assert_allclose(ops.global_avg_pool(x[0]), means[0], rtol=1e-6)
+    ints = jnp.arange(12, dtype=jnp.int32).reshape(2, 2, 3)  # Channel c: c, c+3, c+6, c+9.
+    np.testing.assert_array_equal(ops.global_avg_pool(ints), [4.5, 5.5, 6.5])
+    grad = jax.grad(lambda x: ops.global_avg_pool(x)[1, 2])(x)
+    expected = np.zeros(x.shape, np.float32)
+    expected[1, :, :, 2] = 1 / 35
+    np.testing.assert_allclose(grad, expected, rtol=1e-6)
+    with pytest.raises(ValueError, match=r"global_avg_pool: x must be NHWC"):
+        ops.global_avg_pool(jnp.ones((3, 4)))
+
+
+def test_dropout_zeroes_at_the_rate_scales_the_rest_and_follows_the_key():
+    x = jnp.asarray(RNG.uniform(1, 2, size=(200, 100)), jnp.float32)
+    key = jax.random.key(3)
+    y = np.asarray(ops.dropout(x, 0.3, key))
+    kept = y != 0
+    np.testing.assert_allclose(y[kept], np.asarray(x)[kept] / 0.7, rtol=1e-6)
+    assert abs(1 - kept.mean() - 0.3) < 0.01  # 20,000 draws: ~0.003 standard error.
+    np.testing.assert_array_equal(ops.dropout(x, 0.3, key), y)
+    assert not np.array_equal(np.asarray(ops.dropout(x, 0.3, jax.random.key(4))), y)
+    np.testing.assert_array_equal(ops.dropout(x, 0.0, key), x)
+    grad = jax.grad(lambda x: jnp.sum(ops.dropout(x, 0.3, key)))(x)
+    np.testing.assert_allclose(grad, kept / 0.7, rtol=1e-6)
+    with pytest.raises(ValueError, match=r"dropout: rate must be in \[0, 1\), got 1.0"):
+        ops.dropout(x, 1.0, key)
+
+
+# Where research code puts the ops ---------------------------------------------------
+
+
+INT_X, INT_K = rand(2, 9, 9, 3), rand(3, 3, 3, 4)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda i: ops.conv2d(INT_X, INT_K, stride=i(2), dilation=i(1)),
+        lambda i: ops.conv2d(INT_X, INT_K, stride=(i(2), i(1)), padding=((i(1), i(0)), (0, 1))),
+        lambda i: ops.max_pool(INT_X, i(3), stride=i(2)),
+        lambda i: ops.avg_pool(INT_X, (i(2), i(3))),
+        lambda i: ops.flatten(INT_X, batch_dims=i(1)),
+    ],
+)
+@pytest.mark.parametrize("integer", [np.int64, np.int32, np.uint8])
+def test_numpy_integers_are_accepted_wherever_ints_are(call, integer):
+    np.testing.assert_array_equal(call(integer), call(int))
+
+
+DENSE_KERNEL = rand(8 * 8 * 3, 5)
+SHARDED_OPS = {
+    "conv2d lax": lambda x, k: ops.conv2d(x, k, lowering="lax"),
+    "conv2d nhwc_grads": lambda x, k: ops.conv2d(x, k, stride=2, lowering="nhwc_grads"),
+    "conv2d im2col": lambda x, k: ops.conv2d(x, k, lowering="im2col"),
+    "conv2d auto": lambda x, k: ops.conv2d(x, k, padding="VALID"),
+    "relu": lambda x, k: ops.relu(x),
+    "max_pool": lambda x, k: ops.max_pool(x, 2),
+    "max_pool overlapping": lambda x, k: ops.max_pool(x, 3, stride=2, padding="SAME"),
+    "avg_pool": lambda x, k: ops.avg_pool(x, 2),
+    "avg_pool same": lambda x, k: ops.avg_pool(x, 3, stride=1, padding="SAME"),
+    "global_avg_pool": lambda x, k: ops.global_avg_pool(x),
+    "flatten": lambda x, k: ops.flatten(x),
+    "dense": lambda x, k: ops.dense(ops.flatten(x), DENSE_KERNEL),
+    "dropout": lambda x, k: ops.dropout(x, 0.5, jax.random.key(0)),
+}
+
+
+def _use_mesh(mesh):
+    return jax.set_mesh(mesh) if hasattr(jax, "set_mesh") else jax.sharding.use_mesh(mesh)
+
+
+@pytest.mark.parametrize("mode", ["Explicit", "Auto"])
+@pytest.mark.parametrize("name", SHARDED_OPS)
+def test_every_op_works_on_a_batch_sharded_input_in_explicit_and_auto_meshes(mode, name):
+    op = SHARDED_OPS[name]
+    x, kernel = rand(8, 8, 8, 3), rand(3, 3, 3, 4)
+
+    def loss(x, kernel):
+        return jnp.sum(op(x, kernel) ** 2)
+
+    expected = jax.jit(op)(x, kernel), jax.jit(jax.grad(loss, (0, 1)))(x, kernel)
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(getattr(jax.sharding.AxisType, mode),))
+    with _use_mesh(mesh):
+        sharded = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.P("data")))
+        value = jax.jit(op)(sharded, kernel)
+        grads = jax.jit(jax.grad(loss, (0, 1)))(sharded, kernel)
+    np.testing.assert_allclose(value, expected[0], rtol=1e-5, atol=1e-5)
+    for actual, want in zip(grads, expected[1]):
+        np.testing.assert_allclose(actual, want, rtol=1e-4, atol=1e-4)
+    assert value.sharding.spec[0] == "data"  # The batch stays split over the devices.
