@@ -32,6 +32,27 @@ DEBIAN_IDX_DIRS = {"fashion_mnist": "/usr/share/datasets/fashion-mnist"}
 # largest label seen, so one bad label cannot grow the model.
 IDX_NUM_CLASSES = {"mnist": 10, "fashion_mnist": 10, "kmnist": 10}
 
+# Class names of the datasets the configs name (TFDS's label names).
+CLASS_NAMES = {
+    "mnist": [str(i) for i in range(10)],
+    "fashion_mnist": [
+        "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+        "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    ],
+    "kmnist": ["o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo"],
+    "cifar10": [
+        "airplane", "automobile", "bird", "cat", "deer",
+        "dog", "frog", "horse", "ship", "truck",
+    ],
+}  # fmt: skip
+
+
+def class_names(dataset: str, num_classes: int) -> list[str]:
+    """``dataset``'s class names; ``"0"``, ``"1"``, ... where they are not known."""
+    names = CLASS_NAMES.get(dataset, [])
+    return names if len(names) == num_classes else [str(i) for i in range(num_classes)]
+
+
 _IDX_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),

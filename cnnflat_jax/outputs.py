@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -35,6 +36,8 @@ def write(
     ``lead`` process, the figures of one model: a population's best member by
     validation, else its member 0. Logs a population's summary table."""
     checkpoints.save_params(os.path.join(workdir, "final_params"), state.params)
+    if lead:
+        write_data_info(workdir, data)
     is_population = "members" in record
     shown = population.member_state(state, record.get("best_member", 0)) if is_population else state
     if lead:
@@ -46,9 +49,25 @@ def write(
         plots.write_run_figures(
             workdir, metrics_log.read(), confusion, data.test_images, data.test_labels, predicted
         )
+        metrics_log.write_figures(workdir, record["epoch"])
     if config.per_example.report_hardest:
         hardest.report(
             shown, train.images, train.labels, workdir,
             num_shown=config.per_example.report_hardest,
             num_scanned=config.per_example.report_scan_examples,
         )  # fmt: skip
+
+
+DATA_INFO = "data.json"
+
+
+def write_data_info(workdir: str, data: input_pipeline.Dataset) -> None:
+    """``data.json``: what the model takes and gives, for ``export`` and ``predict``."""
+    info = {
+        "dataset": data.name,
+        "image_shape": list(data.image_shape),
+        "num_classes": data.num_classes,
+        "class_names": input_pipeline.class_names(data.name, data.num_classes),
+    }
+    with open(os.path.join(workdir, DATA_INFO), "w") as f:
+        json.dump(info, f, indent=2)

@@ -1,11 +1,12 @@
-"""What a run writes and shows: epoch records, metrics.jsonl, the config, log lines,
-a progress bar and a population's summary table."""
+"""What a run writes and shows: epoch records, metrics.jsonl and TensorBoard, the
+config, log lines, a progress bar and a population's summary table."""
 
 from __future__ import annotations
 
 import json
 import os
 import sys
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -14,13 +15,27 @@ import numpy as np
 import tqdm
 from absl import logging
 
+from cnnflat_jax import tensorboard_log
+
 
 class MetricsLog:
-    """One JSON object per line in ``workdir/metrics.jsonl`` (nothing when not ``enabled``)."""
+    """One JSON object per line in ``workdir/metrics.jsonl`` (nothing when not ``enabled``).
 
-    def __init__(self, workdir: str, enabled: bool = True):
+    Given ``learning_rates`` (``train_lib.learning_rates``), epoch records and
+    the final figures also go to TensorBoard (``tensorboard_log``).
+    """
+
+    def __init__(
+        self,
+        workdir: str,
+        enabled: bool = True,
+        learning_rates: Callable[[int], Sequence[float]] | None = None,
+    ):
         self.path = os.path.join(workdir, "metrics.jsonl")
         self.enabled = enabled
+        self.events = None
+        if enabled and learning_rates is not None:
+            self.events = tensorboard_log.EventLog(workdir, learning_rates)
 
     def write(self, record: dict[str, Any]) -> None:
         if self.enabled:
@@ -32,6 +47,14 @@ class MetricsLog:
         for member_record in record.get("members", ()):
             self.write(member_record)
         self.write({k: v for k, v in record.items() if k != "members"})
+        if self.events:
+            self.events.write_epoch(record)
+
+    def write_figures(self, workdir: str, epoch: int) -> None:
+        """The run's figures, to TensorBoard (they are files already)."""
+        if self.events:
+            self.events.write_figures(workdir, epoch)
+            self.events.close()
 
     def read(self) -> list[dict[str, Any]]:
         return [record for _, record in self._lines()]

@@ -66,28 +66,19 @@ def optimizer_factory(
 ) -> Callable[..., optax.GradientTransformation]:
     """``make_tx(**hparams)``: SGD+momentum, Adam or AdamW on a schedule.
 
-    The schedule's shape (constant, or linear warmup then cosine decay to 0)
-    is fixed by the config; its peak is ``hparams["learning_rate"]``. The
-    warmup lasts ``warmup_epochs``, but at most half of training, so that any
-    ``num_epochs`` leaves the cosine decay steps to take.
+    The schedule's shape (``schedule_shape``) is fixed by the config; its
+    peak is ``hparams["learning_rate"]``.
     """
-    if config.schedule == "constant":
-        shape = optax.constant_schedule(1.0)
-    elif config.schedule == "warmup_cosine":
-        total_steps = config.num_epochs * steps_per_epoch
-        warmup_steps = int(config.warmup_epochs * steps_per_epoch)
-        if warmup_steps > total_steps // 2:
-            logging.warning(
-                "warmup_epochs=%g is more than half of the %d epoch(s): warming up for "
-                "%d of the %d steps instead", config.warmup_epochs, config.num_epochs,
-                total_steps // 2, total_steps,
-            )  # fmt: skip
-            warmup_steps = total_steps // 2
-        shape = optax.warmup_cosine_decay_schedule(
-            init_value=0.0, peak_value=1.0, warmup_steps=warmup_steps, decay_steps=total_steps
-        )
-    else:
-        raise ValueError(f"unknown schedule {config.schedule!r}; choose one of {SCHEDULES}")
+    shape = schedule_shape(config, steps_per_epoch)
+    total_steps = config.num_epochs * steps_per_epoch
+    if config.schedule == "warmup_cosine" and (
+        int(config.warmup_epochs * steps_per_epoch) > total_steps // 2
+    ):
+        logging.warning(
+            "warmup_epochs=%g is more than half of the %d epoch(s): warming up for "
+            "%d of the %d steps instead", config.warmup_epochs, config.num_epochs,
+            total_steps // 2, total_steps,
+        )  # fmt: skip
     if config.optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {config.optimizer!r}; choose one of {OPTIMIZERS}")
     optimizer = config.optimizer
@@ -103,6 +94,30 @@ def optimizer_factory(
         return optax.adamw(schedule, weight_decay=weight_decay)
 
     return make_tx
+
+
+def learning_rates(
+    config: ml_collections.ConfigDict, steps_per_epoch: int, member_list: list[dict[str, Any]]
+) -> Callable[[int], list[float]]:
+    """``step -> [each member's learning rate at that step]`` (one entry for one model)."""
+    shape = schedule_shape(config, steps_per_epoch)
+    return lambda step: [member["learning_rate"] * float(shape(step)) for member in member_list]
+
+
+def schedule_shape(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.Schedule:
+    """The learning rate's shape over the steps, peaking at 1: constant, or a
+    linear warmup then cosine decay to 0. The warmup lasts ``warmup_epochs``,
+    but at most half of training, so that any ``num_epochs`` leaves the
+    cosine decay steps to take."""
+    if config.schedule == "constant":
+        return optax.constant_schedule(1.0)
+    if config.schedule == "warmup_cosine":
+        total_steps = config.num_epochs * steps_per_epoch
+        warmup_steps = min(int(config.warmup_epochs * steps_per_epoch), total_steps // 2)
+        return optax.warmup_cosine_decay_schedule(
+            init_value=0.0, peak_value=1.0, warmup_steps=warmup_steps, decay_steps=total_steps
+        )
+    raise ValueError(f"unknown schedule {config.schedule!r}; choose one of {SCHEDULES}")
 
 
 def config_hparams(config: ml_collections.ConfigDict) -> dict[str, float]:

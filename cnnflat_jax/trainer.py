@@ -74,7 +74,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str, start: float) -> dict[
     reporting.log_model(config.model.name, state.params, member_list, mode)
 
     lead = jax.process_index() == 0
-    metrics_log = reporting.MetricsLog(workdir, enabled=lead)
+    learning_rates = train_lib.learning_rates(config, steps, member_list)
+    metrics_log = reporting.MetricsLog(workdir, enabled=lead, learning_rates=learning_rates)
     run_checkpoints = checkpoints.RunCheckpoints(
         os.path.join(workdir, "checkpoints"), config.checkpoints_to_keep
     )

@@ -1,0 +1,134 @@
+"""jax.export artifacts of trained runs, and the predict command that serves them."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from helpers import idx_config, write_idx_dataset
+from PIL import Image
+
+from cnnflat_jax import idx, trainer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(module, *args):
+    return subprocess.run(
+        [sys.executable, "-m", f"cnnflat_jax.{module}", *map(str, args)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+
+
+def last_record(workdir):
+    return json.loads((workdir / "metrics.jsonl").read_text().splitlines()[-1])
+
+
+def load_exported(workdir):
+    return jax.export.deserialize(bytearray((workdir / "export" / "model.jax").read_bytes()))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    data = write_idx_dataset(root / "data")
+    trainer.train_and_evaluate(idx_config(data), str(root / "run"))
+    result = run("export", "--workdir", root / "run")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == f"wrote {root / 'run' / 'export' / 'model.jax'}"
+    images = idx.read_idx(data / "t10k-images-idx3-ubyte", ndim=3)[..., None]
+    labels = idx.read_idx(data / "t10k-labels-idx1-ubyte", ndim=1)
+    return root / "run", data, images, labels
+
+
+def test_the_exported_model_scores_what_the_run_scored(trained):
+    workdir, _, images, labels = trained
+    exported = load_exported(workdir)
+    logits = np.asarray(exported.call(images))  # uint8 NHWC, any batch size
+    assert logits.shape == (37, 3)
+    assert np.mean(logits.argmax(1) == labels) == pytest.approx(
+        last_record(workdir)["test_accuracy"], abs=1e-6
+    )
+    np.testing.assert_allclose(np.asarray(exported.call(images[:1])), logits[:1], atol=1e-6)
+    classes = json.loads((workdir / "export" / "classes.json").read_text())
+    assert classes["image_shape"] == [8, 8, 1] and classes["class_names"] == ["0", "1", "2"]
+
+
+def test_predict_classifies_png_npy_and_idx_files(trained, tmp_path):
+    workdir, data, images, _ = trained
+    Image.fromarray(images[0, :, :, 0]).save(tmp_path / "first.png")
+    Image.fromarray(images[1, :, :, 0]).convert("RGB").save(tmp_path / "second.jpg", quality=100)
+    np.save(tmp_path / "stack.npy", images[2:7, :, :, 0])
+    idx_file = data / "t10k-images-idx3-ubyte"
+    result = run(
+        "predict", "--workdir", workdir, tmp_path / "first.png", tmp_path / "second.jpg",
+        tmp_path / "stack.npy", idx_file,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line.split("\t") for line in result.stdout.strip().splitlines()]
+    assert [name for name, _, _ in lines] == [
+        str(tmp_path / "first.png"),
+        str(tmp_path / "second.jpg"),
+        *(f"{tmp_path / 'stack.npy'}[{i}]" for i in range(5)),
+        *(f"{idx_file}[{i}]" for i in range(37)),
+    ]
+    probabilities = np.asarray(jax.nn.softmax(load_exported(workdir).call(images), axis=-1))
+    expected = [str(c) for c in probabilities.argmax(1)]
+    assert [label for _, label, _ in lines[-37:]] == expected
+    assert lines[0][1] == expected[0] and [x[1] for x in lines[2:7]] == expected[2:7]
+    np.testing.assert_allclose(
+        [float(p) for _, _, p in lines[-37:]], probabilities.max(1), atol=1e-4
+    )
+
+
+@pytest.mark.parametrize(
+    "name,content,message",
+    [
+        ("notes.png", b"not an image", "notes.png: cannot read it as an image"),
+        ("wide.npy", np.zeros((8, 9), np.uint8), "wide.npy: images of shape (8, 9, 1), but the"),
+        ("float.npy", np.zeros((8, 8), np.float32), "float.npy: pixels are float32, not uint8"),
+        ("missing.png", None, "missing.png: cannot read it as an image"),
+    ],
+)  # fmt: skip
+def test_a_file_predict_cannot_read_is_one_error_line(trained, tmp_path, name, content, message):
+    path = tmp_path / name
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        np.save(path, content)
+    result = run("predict", "--workdir", trained[0], path)
+    assert result.returncode == 1
+    assert result.stdout == "" and result.stderr.count("\n") == 1
+    assert result.stderr.startswith("error: ") and message in result.stderr, result.stderr
+
+
+def test_predict_without_an_export_says_what_to_run(tmp_path):
+    result = run("predict", "--workdir", tmp_path, tmp_path / "x.png")
+    assert result.returncode == 1 and result.stderr.count("\n") == 1
+    assert "run python -m cnnflat_jax.export --workdir" in result.stderr
+
+
+def test_a_population_exports_a_member_or_the_ensemble(tmp_path):
+    data = write_idx_dataset(tmp_path / "data")
+    config = idx_config(data, validation_examples=16)
+    config.population.size = 2
+    trainer.train_and_evaluate(config, str(tmp_path / "run"))
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    record = lines[-1]  # The ensemble's, after one line per member.
+    member_1 = next(r for r in lines if r["epoch"] == record["epoch"] and r["member"] == 1)
+    images = idx.read_idx(data / "t10k-images-idx3-ubyte", ndim=3)[..., None]
+    labels = idx.read_idx(data / "t10k-labels-idx1-ubyte", ndim=1)
+    for flags, expected in (
+        ([], record["best_member_test_accuracy"]),
+        (["--member", "1"], member_1["test_accuracy"]),
+        (["--ensemble"], record["test_accuracy"]),
+    ):
+        result = run("export", "--workdir", tmp_path / "run", *flags)
+        assert result.returncode == 0, result.stderr[-3000:]
+        logits = np.asarray(load_exported(tmp_path / "run").call(images))
+        assert np.mean(logits.argmax(1) == labels) == pytest.approx(expected, abs=1e-6)
+    result = run("export", "--workdir", tmp_path / "data")
+    assert result.returncode == 1 and "not a train.py workdir" in result.stderr
