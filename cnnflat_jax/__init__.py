@@ -1,35 +1,41 @@
 """cnnflat_jax: CNNs as pure JAX functions, Flax models and a compiled trainer.
 
-The public API is re-exported here; other names may change.
+The public API is re-exported here; other names may change. The names load
+on first use, so ``python -m cnnflat_jax.predict`` (which serves an exported
+model) imports neither Flax nor the model code.
 """
 
-from cnnflat_jax.models import CNN, MLP, Sequential, create_model
-from cnnflat_jax.ops import (
-    avg_pool,
-    conv2d,
-    dense,
-    dropout,
-    flatten,
-    global_avg_pool,
-    max_pool,
-    relu,
-    reorder_flat_kernel,
-)
-from cnnflat_jax.per_example import per_example_grads
+import importlib
 
-__all__ = [
-    "CNN",
-    "MLP",
-    "Sequential",
-    "avg_pool",
-    "conv2d",
-    "create_model",
-    "dense",
-    "dropout",
-    "flatten",
-    "global_avg_pool",
-    "max_pool",
-    "per_example_grads",
-    "relu",
-    "reorder_flat_kernel",
-]
+_HOMES = {
+    "CNN": "models",
+    "MLP": "models",
+    "Sequential": "models",
+    "create_model": "models",
+    "avg_pool": "ops",
+    "conv2d": "ops",
+    "dense": "ops",
+    "dropout": "ops",
+    "flatten": "ops",
+    "global_avg_pool": "ops",
+    "max_pool": "ops",
+    "relu": "ops",
+    "reorder_flat_kernel": "ops",
+    "per_example_grads": "per_example",
+}
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str):
+    if name in _HOMES:
+        return getattr(importlib.import_module(f"cnnflat_jax.{_HOMES[name]}"), name)
+    try:  # A submodule: ``import cnnflat_jax; cnnflat_jax.ops.relu(...)``.
+        return importlib.import_module(f"cnnflat_jax.{name}")
+    except ModuleNotFoundError as e:
+        if e.name != f"cnnflat_jax.{name}":
+            raise
+    raise AttributeError(f"module 'cnnflat_jax' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted([*globals(), *__all__])

@@ -132,7 +132,7 @@ class Sequential(nn.Module):
 
 
 class CNN(nn.Module):
-    """Conv blocks -> flatten -> dense layers -> logits: the preset ``cnn_layers`` gives.
+    """Conv blocks -> flatten -> dense layers -> logits: the preset whose spec is ``specs()``.
 
     Each block is conv2d (``kernel_size`` square, ``padding`` "SAME" or
     "VALID") -> relu -> pool (``pool`` "max" or "avg", window and stride

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -58,7 +59,9 @@ def test_the_exported_model_scores_what_the_run_scored(trained):
 
 
 def test_predict_classifies_png_npy_and_idx_files(trained, tmp_path):
-    workdir, data, images, _ = trained
+    run_dir, data, images, _ = trained
+    workdir = tmp_path / "served"  # Only the export: no config, no parameters.
+    shutil.copytree(run_dir / "export", workdir / "export")
     Image.fromarray(images[0, :, :, 0]).save(tmp_path / "first.png")
     Image.fromarray(images[1, :, :, 0]).convert("RGB").save(tmp_path / "second.jpg", quality=100)
     np.save(tmp_path / "stack.npy", images[2:7, :, :, 0])
@@ -132,3 +135,12 @@ def test_a_population_exports_a_member_or_the_ensemble(tmp_path):
         assert np.mean(logits.argmax(1) == labels) == pytest.approx(expected, abs=1e-6)
     result = run("export", "--workdir", tmp_path / "data")
     assert result.returncode == 1 and "not a train.py workdir" in result.stderr
+
+
+def test_predict_imports_neither_flax_nor_the_model_code():
+    code = (
+        "import sys, cnnflat_jax.predict; "
+        "print([m for m in ('flax', 'cnnflat_jax.models', 'cnnflat_jax.ops') if m in sys.modules])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
