@@ -1,11 +1,14 @@
-"""Test helpers: independent numpy references and tiny IDX datasets."""
+"""Test helpers: independent numpy references, tiny IDX datasets, import checks."""
 
 from __future__ import annotations
 
+import ast
 import gzip
 import math
 import os
 import struct
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -153,3 +156,10 @@ def assert_rounding_close(actual, expected, rel=1e-5):
     expected = np.asarray(expected)
     scale = max(float(np.abs(expected).max()), 1.0)
     np.testing.assert_allclose(actual, expected, rtol=0, atol=rel * scale)
+
+
+def loaded_by(imports: str, modules: tuple[str, ...]) -> list[str]:
+    """Which of ``modules`` a fresh interpreter holds after ``import {imports}``."""
+    code = f"import sys, {imports}; print([m for m in {modules!r} if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return ast.literal_eval(out.stdout)

@@ -1,13 +1,10 @@
 """Porting to and from Keras 3 (JAX backend) and PyTorch, flatten order included."""
 
-import subprocess
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import assert_rounding_close, idx_config, write_idx_dataset
+from helpers import assert_rounding_close, idx_config, loaded_by, write_idx_dataset
 
 from cnnflat_jax import interop, models, ops, trainer
 
@@ -561,12 +558,7 @@ def test_torch_unsupported_models_name_the_layer(layers, message):
 
 
 def test_importing_the_library_imports_neither_framework():
-    code = (
-        "import sys, cnnflat_jax, cnnflat_jax.interop; "
-        "print(sorted(m for m in ('keras', 'torch', 'tensorflow') if m in sys.modules))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"
+    assert loaded_by("cnnflat_jax, cnnflat_jax.interop", ("keras", "torch", "tensorflow")) == []
 
 
 def test_a_model_trained_here_serves_in_pytorch_and_keras(tmp_path):
