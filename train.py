@@ -18,7 +18,15 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from cnnflat_jax import checkpoints, idx, input_pipeline, run_state, sharding, trainer
+from cnnflat_jax import (
+    array_records,
+    checkpoints,
+    idx,
+    input_pipeline,
+    run_state,
+    sharding,
+    trainer,
+)
 from cnnflat_jax.config import ConfigError, one_line_errors
 
 # A broken default config file or an unknown --config.FIELD fails while the
@@ -67,6 +75,7 @@ def main(argv):
         checkpoints.IncompatibleCheckpointError,
         input_pipeline.DatasetError,
         idx.IdxError,
+        array_records.RecordError,
     ) as e:
         sys.exit(f"error: {e}")
     except checkpoints.CheckpointWriteError as e:

@@ -1,98 +1,193 @@
-"""Does flattening lose spatial structure? Why not flatten raw pixels? Measured.
+"""The experiments behind docs/flatten.md (second edition), every table and figure.
 
     python -m benchmarks.flatten_experiments --out docs/flatten
+    python -m benchmarks.flatten_experiments --out docs/flatten --full_budget
 
-Trains each variant below as a population of ``--seeds`` models (one per
-seed: initialisation and data order) on real Fashion-MNIST, then writes a
-markdown table (mean +- std over seeds) and a plot per experiment to
-``--out``:
+The budget is the same for every variant: ``--num_epochs`` (1) epoch of
+60,000 training images, i.e. 469 steps of batch 128, with
+``configs/default.py``'s Adam, learning rate and warmup + cosine schedule.
+Each variant trains ``--seeds`` (3) models, seeds 0, 1, 2 (initialisation
+and data order), each its own run; tables give mean +- std over seeds. A
+smaller training set of N images is its first N images repeated 60,000 / N
+times, so it too gets the 469 steps. ``--full_budget`` trains one model
+(seed 0) per variant for 10 epochs of 60,000 images instead, to check that
+the rankings hold.
 
-1. ``mlp_vs_cnn``: the CNN against an MLP that flattens raw pixels, at
-   comparable parameter counts: test accuracy and training time.
-2. ``invariance``: test accuracy under shifts (0..4 pixels, the mean over
-   up/down/left/right) and rotations (0..30 degrees, the mean over both
-   directions) for the CNN with max pooling, average pooling, no pooling
-   (strided convs) and the MLP.
-3. ``shuffled``: every image's pixels moved by one fixed permutation, for
-   the CNN and the MLP; and the CNN with its flattened vector permuted
-   before the dense layer.
-4. ``pooling``: max against average pooling, windows 2 and 3.
-
-Trained runs are kept in ``--out/runs/<variant>`` and reused when rerun.
+Writes, to ``--out``: ``accuracy.md`` (every variant: parameters, receptive
+field, train and test accuracy), ``invariance.md`` (shifts and rotations),
+``shift_controls.md`` (padded canvas, shift augmentation),
+``data_efficiency.md``, ``equivariance.md``, ``full_budget.md``, their
+figures, and ``explain.png``. Trained runs are kept in ``--out/runs/`` and
+reused when rerun with the same config.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-import statistics
-import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
-from matplotlib.figure import Figure
 
-from cnnflat_jax import checkpoints, input_pipeline, models, train_lib, trainer, transforms
+from benchmarks import flatten_equivariance
+from benchmarks import flatten_figures as figures
+from cnnflat_jax import (
+    checkpoints,
+    explain,
+    idx,
+    input_pipeline,
+    layers,
+    models,
+    train_lib,
+    trainer,
+    transforms,
+)
 from configs import default
 
-_OUT = flags.DEFINE_string("out", "docs/flatten", "Where tables, plots and runs go.")
+_OUT = flags.DEFINE_string("out", "docs/flatten", "Where tables, figures and runs go.")
 _SEEDS = flags.DEFINE_integer("seeds", 3, "Models per variant (seeds 0, 1, ...).")
-_EPOCHS = flags.DEFINE_integer("num_epochs", 3, "Training epochs per model.")
-_TRAIN = flags.DEFINE_integer("num_train", 0, "Training images (0 = all 60,000).")
-_INVARIANCE_TEST = flags.DEFINE_integer(
-    "invariance_test_images", 2000, "Test images for the shift/rotation sweeps."
+_EPOCHS = flags.DEFINE_integer("num_epochs", 1, "Epochs of 60,000 images per model.")
+_FULL = flags.DEFINE_boolean("full_budget", False, "One seed, 10 epochs: full_budget.md only.")
+_VARIANTS = flags.DEFINE_multi_string(
+    "variant", [], "Repeatable: train only these and their smaller-set runs (default: all)."
 )
-_EXPERIMENTS = flags.DEFINE_list(
-    "experiments", ["mlp_vs_cnn", "invariance", "shuffled", "pooling"], "Which to run."
-)
+_TRAIN_IMAGES = flags.DEFINE_integer("train_images", 60_000, "The first N training images.")
+_TEST_IMAGES = flags.DEFINE_integer("test_images", 0, "The first N test images (0 = all).")
+_DATA = "data"  # Under --out: the padded and the smaller training sets, as IDX files.
 
+CANVAS = 36  # The padded canvas: 4 pixels of zeros round each 28x28 image.
 SHIFTS = (0, 1, 2, 3, 4)
 ROTATIONS = (0, 5, 10, 15, 20, 25, 30)
-# Variant -> overrides of configs/default.py. The MLP's hidden layer gives it
-# about the CNN's parameter count (813,066 vs 824,458).
+SMALLER = (500, 2_000, 10_000)  # Training-set sizes below the full one.
+MLP = {"name": "mlp", "dense_features": (1024,)}  # About the CNN's parameter count.
+TRUNK = ("conv:32:3", "relu", "max_pool:2", "conv:64:3", "relu", "max_pool:2")
+GAP = {"name": "sequential", "layers": (*TRUNK, "global_avg_pool", "dense:256", "relu", "dense:10")}
+NO_DOWNSAMPLING = {
+    "name": "sequential",
+    "layers": (
+        "conv:32:3",
+        "relu",
+        "conv:64:3",
+        "relu",
+        "flatten",
+        "dense:256",
+        "relu",
+        "dense:10",
+    ),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """Overrides of ``configs/default.py``, and the training images: "fashion"
+    (Fashion-MNIST), "padded" (on a CANVAS x CANVAS canvas) or a size N."""
+
+    overrides: dict
+    data: str | int = "fashion"
+
+
 VARIANTS = {
-    "CNN, max pool 2": {},
-    "CNN, avg pool 2": {"model.pool": "avg"},
-    "CNN, no pool (stride-2 convs)": {"model.pool": "stride"},
-    "CNN, max pool 3": {"model.pool_window": 3},
-    "CNN, avg pool 3": {"model.pool": "avg", "model.pool_window": 3},
-    "MLP on raw pixels": {"model": {"name": "mlp", "dense_features": (1024,)}},
-    "CNN, shuffled pixels": {"permute_pixels": True},
-    "MLP, shuffled pixels": {
-        "permute_pixels": True,
-        "model": {"name": "mlp", "dense_features": (1024,)},
-    },
-    "CNN, permuted flatten": {"model.permute_flat": True},
+    "CNN": Variant({}),
+    "CNN, avg pool": Variant({"model.pool": "avg"}),
+    "CNN, no pool (stride-2 convs)": Variant({"model.pool": "stride"}),
+    "CNN, max pool 3": Variant({"model.pool_window": 3}),
+    "CNN, avg pool 3": Variant({"model.pool": "avg", "model.pool_window": 3}),
+    "GAP CNN": Variant({"model": GAP}),
+    "CNN, no downsampling": Variant({"model": NO_DOWNSAMPLING}),
+    "MLP": Variant({"model": MLP}),
+    "CNN, shuffled pixels": Variant({"permute_pixels": True}),
+    "MLP, shuffled pixels": Variant({"permute_pixels": True, "model": MLP}),
+    "CNN, permuted flatten": Variant({"model.permute_flat": True}),
+    "CNN, shift-augmented": Variant({"augment_shift": 4}),
+    "CNN, padded canvas": Variant({}, "padded"),
+    "GAP CNN, padded canvas": Variant({"model": GAP}, "padded"),
+    "MLP, padded canvas": Variant({"model": MLP}, "padded"),
 }
-EXPERIMENT_VARIANTS = {
-    "mlp_vs_cnn": ["CNN, max pool 2", "MLP on raw pixels"],
-    "invariance": [
-        "CNN, max pool 2",
-        "CNN, avg pool 2",
-        "CNN, no pool (stride-2 convs)",
-        "MLP on raw pixels",
-    ],
-    "shuffled": [
-        "CNN, max pool 2",
-        "CNN, shuffled pixels",
-        "MLP on raw pixels",
-        "MLP, shuffled pixels",
-        "CNN, permuted flatten",
-    ],
-    "pooling": ["CNN, max pool 2", "CNN, avg pool 2", "CNN, max pool 3", "CNN, avg pool 3"],
-}
+EFFICIENCY = ("CNN", "CNN, no pool (stride-2 convs)", "GAP CNN", "MLP")
+for _name in EFFICIENCY:
+    for _size in SMALLER:
+        VARIANTS[f"{_name}, {_size} images"] = dataclasses.replace(VARIANTS[_name], data=_size)
+MAIN = [name for name, v in VARIANTS.items() if v.data == "fashion"]
+INVARIANCE = ("CNN", "CNN, avg pool", "CNN, no pool (stride-2 convs)", "GAP CNN", "MLP")
+CONTROLS = (
+    "CNN", "GAP CNN", "MLP", "CNN, padded canvas", "GAP CNN, padded canvas",
+    "MLP, padded canvas", "CNN, shift-augmented",
+)  # fmt: skip
 
 
-def variant_config(name: str):
+def efficiency_name(model: str, size: int) -> str:
+    return model if size == _TRAIN_IMAGES.value else f"{model}, {size} images"
+
+
+def sizes() -> list[int]:
+    return [n for n in SMALLER if n < _TRAIN_IMAGES.value] + [_TRAIN_IMAGES.value]
+
+
+def selected() -> list[str]:
+    """The variants to train: ``--variant``s (default all) and their smaller-set runs."""
+    chosen = _VARIANTS.value or [n for n, v in VARIANTS.items() if not isinstance(v.data, int)]
+    unknown = sorted(set(chosen) - set(VARIANTS))
+    if unknown:
+        raise app.UsageError(f"unknown variants {unknown}; choose from {sorted(VARIANTS)}")
+    smaller = [efficiency_name(m, n) for m in EFFICIENCY if m in chosen for n in sizes()[:-1]]
+    return [n for n in VARIANTS if n in chosen or n in smaller]
+
+
+def slug(name: str) -> str:
+    return "".join(ch if ch.isalnum() else "_" for ch in name.lower()).strip("_")
+
+
+def run_dir(name: str, full: bool = False) -> str:
+    """Where variant ``name``'s run is trained and kept."""
+    return os.path.join(_OUT.value, "runs_full" if full else "runs", slug(name))
+
+
+def fashion() -> input_pipeline.Dataset:
+    part = input_pipeline.Part(num_train=_TRAIN_IMAGES.value, num_test=_TEST_IMAGES.value)
+    return input_pipeline.load_dataset("fashion_mnist", part=part)
+
+
+def pad(images: np.ndarray) -> np.ndarray:
+    """Centres 28x28 images on the CANVAS x CANVAS canvas."""
+    border = (CANVAS - images.shape[1]) // 2
+    return np.pad(images, ((0, 0), (border, border), (border, border), (0, 0)))
+
+
+def data_dir(kind: str | int, data: input_pipeline.Dataset) -> str:
+    """An IDX directory for ``kind`` under ``--out/data``, written on first use."""
+    directory = os.path.join(_OUT.value, _DATA, str(kind))
+    if os.path.isdir(directory):
+        return directory
+    train, test = (data.train_images, data.train_labels), (data.test_images, data.test_labels)
+    if kind == "padded":
+        train, test = (pad(train[0]), train[1]), (pad(test[0]), test[1])
+    else:
+        repeat = _TRAIN_IMAGES.value // kind
+        train = (np.tile(train[0][:kind], (repeat, 1, 1, 1)), np.tile(train[1][:kind], repeat))
+    partial = directory + ".partial"
+    os.makedirs(partial, exist_ok=True)
+    for prefix, (images, labels) in (("train", train), ("t10k", test)):
+        idx.write_idx(os.path.join(partial, f"{prefix}-images-idx3-ubyte"), images[..., 0])
+        idx.write_idx(os.path.join(partial, f"{prefix}-labels-idx1-ubyte"), labels)
+    os.rename(partial, directory)
+    return directory
+
+
+def variant_config(name: str, data: input_pipeline.Dataset, full: bool):
+    variant = VARIANTS[name]
     config = default.get_config()
-    config.num_epochs = _EPOCHS.value
-    config.warmup_epochs = min(config.warmup_epochs, _EPOCHS.value / 4)
-    config.num_train_examples = _TRAIN.value
+    config.num_epochs = 10 if full else _EPOCHS.value
+    config.warmup_epochs = min(config.warmup_epochs, config.num_epochs / 4)
     config.progress_bar = False
-    config.population.size = _SEEDS.value
-    config.population.independent_data_order = True
-    for key, value in VARIANTS[name].items():
+    if variant.data != "fashion":
+        config.data_source, config.idx_dir = "idx", data_dir(variant.data, data)
+    elif _TRAIN_IMAGES.value != 60_000:
+        config.num_train_examples = _TRAIN_IMAGES.value
+    config.num_test_examples = _TEST_IMAGES.value
+    for key, value in variant.overrides.items():
         if key == "model":
             config.model = type(config.model)(value)
         elif key.startswith("model."):
@@ -102,105 +197,92 @@ def variant_config(name: str):
     return config
 
 
-def slug(name: str) -> str:
-    return "".join(ch if ch.isalnum() else "_" for ch in name.lower()).strip("_")
+def model_specs(config) -> tuple[str, ...]:
+    """The variant's layers as specs (the CNN and MLP presets' own)."""
+    model = models.from_fields(config.model, 10)
+    return model.layers if isinstance(model, models.Sequential) else model.specs()
 
 
-def train_variant(name: str) -> dict:
-    """Trains (or reuses) a variant; returns its per-seed accuracies and seconds."""
-    workdir = os.path.join(_OUT.value, "runs", slug(name))
+def parameter_counts(config, image_shape) -> dict[str, int]:
+    """All parameters, and those of the first dense layer and of all dense layers (the head)."""
+    model = models.from_fields(config.model, 10)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *image_shape)))["params"]
+    sizes = {
+        name: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(p)) for name, p in shapes.items()
+    }
+    dense = [size for name, size in sizes.items() if "dense" in name.lower()]
+    return {"total": sum(sizes.values()), "first_dense": dense[0], "head": sum(dense)}
+
+
+def seeds(full: bool = False) -> range:
+    return range(1 if full else _SEEDS.value)
+
+
+def train_variant(name: str, data: input_pipeline.Dataset, full: bool = False) -> dict:
+    """Trains (or reuses) a variant, one run per seed (each model alone: on this
+    CPU a vmapped population is slower than its members one after another);
+    returns its summary (see ``summary.json``)."""
+    workdir = run_dir(name, full)
+    config = variant_config(name, data, full)
     summary_path = os.path.join(workdir, "summary.json")
-    config = variant_config(name)
     if os.path.exists(summary_path):
         with open(summary_path) as f:
             summary = json.load(f)
         if summary["config"] == json.loads(config.to_json_best_effort()):
             return summary
-    logging.info("Training %s (%d seeds, %d epochs)", name, _SEEDS.value, _EPOCHS.value)
-    start = time.perf_counter()
-    record = trainer.train_and_evaluate(config, workdir)
-    wall = time.perf_counter() - start
-    records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
-    train_sec = sum(r["epoch_sec"] for r in records if r.get("member") == "ensemble")
+    logging.info("Training %s", name)
+    records = []
+    for seed in seeds(full):
+        config.seed = seed
+        records.append(trainer.train_and_evaluate(config, os.path.join(workdir, f"seed_{seed}")))
+    config.seed = 0
+    image_shape = (CANVAS, CANVAS, 1) if VARIANTS[name].data == "padded" else (28, 28, 1)
+    size = VARIANTS[name].data if isinstance(VARIANTS[name].data, int) else len(data.train_labels)
+    train_images, train_labels = data.train_images[:size], data.train_labels[:size]
+    if VARIANTS[name].data == "padded":
+        train_images = pad(train_images)
     summary = {
         "config": json.loads(config.to_json_best_effort()),
-        "test_accuracy": [m["test_accuracy"] for m in record["members"]],
-        "parameters": parameter_count(config),
-        # The population trains its members together: each model's share.
-        "train_sec_per_model": train_sec / _SEEDS.value,
-        "wall_sec": wall,
+        "test_accuracy": [r["test_accuracy"] for r in records],
+        "train_accuracy": [
+            float(np.mean(classify(train_images) == train_labels))
+            for classify in seed_classifiers(workdir)
+        ],
+        "train_images": size,
+        "steps": records[0]["step"],
+        "parameters": parameter_counts(config, image_shape),
+        "receptive_field": layers.receptive_field(model_specs(config))[0],
+        # Training alone, evaluation excluded: the mean over seeds of the epochs' seconds.
+        "train_sec_per_model": float(
+            np.mean(
+                [
+                    sum(r["epoch_sec"] for r in read_metrics(os.path.join(workdir, f"seed_{k}")))
+                    for k in seeds(full)
+                ]
+            )
+        ),  # fmt: skip
     }
     with open(summary_path, "w") as f:
         json.dump(summary, f, indent=1)
     return summary
 
 
-def parameter_count(config) -> int:
-    model = models.from_fields(config.model, 10)
-    shapes = jax.eval_shape(model.init, jax.random.key(0), jax.numpy.zeros((1, 28, 28, 1)))
-    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(shapes)))
-
-
-def mean_std(values) -> str:
-    values = [100 * v for v in values]
-    return (
-        f"{statistics.mean(values):.2f} +- {statistics.stdev(values) if len(values) > 1 else 0:.2f}"
-    )
-
-
-def write(name: str, table: list[list[str]], fig: Figure, note: str) -> None:
-    header, *rows = table
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    settings = (
-        f"{_SEEDS.value} seeds, {_EPOCHS.value} epochs, "
-        f"{_TRAIN.value or 60000} training images, batch 128, Adam (configs/default.py)"
-    )
-    text = "\n".join(lines) + f"\n\n{note}\n\nSettings: {settings}.\n"
-    with open(os.path.join(_OUT.value, f"{name}.md"), "w") as f:
-        f.write(text)
-    fig.tight_layout()
-    fig.savefig(os.path.join(_OUT.value, f"{name}.png"), dpi=100)
-    print(f"\n## {name}\n\n{text}")
-
-
-def bar_figure(labels, summaries, title) -> Figure:
-    fig = Figure(figsize=(8, 0.6 * len(labels) + 1.2))
-    ax = fig.add_subplot(1, 1, 1)
-    accs = [100 * np.array(s["test_accuracy"]) for s in summaries]
-    ax.barh(
-        labels, [a.mean() for a in accs], xerr=[a.std(ddof=1) if len(a) > 1 else 0 for a in accs]
-    )
-    low = min(a.min() for a in accs)
-    ax.set_xlim(max(0, low - 5), 100)
-    ax.set_xlabel("test accuracy, % (mean, error bar: std over seeds)")
-    ax.set_title(title)
-    ax.invert_yaxis()
-    return fig
-
-
-def mlp_vs_cnn(summaries: dict) -> None:
-    names = EXPERIMENT_VARIANTS["mlp_vs_cnn"]
-    table = [["model", "parameters", "test accuracy %", "train s per model"]]
-    for name in names:
-        s = summaries[name]
-        table.append([name, f"{s['parameters']:,}", mean_std(s["test_accuracy"]),
-                      f"{s['train_sec_per_model']:.1f}"])  # fmt: skip
-    fig = bar_figure(names, [summaries[n] for n in names], "CNN vs an MLP on raw pixels")
-    write("mlp_vs_cnn", table, fig, "Same data, optimizer and epochs for both.")
+def read_metrics(workdir: str) -> list[dict]:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
 
 
 def seed_classifiers(workdir: str) -> list:
     """One ``images -> predicted labels`` function per seed of a trained variant."""
-    config = checkpoints.read_config(workdir)
-    model = models.from_fields(config["model"], 10)
     classifiers = []
-    for member in range(config["population"]["size"]):
-        _, params = checkpoints.load_trained(
-            workdir, input_hwc=(28, 28, 1), num_classes=10, member=member
-        )
+    for seed_dir in sorted(d for d in os.listdir(workdir) if d.startswith("seed_")):
+        seed_dir = os.path.join(workdir, seed_dir)
+        config = checkpoints.read_config(seed_dir)
+        model = models.from_fields(config["model"], 10)
+        shape = (CANVAS, CANVAS, 1) if config["idx_dir"].endswith("padded") else (28, 28, 1)
+        _, params = checkpoints.load_trained(seed_dir, input_hwc=shape, num_classes=10)
 
-        def classify(images, params=params):
+        def classify(images, params=params, model=model, config=config):
             if config["permute_pixels"]:
                 images = transforms.permute_pixels(images)
             return train_lib.predict(model.apply, params, images)
@@ -209,101 +291,174 @@ def seed_classifiers(workdir: str) -> list:
     return classifiers
 
 
-def invariance(summaries: dict, test_images, test_labels) -> None:
-    names = EXPERIMENT_VARIANTS["invariance"]
-    images = test_images[: _INVARIANCE_TEST.value]
-    labels = test_labels[: _INVARIANCE_TEST.value]
-    directions = ((1, 0), (-1, 0), (0, 1), (0, -1))
-    results = {}
-    for name in names:
-        classifiers = seed_classifiers(os.path.join(_OUT.value, "runs", slug(name)))
-
-        def accuracy(transform, classifiers=classifiers):  # Per seed.
-            x = transform(images)
-            return np.array([np.mean(classify(x) == labels) for classify in classifiers])
-
-        shift_acc = [
-            np.mean([accuracy(lambda x, s=s, d=d: transforms.shift(x, s * d[0], s * d[1]))
-                     for d in directions], axis=0)
-            for s in SHIFTS
-        ]  # fmt: skip
-        rotate_acc = [
-            np.mean([accuracy(lambda x, a=a: transforms.rotate(x, a)) for a in {angle, -angle}],
-                    axis=0)
-            for angle in ROTATIONS
-        ]  # fmt: skip
-        results[name] = (np.array(shift_acc).T, np.array(rotate_acc).T)
-    fig = Figure(figsize=(11, 4))
-    for i, (sweep, label) in enumerate(
-        ((SHIFTS, "shift, pixels"), (ROTATIONS, "rotation, degrees"))
+def sweep_accuracy(name: str, data: input_pipeline.Dataset) -> dict[str, list[list[float]]]:
+    """Per seed, test accuracy on all test images shifted by ``SHIFTS`` (the mean
+    over up, down, left, right; zero fill) and rotated by ``ROTATIONS`` (the
+    mean over both directions), cached in the run's ``sweeps.json``."""
+    workdir = run_dir(name)
+    path = os.path.join(workdir, "sweeps.json")
+    if os.path.exists(path) and os.path.getmtime(path) > os.path.getmtime(
+        os.path.join(workdir, "summary.json")
     ):
-        ax = fig.add_subplot(1, 2, i + 1)
-        for name in names:
-            acc = 100 * results[name][i]  # (seeds, sweep)
-            ax.errorbar(sweep, acc.mean(axis=0), yerr=acc.std(axis=0, ddof=1), marker="o",
-                        capsize=3, label=name)  # fmt: skip
-        ax.set_xlabel(label)
-        ax.set_ylabel("test accuracy, %")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    table = [["model", *(f"shift {s}" for s in SHIFTS), *(f"rot {a}" for a in ROTATIONS)]]
-    for name in names:
-        shift_acc, rotate_acc = results[name]
-        table.append(
-            [name, *(mean_std(a) for a in shift_acc.T), *(mean_std(a) for a in rotate_acc.T)]
-        )
-    note = (
-        f"Test accuracy (%) on the first {len(labels)} test images, shifted (zero fill; "
-        "the mean over up, down, left, right) or rotated about the centre (bilinear; the "
-        "mean over both directions). Models trained on unshifted, unrotated images."
+        with open(path) as f:
+            return json.load(f)
+    images, labels = data.test_images, data.test_labels
+    if VARIANTS[name].data == "padded":
+        images = pad(images)
+    classifiers = seed_classifiers(workdir)
+
+    def accuracy(transformed):  # Per seed.
+        return [float(np.mean(classify(transformed) == labels)) for classify in classifiers]
+
+    directions = ((1, 0), (-1, 0), (0, 1), (0, -1))
+    sweeps = {
+        "shift": [
+            np.mean([accuracy(transforms.shift(images, s * dy, s * dx)) for dy, dx in directions],
+                    axis=0).tolist()
+            for s in SHIFTS
+        ],
+        "rotation": [
+            np.mean([accuracy(transforms.rotate(images, a)) for a in {angle, -angle}],
+                    axis=0).tolist()
+            for angle in ROTATIONS
+        ],
+    }  # fmt: skip
+    with open(path, "w") as f:
+        json.dump(sweeps, f)
+    return sweeps
+
+
+def mean_std(values, scale: float = 100) -> str:
+    values = scale * np.asarray(values)
+    return f"{values.mean():.2f} +- {values.std(ddof=1) if len(values) > 1 else 0:.2f}"
+
+
+def write_table(name: str, header: list[str], rows: list[list[str]], note: str) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    text = "\n".join(lines) + f"\n\n{note}\n"
+    with open(os.path.join(_OUT.value, f"{name}.md"), "w") as f:
+        f.write(text)
+    print(f"\n## {name}\n\n{text}")
+    return text
+
+
+def budget(full: bool = False) -> str:
+    if full:
+        return "Budget: 1 model (seed 0), 10 epochs of 60,000 images (4,690 steps of 128)."
+    n = _TRAIN_IMAGES.value
+    steps = -(-_EPOCHS.value * n // 128)
+    return (
+        f"Budget, the same for every variant: {_SEEDS.value} seeds (mean +- std), "
+        f"{_EPOCHS.value} epoch(s) of {n:,} training images ({steps} steps of batch 128; a "
+        f"smaller set is repeated to {n:,}), Adam 2e-3 with warmup + cosine decay "
+        f"(configs/default.py). Accuracies over all {_TEST_IMAGES.value or 10_000:,} test images."
     )
-    write("invariance", table, fig, note)
 
 
-def shuffled(summaries: dict) -> None:
-    names = EXPERIMENT_VARIANTS["shuffled"]
-    table = [["model", "test accuracy %"]] + [
-        [n, mean_std(summaries[n]["test_accuracy"])] for n in names
-    ]
-    fig = bar_figure(names, [summaries[n] for n in names], "Shuffled pixels, permuted flatten")
-    note = (
-        "Shuffled pixels: one fixed permutation of the 784 pixel positions, the same for "
-        "every training and test image. Permuted flatten: one fixed permutation of the "
-        "3136-long flattened vector before the first dense layer."
-    )
-    write("shuffled", table, fig, note)
-
-
-def pooling(summaries: dict) -> None:
-    names = EXPERIMENT_VARIANTS["pooling"]
-    table = [["model", "flatten size", "parameters", "test accuracy %"]]
-    for name in names:
+def accuracy_table(summaries: dict) -> None:
+    rows = []
+    for name in [n for n in VARIANTS if n in summaries and not isinstance(VARIANTS[n].data, int)]:
         s = summaries[name]
-        window = s["config"]["model"]["pool_window"]
-        side = 28 // window // window
-        table.append([name, f"{side}x{side}x64 = {side * side * 64}", f"{s['parameters']:,}",
-                      mean_std(s["test_accuracy"])])  # fmt: skip
-    fig = bar_figure(names, [summaries[n] for n in names], "Max vs average pooling, window 2 vs 3")
-    write("pooling", table, fig, "Window 3 also strides by 3: 28 -> 9 -> 3.")
+        p = s["parameters"]
+        gap = 100 * (np.asarray(s["train_accuracy"]) - np.asarray(s["test_accuracy"]))
+        rows.append([
+            name, f"{p['total']:,}", f"{p['first_dense']:,}", f"{p['head']:,}",
+            f"{s['receptive_field']} px", mean_std(s["test_accuracy"]),
+            mean_std(s["train_accuracy"]), f"{gap.mean():.2f}",
+            f"{s['train_sec_per_model']:.0f}",
+        ])  # fmt: skip
+    header = [
+        "variant", "parameters", "first dense layer", "head (all dense)", "receptive field",
+        "test accuracy %", "train accuracy %", "train - test", "train s per model",
+    ]  # fmt: skip
+    note = (
+        "Receptive field: the input pixels one unit of the last map before the flatten or "
+        "global pool sees (layers.receptive_field). Train accuracy: the final models on "
+        f"all their training images. {budget()}"
+    )
+    write_table("accuracy", header, rows, note)
+    figures.dot_plot(
+        os.path.join(_OUT.value, "accuracy.png"),
+        {name: summaries[name]["test_accuracy"] for name in MAIN if name in summaries},
+        "Test accuracy of every variant (same budget)",
+    )
+
+
+def invariance_tables(sweeps: dict) -> None:
+    for name_, names, note in (
+        ("invariance", INVARIANCE, "Models trained on unshifted, unrotated 28x28 images."),
+        ("shift_controls", CONTROLS,
+         f"Padded canvas: trained and tested on images centred on a {CANVAS}x{CANVAS} canvas, "
+         "so a shift of up to 4 pixels crops nothing. Shift-augmented: trained on 28x28 "
+         "images each moved by a random shift of up to 4 pixels (config.augment_shift=4)."),
+    ):  # fmt: skip
+        names = [n for n in names if n in sweeps]
+        header = ["model", *(f"shift {s}" for s in SHIFTS), *(f"rot {a}" for a in ROTATIONS)]
+        rows = [
+            [name, *(mean_std(a) for a in sweeps[name]["shift"]),
+             *(mean_std(a) for a in sweeps[name]["rotation"])]
+            for name in names
+        ]  # fmt: skip
+        sweep_note = (
+            "Test accuracy (%) under shifts of s pixels (the mean over up, down, left and "
+            "right; zero fill) and rotations about the centre (bilinear; the mean over both "
+            f"directions). {note} {budget()}"
+        )
+        write_table(name_, header, rows, sweep_note)
+        figures.sweeps(
+            os.path.join(_OUT.value, f"{name_}.png"), {n: sweeps[n] for n in names}, SHIFTS,
+            ROTATIONS, shifts_only=name_ == "shift_controls",
+        )  # fmt: skip
+
+
+def efficiency_table(summaries: dict) -> None:
+    rows, curves = [], {}
+    for model in [m for m in EFFICIENCY if m in summaries]:
+        for size in sizes():
+            s = summaries[efficiency_name(model, size)]
+            gap = 100 * (np.asarray(s["train_accuracy"]) - np.asarray(s["test_accuracy"]))
+            rows.append([
+                model, f"{size:,}", mean_std(s["train_accuracy"]), mean_std(s["test_accuracy"]),
+                mean_std(gap, scale=1),
+            ])  # fmt: skip
+            curves.setdefault(model, []).append((size, s["train_accuracy"], s["test_accuracy"]))
+    note = (
+        "Train accuracy: the final models on their own N distinct training images. "
+        f"Each size trains for the same number of steps. {budget()}"
+    )
+    header = ["model", "training images", "train accuracy %", "test accuracy %", "train - test"]
+    write_table("data_efficiency", header, rows, note)
+    figures.data_efficiency(os.path.join(_OUT.value, "data_efficiency.png"), curves)
+
+
+def full_budget_table(data) -> None:
+    rows = []
+    for name in [n for n in selected() if n in MAIN]:
+        s = train_variant(name, data, full=True)
+        (test,), (train,) = s["test_accuracy"], s["train_accuracy"]  # One seed.
+        rows.append([name, f"{100 * test:.2f}", f"{100 * train:.2f}",
+                     f"{s['train_sec_per_model']:.0f}"])  # fmt: skip
+    header = ["variant", "test accuracy %", "train accuracy %", "train s"]
+    write_table("full_budget", header, rows, budget(full=True))
 
 
 def main(_):
     os.makedirs(_OUT.value, exist_ok=True)
-    unknown = set(_EXPERIMENTS.value) - set(EXPERIMENT_VARIANTS)
-    if unknown:
-        raise app.UsageError(
-            f"unknown experiments {sorted(unknown)}; choose from {sorted(EXPERIMENT_VARIANTS)}"
-        )
-    needed = dict.fromkeys(n for e in _EXPERIMENTS.value for n in EXPERIMENT_VARIANTS[e])
-    summaries = {name: train_variant(name) for name in needed}
-    for experiment in _EXPERIMENTS.value:
-        if experiment == "invariance":
-            data = input_pipeline.load_data(variant_config("CNN, max pool 2"), data_shards=1)
-            invariance(summaries, data.test_images, data.test_labels)
-        else:
-            {"mlp_vs_cnn": mlp_vs_cnn, "shuffled": shuffled, "pooling": pooling}[experiment](
-                summaries
-            )
+    data = fashion()
+    if _FULL.value:
+        full_budget_table(data)
+        return
+    summaries = {name: train_variant(name, data) for name in selected()}
+    accuracy_table(summaries)
+    efficiency_table(summaries)
+    swept = [n for n in dict.fromkeys(INVARIANCE + CONTROLS) if n in summaries]
+    invariance_tables({name: sweep_accuracy(name, data) for name in swept})
+    if "CNN" in summaries and "GAP CNN" in summaries:
+        flatten_equivariance.write(_OUT.value, data, lambda n: os.path.join(run_dir(n), "seed_0"))
+    if "CNN" in summaries:
+        cnn = os.path.join(run_dir("CNN"), "seed_0")
+        explain.explain(cnn, output=os.path.join(_OUT.value, "explain.png"))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from cnnflat_jax import input_pipeline, sharding
+from cnnflat_jax import array_records, input_pipeline, sharding
 
 Plan = tuple[np.ndarray, np.ndarray]  # (indices, mask), (dispatches, steps, [K,] batch).
 
@@ -84,11 +84,35 @@ def members_plan(keys: Sequence[jax.Array], epoch: int, *args) -> Plan:
     return np.stack([indices for indices, _ in plans], axis=2), plans[0][1]
 
 
+@dataclasses.dataclass(frozen=True)
+class Arrays:
+    """Examples held in host memory; ``array_records.Records`` is the streamed kind."""
+
+    images: np.ndarray
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def take(self, positions: np.ndarray | slice) -> Arrays:
+        return Arrays(self.images[positions], self.labels[positions])
+
+    def read(self, positions: np.ndarray | slice = slice(None)) -> tuple[np.ndarray, np.ndarray]:
+        return self.images[positions], self.labels[positions]
+
+
+Examples = Arrays | array_records.Records
+
+
 def gather_batches(
     images: np.ndarray, labels: np.ndarray, indices: np.ndarray, mask: np.ndarray
 ) -> dict[str, np.ndarray]:
-    """One dispatch's batches, gathered on the host: ``(steps, [K,] batch, ...)``."""
+    """Batches gathered from arrays on the host: ``(steps, [K,] batch, ...)``."""
     return {"image": images[indices], "label": labels[indices], "mask": mask}
+
+
+# Dispatches that Grain reads ahead of the training loop, in a background thread.
+PREFETCH_DISPATCHES = 2
 
 
 def process_columns(batch_size: int) -> slice:
@@ -106,16 +130,38 @@ class TrainData:
     concatenated order that ``epoch_plan`` indexes.
     """
 
-    images: np.ndarray
-    labels: np.ndarray
+    examples: Examples
     shard_sizes: list[int]
     offset: int
 
     def batches(self, indices: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
-        """This process's columns of one dispatch of a global plan, gathered."""
+        """This process's columns of one dispatch of a global plan, read:
+        ``(steps, [K,] batch, ...)``."""
         columns = process_columns(indices.shape[-1])
-        local = indices[..., columns] - self.offset
-        return gather_batches(self.images, self.labels, local, mask[..., columns])
+        images, labels = self.examples.read(indices[..., columns] - self.offset)
+        return {"image": images, "label": labels, "mask": mask[..., columns]}
+
+    def stream(self, plan: Plan, state: dict | None = None):
+        """The plan's dispatches as a Grain iterator that reads
+        ``PREFETCH_DISPATCHES`` ahead, or None when the examples are in memory
+        (``batches`` gathers each dispatch when it is due).
+
+        ``iterator.get_state()`` after dispatch ``d`` is the state to pass
+        as ``state`` to go on from dispatch ``d + 1``.
+        """
+        if isinstance(self.examples, Arrays):
+            return None
+        import grain
+
+        indices, mask = plan
+        dispatches = grain.MapDataset.range(len(indices)).map(
+            lambda d: self.batches(indices[d], mask[d])
+        )
+        options = grain.ReadOptions(num_threads=1, prefetch_buffer_size=PREFETCH_DISPATCHES)
+        iterator = iter(dispatches.to_iter_dataset(options))
+        if state is not None:
+            iterator.set_state(state)
+        return iterator
 
 
 def split_validation(
@@ -129,17 +175,17 @@ def split_validation(
     Returns:
       ``(TrainData, (images, labels) of the validation part, or None)``.
     """
+    examples = data.train_records or Arrays(data.train_images, data.train_labels)
     per_shard = num_validation // data_shards
     bounds = sharding.shard_bounds(data.train_total, data_shards)
     sizes = np.diff(bounds) - per_shard
     shards = sharding.process_shards(data_shards)
     starts = bounds[shards.start : shards.stop] - bounds[shards.start]
     keep = np.concatenate([np.arange(start, start + sizes[s]) for start, s in zip(starts, shards)])
-    held = np.setdiff1d(np.arange(len(data.train_labels)), keep)
+    held = np.setdiff1d(np.arange(len(examples)), keep)
     offset = int(sizes[: shards.start].sum())
-    train = TrainData(data.train_images[keep], data.train_labels[keep], sizes.tolist(), offset)
-    validation = (data.train_images[held], data.train_labels[held]) if per_shard else None
-    return train, validation
+    train = TrainData(examples.take(keep), sizes.tolist(), offset)
+    return train, examples.read(held) if per_shard else None
 
 
 def eval_arrays(

@@ -158,10 +158,13 @@ RULES: dict[str, Rule] = {
     "num_test_examples": integer(0),
     "validation_examples": integer(0),
     "permute_pixels": boolean(),
+    "input_pipeline": choice(*input_pipeline.PIPELINES),
+    "array_record_dir": directory(),
     "optimizer": choice(*train_lib.OPTIMIZERS),
     "learning_rate": number(0, low_open=True),
     "momentum": number(0, 1, high_open=True),
     "weight_decay": number(0),
+    "augment_shift": integer(0),
     "schedule": choice(*train_lib.SCHEDULES),
     "warmup_epochs": number(0),
     "batch_size": integer(1),
@@ -363,6 +366,13 @@ def check_data(
             "validation_examples", held,
             f"leaves no training examples (the training set has {train_total})",
             f"0 to {train_total - data_shards}",
+        )  # fmt: skip
+    smallest = min(image_shape[:2])
+    if config.augment_shift >= smallest:
+        raise ConfigError(
+            "augment_shift", config.augment_shift,
+            f"would move {_hwc(image_shape)} images wholly off their canvas",
+            f"0 to {smallest - 1}",
         )  # fmt: skip
     if config.model.name == "cnn":
         _check_cnn_sizes(config.model, image_shape)

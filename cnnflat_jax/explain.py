@@ -4,9 +4,11 @@
 
 Writes ``explain_<index>.png`` to the workdir (or ``--output``): the input, each conv layer's
 feature maps after the ReLU, the pooled maps, and the flattened vector as a
-strip, each labelled with its shape and size (e.g. 7x7x64 -> 3136). Under
-the strip, two rulers make the flatten order visible: for every position of
-the vector, the channel it came from and the spatial position (h, w).
+strip, each labelled with its shape and size (e.g. 7x7x64 -> 3136) and with
+its own colour scale. A zoom on the vector shows the positions of the cells
+where the object responds most, linked to one cell of the last map's
+mosaic, and two rulers make the flatten order visible: for every zoomed
+position, the channel it came from and the spatial position (h, w).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import sys
 import jax
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.patches import ConnectionPatch, Rectangle
 
 from cnnflat_jax import checkpoints, input_pipeline, models, train_lib
 
@@ -63,42 +66,73 @@ def _size(shape) -> str:
     return "x".join(map(str, shape)) + f" ({math.prod(shape)})"
 
 
+def object_cell(maps_HWC: np.ndarray) -> tuple[int, int, int]:
+    """``(h, w, c)``: the cell of the map where the object responds most (the largest
+    sum over channels), and that cell's strongest channel."""
+    h, w = np.unravel_index(np.argmax(maps_HWC.sum(axis=-1)), maps_HWC.shape[:2])
+    return int(h), int(w), int(np.argmax(maps_HWC[h, w]))
+
+
 def figure(named_stages: list[tuple[str, np.ndarray]], title: str) -> Figure:
-    """The picture: a row per map stage, the flattened strip, and a zoom on its order."""
+    """The picture: a row per map stage (each with its colour scale), the flattened
+    strip, and a zoom on the object's positions in it, linked to its mosaic tile."""
     maps = named_stages[:-1]
     flat = named_stages[-1][1]
     h, w, c = map_hwc = maps[-1][1].shape
-    fig = Figure(figsize=(12, 1.5 * len(maps) + 3.4))
-    grid = fig.add_gridspec(len(maps) + 4, 1, height_ratios=[3] * len(maps) + [1] * 4)
+    cell_h, cell_w, cell_c = object_cell(maps[-1][1])
+    columns = 16
+    fig = Figure(figsize=(12, 1.6 * len(maps) + 4.2))
+    grid = fig.add_gridspec(len(maps) + 4, 1, height_ratios=[3] * len(maps) + [1.1] * 4)
     for row, (name, array) in enumerate(maps):
         ax = fig.add_subplot(grid[row])
-        columns = 1 if array.shape[-1] == 1 else 16
-        ax.imshow(_mosaic(array, columns), cmap="gray" if name == "input" else "viridis")
+        per_row = 1 if array.shape[-1] == 1 else columns
+        shown = ax.imshow(_mosaic(array, per_row), cmap="gray" if name == "input" else "viridis")
+        fig.colorbar(shown, ax=ax, fraction=0.02, pad=0.01, label="value")
         ax.set_title(f"{name}: {_size(array.shape)}", fontsize=9, loc="left")
         ax.axis("off")
-    zoom = min(4, h * w) * c  # The first four pixels' channel blocks.
-    pixels = [divmod(k, w) for k in range(zoom // c)]
+    mosaic_ax = ax  # The last map: its tile of channel cell_c, cell (cell_h, cell_w).
+    tile_r, tile_c = divmod(cell_c, columns)
+    corner = (tile_c * (w + 1) + cell_w - 0.5, tile_r * (h + 1) + cell_h - 0.5)
+    mosaic_ax.add_patch(Rectangle(corner, 1, 1, fill=False, edgecolor="red", linewidth=1.5))
+    # The zoom: the object's cell and its left and right neighbours, c positions each.
+    first_w, last_w = max(cell_w - 1, 0), min(cell_w + 1, w - 1)
+    start = flat_position(map_hwc, cell_h, first_w, 0)
+    stop = flat_position(map_hwc, cell_h, last_w, c - 1) + 1
+    linked = flat_position(map_hwc, cell_h, cell_w, cell_c)
     pixel_ticks = [
-        (flat_position(map_hwc, i, j, 0), f"{flat_position(map_hwc, i, j, 0)}: (h={i}, w={j}, "
-         f"c=0..{c - 1})")
-        for i, j in pixels
+        (flat_position(map_hwc, cell_h, j, 0) - start, f"{flat_position(map_hwc, cell_h, j, 0)}:"
+         f" (h={cell_h}, w={j}), c=0..{c - 1}")
+        for j in range(first_w, last_w + 1)
     ]  # fmt: skip
     strips = [
         (f"flatten: {'x'.join(map(str, map_hwc))} -> {flat.size} values "
-         "(ticks: where each row h of the map starts)", flat, "viridis",
+         "(ticks: where each row h of the map starts)", flat, "viridis", "value",
          [(flat_position(map_hwc, i, 0, 0), f"h={i}") for i in range(h)]),
-        (f"zoom on positions 0..{zoom - 1}: the values", flat[:zoom], "viridis", []),
-        ("channel c of each position: c varies fastest", np.tile(np.arange(c), zoom // c),
-         "tab20", []),
-        ("pixel (h, w) of each position: a block of C channels per pixel",
-         np.repeat(np.arange(len(pixels)), c), "Pastel1", pixel_ticks),
+        (f"zoom on the object: positions {start}..{stop - 1}, the cells (h={cell_h}, "
+         f"w={first_w}..{last_w}) of the last map. Red line: position {linked} = channel "
+         f"{cell_c} at (h={cell_h}, w={cell_w}), the red square in the mosaic",
+         flat[start:stop], "viridis", "value", pixel_ticks),
+        ("channel c of each zoomed position: c varies fastest", np.tile(np.arange(c),
+         stop // c - start // c), "twilight", "channel", []),
+        ("pixel (h, w) of each zoomed position: a block of C channels per pixel",
+         np.repeat(np.arange(first_w, last_w + 1), c), "Pastel1", "w", []),
     ]  # fmt: skip
-    for row, (name, strip, cmap, ticks) in enumerate(strips):
+    for row, (name, strip, cmap, label, ticks) in enumerate(strips):
         ax = fig.add_subplot(grid[len(maps) + row])
-        ax.imshow(strip[None, :], aspect="auto", cmap=cmap, interpolation="nearest")
+        shown = ax.imshow(strip[None, :], aspect="auto", cmap=cmap, interpolation="nearest")
+        fig.colorbar(shown, ax=ax, fraction=0.02, pad=0.01, label=label)
         ax.set_yticks([])
         ax.set_title(name, fontsize=9, loc="left")
-        ax.set_xticks([t for t, _ in ticks], [label for _, label in ticks], fontsize=7)
+        ax.set_xticks([t for t, _ in ticks], [text for _, text in ticks], fontsize=7)
+        if row == 0:
+            ax.axvspan(start, stop - 1, color="red", alpha=0.25)  # Where the zoom is.
+        if row == 1:
+            ax.axvline(linked - start, color="red", linewidth=1.5)
+            link = ConnectionPatch(
+                xyA=(corner[0] + 0.5, corner[1] + 1), coordsA=mosaic_ax.transData,
+                xyB=(linked - start, -0.5), coordsB=ax.transData, color="red", linewidth=1,
+            )  # fmt: skip
+            fig.add_artist(link)
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     return fig
@@ -130,8 +164,11 @@ def explain(
     named = stages(model, params, image)
     logits = model.apply({"params": params}, train_lib.normalize_images(image[None]))
     predicted = int(np.asarray(jax.numpy.argmax(logits[0])))
+    names = input_pipeline.class_names(data.name, data.num_classes)
+    label = int(data.test_labels[index])
     title = (
-        f"{data.name} test image {index}: label {data.test_labels[index]}, predicted {predicted}"
+        f"{data.name} test image {index}: label {label} ({names[label]}), "
+        f"predicted {predicted} ({names[predicted]})"
     )
     path = output or os.path.join(workdir, f"explain_{index}.png")
     figure(named, title).savefig(path, dpi=100)

@@ -32,8 +32,7 @@ def example_scores(
 
 def report(
     state: train_lib.TrainState,
-    images: np.ndarray,
-    labels: np.ndarray,
+    examples: batching.Examples,
     workdir: str,
     *,
     num_shown: int,
@@ -46,8 +45,9 @@ def report(
     loss and gradient norm) and ``hardest_examples.json``, ordered by gradient
     norm, largest first. Returns the JSON rows.
     """
-    n = min(num_scanned, len(labels))
-    padded_images, padded_labels, _ = batching.eval_arrays(images[:n], labels[:n], batch_size)
+    n = min(num_scanned, len(examples))
+    images, labels = examples.read(slice(n))
+    padded_images, padded_labels, _ = batching.eval_arrays(images, labels, batch_size)
     batches = [example_scores(state, x, y) for x, y in zip(padded_images, padded_labels)]
     scores = {k: np.concatenate([np.asarray(b[k]) for b in batches])[:n] for k in batches[0]}
     top = np.argsort(-scores["grad_norm"], kind="stable")[:num_shown]

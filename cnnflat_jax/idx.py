@@ -69,3 +69,11 @@ def read_idx(path: str | os.PathLike, *, ndim: int) -> np.ndarray:
             f"file holds {len(data)} bytes"
         )
     return np.frombuffer(data, np.uint8, offset=header_size).reshape(shape)
+
+
+def write_idx(path: str | os.PathLike, array: np.ndarray) -> None:
+    """Writes a uint8 array as an IDX file (raw, or gzip when ``path`` ends in .gz)."""
+    array = np.ascontiguousarray(array, np.uint8)
+    header = struct.pack(f">HBB{array.ndim}I", 0, _UBYTE, array.ndim, *array.shape)
+    with (gzip.open if os.fspath(path).endswith(".gz") else open)(path, "wb") as f:
+        f.write(header + array.tobytes())

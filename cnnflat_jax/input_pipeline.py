@@ -1,9 +1,12 @@
-"""Datasets -> in-memory uint8 arrays; the only module that knows about TFDS.
+"""Datasets -> uint8 arrays and record sources; the only module that knows about TFDS.
 
-Two sources feed the same ``Dataset``: a TFDS catalog dataset (prepared in
-``data_dir``, or downloaded when online) and a local directory of MNIST-format
-IDX files, such as Debian's ``dataset-fashion-mnist`` package. TensorFlow is
-imported only for the TFDS source, and is kept off accelerators.
+The memory pipeline loads whole splits into host memory, from a TFDS catalog
+dataset (prepared in ``data_dir``, or downloaded when online) or a local
+directory of MNIST-format IDX files, such as Debian's
+``dataset-fashion-mnist`` package. The grain pipeline leaves the training
+split in a random-access source, read batch by batch as Grain streams it:
+ArrayRecord files written by ``array_records``, or TFDS's ArrayRecord data
+source. TensorFlow is imported only for TFDS, and is kept off accelerators.
 """
 
 from __future__ import annotations
@@ -19,10 +22,11 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from cnnflat_jax import sharding, transforms
+from cnnflat_jax import array_records, sharding, transforms
 from cnnflat_jax.idx import IdxError, read_idx
 
 SOURCES = ("auto", "tfds", "idx")
+PIPELINES = ("memory", "grain")
 
 # Where Debian packages put IDX copies (`apt-get install dataset-fashion-mnist`).
 DEBIAN_IDX_DIRS = {"fashion_mnist": "/usr/share/datasets/fashion-mnist"}
@@ -88,26 +92,29 @@ class Part:
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
-    """A labelled image dataset held in host memory: this process's part.
+    """A labelled image dataset: this process's part.
 
     Images are uint8 NHWC ``(N, H, W, C)``; labels are int32 ``(N,)`` in
     ``[0, num_classes)``. ``train_total``/``test_total`` count the examples
-    of all processes' parts together.
+    of all processes' parts together. The test split is in host memory; the
+    training split is too, unless it streams: then ``train_records`` holds it
+    and ``train_images``/``train_labels`` are None.
     """
 
     name: str
     source: str
     num_classes: int
-    train_images: np.ndarray
-    train_labels: np.ndarray
+    train_images: np.ndarray | None
+    train_labels: np.ndarray | None
     test_images: np.ndarray
     test_labels: np.ndarray
     train_total: int
     test_total: int
+    train_records: array_records.Records | None = None
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
-        return tuple(self.train_images.shape[1:])
+        return tuple(self.test_images.shape[1:])
 
 
 def load_dataset(
@@ -178,13 +185,23 @@ def load_dataset(
 
 def load_data(config: ml_collections.ConfigDict, data_shards: int) -> Dataset:
     """This process's part of ``config``'s dataset (see ``sharding``), with its
-    pixels permuted when ``config.permute_pixels``."""
+    pixels permuted when ``config.permute_pixels``; its training split
+    streams when ``config.input_pipeline == "grain"``."""
     part = Part(
         num_train=config.num_train_examples,
         num_test=config.num_test_examples,
         shard_count=data_shards,
         shards=sharding.process_shards(data_shards),
     )
+    if config.input_pipeline == "grain":
+        return load_records(
+            config.dataset,
+            array_record_dir=config.array_record_dir or None,
+            data_dir=config.data_dir or None,
+            part=part,
+            num_classes=config.num_classes,
+            permute_pixels=config.permute_pixels,
+        )
     data = load_dataset(
         config.dataset,
         source=config.data_source,
@@ -200,6 +217,114 @@ def load_data(config: ml_collections.ConfigDict, data_shards: int) -> Dataset:
         train_images=transforms.permute_pixels(data.train_images),
         test_images=transforms.permute_pixels(data.test_images),
     )
+
+
+def load_records(
+    name: str,
+    *,
+    array_record_dir: str | None = None,
+    data_dir: str | None = None,
+    part: Part = Part(),
+    num_classes: int = 0,
+    permute_pixels: bool = False,
+) -> Dataset:
+    """``part`` of ``name``, its training split left in its random-access source.
+
+    The test split is read into memory; the training split is
+    ``train_records``, read only as batches are asked for.
+
+    Args:
+      name: the dataset's TFDS catalog name.
+      array_record_dir: a directory that ``python -m cnnflat_jax.array_records``
+        wrote; None reads TFDS's ArrayRecord data source from ``data_dir``.
+      data_dir: the TFDS data directory (TFDS's default when None).
+      part: which examples to keep (default: all).
+      num_classes: the class count; 0 takes the dataset's.
+      permute_pixels: shuffle every image's pixels by one fixed permutation.
+
+    Raises:
+      DatasetError: no such files or prepared copy (says how to make one), or
+        they hold another dataset or class count.
+      array_records.RecordError: a damaged ArrayRecord file.
+    """
+    if array_record_dir:
+        open_split, counts, classes, source = _array_record_files(name, array_record_dir)
+    else:
+        open_split, counts, classes, source = _tfds_records(name, data_dir)
+    if num_classes not in (0, classes):
+        raise DatasetError(
+            f"config.num_classes={num_classes}, but {source} has {classes} classes; "
+            "leave it 0 to take the dataset's count"
+        )
+    totals, records = {}, {}
+    for split in ("train", "test"):
+        totals[split], start, stop = part.bounds(split, counts[split])
+        records[split] = dataclasses.replace(
+            open_split(split, np.arange(start, stop)), permute_pixels=permute_pixels
+        )
+    test_images, test_labels = records["test"].read()
+    logging.info("Streaming %s from %s", name, source)
+    return Dataset(
+        name=name, source=source, num_classes=classes,
+        train_images=None, train_labels=None, test_images=test_images, test_labels=test_labels,
+        train_total=totals["train"], test_total=totals["test"], train_records=records["train"],
+    )  # fmt: skip
+
+
+def _array_record_files(name: str, directory: str):
+    """``(open_split, counts, num_classes, source)`` of an ``array_records`` directory."""
+    info = array_records.read_info(directory)
+    if info.get("dataset") != name:
+        raise DatasetError(
+            f"{directory} holds {info.get('dataset')!r}, not {name!r} "
+            f"({array_records.INFO_FILE}); set --config.dataset or --config.array_record_dir"
+        )
+
+    def open_split(split, ids):
+        return array_records.open_split(directory, split, info, ids)
+
+    return open_split, info["splits"], info["num_classes"], f"ArrayRecord files in {directory}"
+
+
+def _tfds_records(name: str, data_dir: str | None):
+    """``(open_split, counts, num_classes, source)`` of TFDS's ArrayRecord data source."""
+    make_files = (
+        "write ArrayRecord files from IDX files and pass their directory: "
+        f"python -m cnnflat_jax.array_records --dataset {name} --out_dir DIR, then "
+        "--config.array_record_dir=DIR; or prepare it with TFDS: "
+        f"tfds build {name} --file_format=array_record"
+    )
+    if not _tfds_prepared(name, data_dir):
+        raise DatasetError(
+            f"the grain pipeline needs {name!r} in a random-access format, and TFDS has no "
+            f"prepared copy in {_tfds_data_dir(data_dir)}: {make_files}"
+        )
+    _import_tensorflow_cpu_only()
+    import tensorflow_datasets as tfds
+
+    builder = tfds.builder(name, data_dir=data_dir)
+    file_format = builder.info.file_format
+    if file_format != tfds.core.FileFormat.ARRAY_RECORD:
+        raise DatasetError(
+            f"TFDS {name} in {builder.data_dir} is prepared as {file_format.value}, which has "
+            f"no random access: {make_files}"
+        )
+    classes = builder.info.features["label"].num_classes
+
+    def open_split(split, ids):
+        source = builder.as_data_source(split=split)
+        where = f"TFDS {name} {split}"
+
+        def decode(examples, record_ids):
+            labels = np.array([e["label"] for e in examples], np.int32)
+            array_records.check_labels(labels, classes, where, record_ids)
+            return np.stack([e["image"] for e in examples]), labels
+
+        shape = tuple(builder.info.features["image"].shape)
+        return array_records.Records(source, decode, ids, shape, where)
+
+    counts = {split: builder.info.splits[split].num_examples for split in ("train", "test")}
+    return open_split, counts, classes, f"TFDS {name} {builder.info.version} (ArrayRecord)"
 
 
 def _not_found_message(name: str, source: str, attempts: list[str]) -> str:

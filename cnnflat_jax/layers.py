@@ -201,3 +201,25 @@ def format_layer(layer: Layer) -> str:
     if layer.kind == "dropout":
         parts.append(f"{layer.rate:g}")
     return ":".join(parts)
+
+
+def receptive_field(specs: Sequence[str]) -> Pair:
+    """How many input pixels (rows, columns) one unit of the last map sees.
+
+    Counts the convs and pools before the first ``flatten`` or
+    ``global_avg_pool``: each widens the field by ``dilation * (kernel - 1)``
+    steps of the input distance between neighbouring units, and its stride
+    multiplies that distance. (A global pool then sees the whole image, but
+    each of its channels is made of units that see this much.)
+    """
+    size, jump = [1, 1], [1, 1]
+    for layer in parse(specs):
+        if layer.kind in ("flatten", "global_avg_pool"):
+            break
+        if layer.kind not in ("conv", "max_pool", "avg_pool"):
+            continue
+        stride = layer.stride or ((1, 1) if layer.kind == "conv" else layer.kernel)
+        for axis in (0, 1):
+            size[axis] += layer.dilation[axis] * (layer.kernel[axis] - 1) * jump[axis]
+            jump[axis] *= stride[axis]
+    return size[0], size[1]

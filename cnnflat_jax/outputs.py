@@ -52,7 +52,7 @@ def write(
         metrics_log.write_figures(workdir, record["epoch"])
     if config.per_example.report_hardest:
         hardest.report(
-            shown, train.images, train.labels, workdir,
+            shown, train.examples, workdir,
             num_shown=config.per_example.report_hardest,
             num_scanned=config.per_example.report_scan_examples,
         )  # fmt: skip

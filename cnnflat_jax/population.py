@@ -54,6 +54,7 @@ def create_population(
     make_tx,
     member_list: list[dict[str, Any]],
     clip_per_example: bool = False,
+    max_shift: int = 0,
 ) -> train_lib.TrainState:
     """A stacked TrainState: every leaf gains a leading member axis ``K``.
 
@@ -67,7 +68,7 @@ def create_population(
 
     def create(key, hparams):
         return train_lib.create_train_state(
-            model, image_shape, make_tx, hparams, key, clip_per_example
+            model, image_shape, make_tx, hparams, key, clip_per_example, max_shift
         )
 
     return jax.vmap(create)(keys, hparams)
@@ -92,13 +93,16 @@ def initial_state(
     """
     member_list = members(config)
     make_tx = train_lib.optimizer_factory(config, steps_per_epoch)
-    clip = config.per_example.clip_norm > 0
+    options = {"clip_per_example": config.per_example.clip_norm > 0,
+               "max_shift": config.augment_shift}  # fmt: skip
     if len(member_list) > 1:
-        state = create_population(model, image_shape, make_tx, member_list, clip)
+        state = create_population(model, image_shape, make_tx, member_list, **options)
         mode = "independent" if config.population.independent_data_order else "shared"
     else:
         key = run_keys(config.seed)[0]
-        state = train_lib.create_train_state(model, image_shape, make_tx, member_list[0], key, clip)
+        state = train_lib.create_train_state(
+            model, image_shape, make_tx, member_list[0], key, **options
+        )
         mode = "single"
     seeds = [m["seed"] for m in member_list] if mode == "independent" else [config.seed]
     return state, mode, [run_keys(seed)[1] for seed in seeds]

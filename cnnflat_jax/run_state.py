@@ -46,8 +46,8 @@ class RunError(RuntimeError):
 # Fields that change how a run is watched or stored, not what it computes: a
 # rerun may change them. Any other field fixes the run's identity.
 FREE_FIELDS = frozenset({
-    "data_dir", "idx_dir", "progress_bar", "checkpoint_every_steps", "checkpoints_to_keep",
-    "stop_at_test_accuracy", "max_loss", "per_example.report_hardest",
+    "data_dir", "idx_dir", "array_record_dir", "progress_bar", "checkpoint_every_steps",
+    "checkpoints_to_keep", "stop_at_test_accuracy", "max_loss", "per_example.report_hardest",
     "per_example.report_scan_examples",
 })  # fmt: skip
 
@@ -134,7 +134,9 @@ class RunPosition:
 
     ``totals`` are that epoch's metric sums so far (None at its start);
     ``record`` is the last finished epoch's record; ``stopped`` says the run
-    ended early (``stop_at_test_accuracy``), so a rerun trains no more.
+    ended early (``stop_at_test_accuracy``), so a rerun trains no more;
+    ``data_state`` is a streaming input pipeline's iterator state at
+    ``dispatch`` (None at an epoch's start and for the memory pipeline).
     """
 
     epoch: int = 1
@@ -142,6 +144,7 @@ class RunPosition:
     totals: dict[str, np.ndarray] | None = None
     record: dict[str, Any] | None = None
     stopped: bool = False
+    data_state: dict[str, Any] | None = None
 
     def save(self, run_checkpoints: checkpoints.RunCheckpoints, state: Any) -> None:
         """Checkpoints ``state`` with this position."""

@@ -24,7 +24,7 @@ from absl import logging
 from flax import struct
 from jax.sharding import Mesh
 
-from cnnflat_jax import per_example, sharding
+from cnnflat_jax import per_example, sharding, transforms
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -42,7 +42,9 @@ class TrainState(struct.PyTreeNode):
     rebuilt from them by ``make_tx`` inside the step. ``key`` seeds per-step
     randomness as ``fold_in(key, step)``. ``clip_per_example`` turns on the
     DP-SGD update (per-example clipping by ``clip_norm`` plus Gaussian noise
-    of std ``noise_multiplier * clip_norm``).
+    of std ``noise_multiplier * clip_norm``). ``max_shift`` > 0 moves every
+    training image by a random shift of up to that many pixels each step
+    (``transforms.random_shift``).
     """
 
     step: jax.Array
@@ -53,6 +55,7 @@ class TrainState(struct.PyTreeNode):
     apply_fn: Callable = struct.field(pytree_node=False)
     make_tx: Callable[..., optax.GradientTransformation] = struct.field(pytree_node=False)
     clip_per_example: bool = struct.field(pytree_node=False, default=False)
+    max_shift: int = struct.field(pytree_node=False, default=0)
 
     def apply_gradients(self, grads: Any) -> TrainState:
         tx = self.make_tx(**self.hparams)
@@ -138,6 +141,7 @@ def create_train_state(
     hparams: dict[str, Any],
     key: jax.Array,
     clip_per_example: bool = False,
+    max_shift: int = 0,
 ) -> TrainState:
     """Initialises parameters for ``(1, *image_shape)`` inputs and the optimizer.
 
@@ -165,6 +169,7 @@ def create_train_state(
             apply_fn=model.apply,
             make_tx=make_tx,
             clip_per_example=clip_per_example,
+            max_shift=max_shift,
         )
 
     return init(key, hparams)
@@ -217,12 +222,19 @@ def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
     ``state.clip_per_example`` the gradient is DP-SGD's clipped, noised mean
     of per-example gradients, with noise from ``fold_in(state.key, state.step)``.
     Dropout layers draw from ``fold_in(fold_in(state.key, state.step), 1)``
-    (each example its own key under DP-SGD), so a run is the same for a seed,
-    and a resumed run draws what an uninterrupted one would.
+    (each example its own key under DP-SGD) and random shifts from ``..., 2)``,
+    so a run is the same for a seed, and a resumed run draws what an
+    uninterrupted one would.
     ``build_train`` compiles it; it also works under ``jax.jit`` and ``jax.vmap``.
     """
     step_key = jax.random.fold_in(state.key, state.step)
     dropout_key = jax.random.fold_in(step_key, 1)
+    if state.max_shift:
+        shift_key = jax.random.fold_in(step_key, 2)
+        batch = {
+            **batch,
+            "image": transforms.random_shift(shift_key, batch["image"], state.max_shift),
+        }
     if state.clip_per_example:
         _, metrics = loss_and_metrics(state.params, state.apply_fn, batch, dropout_key)
         examples = {

@@ -167,9 +167,11 @@ class _Epochs:
         )  # fmt: skip
         bar.update(int(np.any(mask[: position.dispatch] > 0, axis=2).sum()))
         epoch_start = time.perf_counter()
+        stream = self.data.stream(plan, position.data_state)
         for d in range(position.dispatch, len(indices)):
             step = run_state.global_step(state)
-            new_state, metrics = self.train_fn(state, self.data.batches(indices[d], mask[d]))
+            batches = next(stream) if stream is not None else self.data.batches(indices[d], mask[d])
+            new_state, metrics = self.train_fn(state, batches)
             bad, loss = int(metrics.pop("first_diverged_step")), metrics.pop("diverged_loss")
             if bad >= 0:
                 raise run_state.diverged_error(
@@ -189,9 +191,10 @@ class _Epochs:
                 break
             signum = self.stopping(run_state.global_step(state))
             if signum or (d + 1) % every == 0:
-                run_state.RunPosition(position.epoch, d + 1, totals, position.record).save(
-                    self.run_checkpoints, state
-                )
+                data_state = stream.get_state() if stream is not None else None
+                run_state.RunPosition(
+                    position.epoch, d + 1, totals, position.record, data_state=data_state
+                ).save(self.run_checkpoints, state)
             if signum:
                 raise run_state.stopped_error(signum, state, self.run_checkpoints)
         bar.close()

@@ -1,4 +1,4 @@
-"""Image transforms for the flatten experiments: pixel shuffles, shifts, rotations.
+"""Image transforms: pixel shuffles, shifts, rotations, and random-shift augmentation.
 
 All take and return uint8 NHWC batches ``(N, H, W, C)``.
 """
@@ -38,6 +38,21 @@ def shift(images: np.ndarray, dy: int, dx: int) -> np.ndarray:
     src_cols, dst_cols = slice(max(-dx, 0), w - max(dx, 0)), slice(max(dx, 0), w - max(-dx, 0))
     out[:, dst_rows, dst_cols] = images[:, src_rows, src_cols]
     return out
+
+
+def random_shift(key: jax.Array, images: jax.Array, max_shift: int) -> jax.Array:
+    """Moves each image by its own random ``(dy, dx)``, each uniform in
+    ``[-max_shift, max_shift]``, as ``shift`` does (zero fill); traceable."""
+    n, h, w, c = images.shape
+    padded = jnp.pad(images, ((0, 0), (max_shift, max_shift), (max_shift, max_shift), (0, 0)))
+    # A window at offset (oy, ox) of the padded image is the image shifted by
+    # (max_shift - oy, max_shift - ox).
+    offsets = jax.random.randint(key, (n, 2), 0, 2 * max_shift + 1)
+
+    def window(image, offset):
+        return jax.lax.dynamic_slice(image, (offset[0], offset[1], 0), (h, w, c))
+
+    return jax.vmap(window)(padded, offsets)
 
 
 @jax.jit

@@ -20,6 +20,12 @@ def get_config() -> ml_collections.ConfigDict:
     config.num_test_examples = 0
     config.validation_examples = 0  # Held out from the end of the training set.
     config.permute_pixels = False  # Shuffle every image's pixels by one fixed permutation.
+    # memory: load whole splits into host memory. grain: stream training batches
+    # from ArrayRecord files through Grain (README, "Streaming with Grain").
+    config.input_pipeline = "memory"  # memory | grain
+    # grain: ArrayRecord files from python -m cnnflat_jax.array_records; "" =
+    # TFDS's ArrayRecord data source (the dataset prepared with that file format).
+    config.array_record_dir = ""
 
     config.model = ml_collections.ConfigDict(
         dict(
@@ -41,6 +47,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.weight_decay = 0.0  # adamw only
     config.schedule = "warmup_cosine"  # constant | warmup_cosine
     config.warmup_epochs = 1.0
+
+    # Augmentation: every training image moves by a random shift of up to N
+    # pixels each step (zero fill; 0 = off).
+    config.augment_shift = 0
 
     config.batch_size = 128
     config.eval_batch_size = 1000

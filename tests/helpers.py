@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import ast
+import contextlib
 import gzip
 import math
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -13,6 +15,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from cnnflat_jax import checkpoints, models, sharding, train_lib
 from configs import smoke
@@ -163,3 +166,21 @@ def loaded_by(imports: str, modules: tuple[str, ...]) -> list[str]:
     code = f"import sys, {imports}; print([m for m in {modules!r} if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return ast.literal_eval(out.stdout)
+
+
+@contextlib.contextmanager
+def tmpfs(path, size, *options):
+    """A small tmpfs mounted at ``path`` (the tests that need one run as root)."""
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join([f"size={size}", *options]), "tmpfs",
+                    str(path)], check=True)  # fmt: skip
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+AS_ROOT = pytest.mark.skipif(
+    os.geteuid() != 0 or not shutil.which("mount"),
+    reason="mounting a small or read-only tmpfs needs root (CI runs as root)",
+)

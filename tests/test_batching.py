@@ -65,7 +65,7 @@ def dataset(num_train):
 def test_split_validation_holds_out_the_end_of_every_shard():
     train, validation = batching.split_validation(dataset(20), 4, 2)  # Shards [0, 10), [10, 20).
     assert train.shard_sizes == [8, 8] and train.offset == 0
-    assert train.images[:, 0, 0, 0].tolist() == [*range(8), *range(10, 18)]
+    assert train.examples.images[:, 0, 0, 0].tolist() == [*range(8), *range(10, 18)]
     assert validation[0][:, 0, 0, 0].tolist() == [8, 9, 18, 19]
     assert validation[1].tolist() == [8 % 3, 9 % 3, 18 % 3, 19 % 3]
     train, validation = batching.split_validation(dataset(20), 0, 1)

@@ -28,6 +28,9 @@ BAD_VALUES = {
     "num_test_examples": ("-1", "less than 0"),
     "validation_examples": ("-1", "less than 0"),
     "permute_pixels": ("maybe", "allowed: True or False"),
+    "input_pipeline": ("disk", "not a known choice; allowed: memory, grain"),
+    "array_record_dir": ("/etc/hostname", "a file, not a directory"),
+    "augment_shift": ("-2", "less than 0; allowed: an int >= 0"),
     "model.name": ("resnet", "not a known choice; allowed: cnn, mlp"),
     "model.conv_features": ("(0,16)", "item 0 (0) is less than 1"),
     "model.kernel_size": ("0", "less than 1; allowed: an int >= 1"),
@@ -146,6 +149,9 @@ def test_a_config_file_that_fails_to_run_is_one_line(tmp_path):
         ({"model.padding": "VALID", "model.kernel_size": 2, "model.pool_window": 4},
          "config.model.kernel_size=2: too large for the 1x1 map"),
         ({"validation_examples": 64}, "config.validation_examples=64: leaves no training"),
+        ({"augment_shift": 8},
+         "config.augment_shift=8: would move 8x8x1 images wholly off their canvas; allowed: "
+         "0 to 7"),
     ],
 )  # fmt: skip
 def test_limits_set_by_the_data_are_checked_before_compiling(tmp_path, overrides, expected):

@@ -23,6 +23,13 @@ def test_flat_position_is_where_flatten_puts_each_element():
     assert explain.flat_position((7, 7, 64), 6, 6, 63) == 3135
 
 
+def test_object_cell_is_the_most_active_cell_and_its_strongest_channel():
+    maps = np.zeros((7, 7, 4), np.float32)
+    maps[2, 5] = [0.1, 0.9, 0.3, 0.2]  # Sum 1.5: the object.
+    maps[6, 0] = [0, 0, 1.2, 0]  # One strong channel, a smaller sum.
+    assert explain.object_cell(maps) == (2, 5, 1)
+
+
 def test_stages_have_the_shapes_of_each_layer_and_flatten_matches_ops():
     model = models.CNN(num_classes=3, conv_features=(4, 6), dense_features=(5,))
     params = model.init(jax.random.key(0), jnp.zeros((1, 12, 12, 1)))["params"]
@@ -86,6 +93,24 @@ def test_shift_moves_pixels_and_fills_zeros():
     )
     np.testing.assert_array_equal(transforms.shift(images, -1, 0)[0, :3], images[0, 1:])
     assert not transforms.shift(images, 4, 0).any()
+
+
+def test_random_shift_moves_each_image_by_one_of_the_allowed_shifts():
+    images = np.random.default_rng(0).integers(1, 255, (64, 6, 7, 2), dtype=np.uint8)
+    out = np.asarray(transforms.random_shift(jax.random.key(3), jnp.asarray(images), 2))
+    seen = set()
+    for image, moved in zip(images, out):
+        matches = [
+            (dy, dx)
+            for dy in range(-2, 3)
+            for dx in range(-2, 3)
+            if np.array_equal(transforms.shift(image[None], dy, dx)[0], moved)
+        ]
+        assert len(matches) == 1  # Nonzero pixels: every shift looks different.
+        seen.add(matches[0])
+    assert len(seen) > 15  # Of the 25 shifts; all equally likely.
+    again = transforms.random_shift(jax.random.key(3), jnp.asarray(images), 2)
+    np.testing.assert_array_equal(np.asarray(again), out)  # Same key, same shifts.
 
 
 def test_rotate_by_0_and_90_degrees_is_exact():

@@ -58,3 +58,22 @@ def test_parse_names_the_bad_layer_and_its_position(specs, position, message):
 def test_a_model_is_a_non_empty_tuple_of_specs(specs):
     with pytest.raises(layers.SpecError, match="a model is a non-empty tuple of layer specs"):
         layers.parse(specs)
+
+
+@pytest.mark.parametrize(
+    "specs, expected",
+    [
+        # conv3 (3) -> pool2 (4, units 2 px apart) -> conv3 (4 + 2*2) -> pool2 (8 + 2).
+        (
+            ("conv:32:3", "relu", "max_pool:2", "conv:64:3", "relu", "max_pool:2", "flatten"),
+            (10, 10),
+        ),
+        # conv3/2 (3, units 2 apart) -> conv3/2 (3 + 2*2).
+        (("conv:32:3:stride=2", "relu", "conv:64:3:stride=2", "global_avg_pool"), (7, 7)),
+        (("conv:32:3", "conv:64:3", "flatten", "dense:10"), (5, 5)),
+        (("conv:8:3x5:dilation=2", "avg_pool:3x1"), (7, 9)),
+        (("flatten", "dense:10"), (1, 1)),
+    ],
+)
+def test_receptive_field_by_hand(specs, expected):
+    assert layers.receptive_field(specs) == expected

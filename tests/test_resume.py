@@ -13,9 +13,9 @@ import time
 import jax
 import numpy as np
 import pytest
-from helpers import final_params, idx_config, idx_flags, write_idx_dataset
+from helpers import AS_ROOT, final_params, idx_config, idx_flags, tmpfs, write_idx_dataset
 
-from cnnflat_jax import checkpoints, run_state, trainer
+from cnnflat_jax import array_records, checkpoints, input_pipeline, run_state, trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 64 examples, batch 16: 4 steps an epoch (40 in all), a checkpoint after every step.
@@ -65,24 +65,54 @@ def wait_for_checkpoint(process, workdir, after_step):
         time.sleep(0.02)
 
 
+def kill_at_random_points_then_finish(data, workdir, *flags):
+    """SIGKILLs ``train.py`` four times, mid-step, mid-save or mid-eval, then
+    reruns it to the end; returns the last run's stderr."""
+    rng = random.Random(0)
+    for _ in range(4):
+        process = start(data, workdir, *flags)
+        wait_for_checkpoint(process, workdir, max(saved_steps(workdir), default=0) + 2)
+        time.sleep(rng.uniform(0, 0.3))
+        process.kill()  # SIGKILL: no handler runs.
+        process.communicate()
+    assert max(saved_steps(workdir)) < 40  # Not finished yet: 10 epochs of 4 steps.
+    process = start(data, workdir, *flags)
+    _, err = process.communicate(timeout=600)
+    assert process.returncode == 0, err[-3000:]
+    assert "Resuming from the checkpoint at step" in err
+    return err
+
+
 def test_sigkill_at_arbitrary_points_then_rerun_gives_bit_identical_parameters(
     uninterrupted, tmp_path
 ):
     data, reference = uninterrupted
-    rng = random.Random(0)
-    for _ in range(4):
-        process = start(data, tmp_path)
-        wait_for_checkpoint(process, tmp_path, max(saved_steps(tmp_path), default=0) + 2)
-        time.sleep(rng.uniform(0, 0.3))  # Then mid-step, mid-save or mid-eval.
-        process.kill()  # SIGKILL: no handler runs.
-        process.communicate()
-    assert max(saved_steps(tmp_path)) < 40  # Not finished yet: 10 epochs of 4 steps.
-    process = start(data, tmp_path)
-    _, err = process.communicate(timeout=600)
-    assert process.returncode == 0, err[-3000:]
-    assert "Resuming from the checkpoint at step" in err
+    kill_at_random_points_then_finish(data, tmp_path)
     assert_bit_identical(final_params(tmp_path), final_params(reference))
     assert epoch_scores(tmp_path) == epoch_scores(reference)  # Each epoch once, same numbers.
+
+
+def test_grain_sigkill_mid_epoch_then_rerun_ends_bit_identical(uninterrupted, tmp_path):
+    data, _ = uninterrupted
+    loaded = input_pipeline.load_dataset("fashion_mnist", idx_dir=str(data), num_classes=3)
+    splits = {
+        "train": (loaded.train_images, loaded.train_labels),
+        "test": (loaded.test_images, loaded.test_labels),
+    }
+    array_records.write(str(tmp_path / "records"), "fashion_mnist", 3, splits)
+    grain = ["--config.input_pipeline=grain", f"--config.array_record_dir={tmp_path / 'records'}"]
+    process = start(data, tmp_path / "reference", *grain)
+    _, err = process.communicate(timeout=600)
+    assert process.returncode == 0, err[-3000:]
+    kill_at_random_points_then_finish(data, tmp_path / "run", *grain)
+    assert_bit_identical(final_params(tmp_path / "run"), final_params(tmp_path / "reference"))
+    assert epoch_scores(tmp_path / "run") == epoch_scores(tmp_path / "reference")
+    # Mid-epoch checkpoints hold Grain's iterator state: at step 4e + d, dispatch d is next.
+    step = next(s for s in saved_steps(tmp_path / "run") if s % 4)
+    progress = json.loads(
+        (tmp_path / "run" / "checkpoints" / str(step) / "progress" / "metadata").read_text()
+    )
+    assert progress["dispatch"] == step % 4 and progress["data_state"] == {"next_index": step % 4}
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly_then_resumes(uninterrupted, tmp_path):
@@ -285,24 +315,6 @@ def test_a_huge_finite_loss_stops_the_run_like_a_nan(tmp_path):
     returncode, err = run_to_end(data, tmp_path / "run", *flags)
     assert returncode == 1
     assert_one_error_line(err, "above config.max_loss=10000 at step", "(epoch 1)", "is kept in")
-
-
-@contextlib.contextmanager
-def tmpfs(path, size, *options):
-    """A small tmpfs mounted at ``path`` (the tests that need one run as root)."""
-    path.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join([f"size={size}", *options]), "tmpfs",
-                    str(path)], check=True)  # fmt: skip
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=True)
-
-
-AS_ROOT = pytest.mark.skipif(
-    os.geteuid() != 0 or not shutil.which("mount"),
-    reason="mounting a small or read-only tmpfs needs root (CI runs as root)",
-)
 
 
 @AS_ROOT

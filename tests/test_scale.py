@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from helpers import final_params, idx_config, idx_flags, write_idx_dataset
 
+from cnnflat_jax import array_records, input_pipeline, trainer
 from cnnflat_jax import config as config_lib
-from cnnflat_jax import trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -80,9 +80,22 @@ def free_port():
         return s.getsockname()[1]
 
 
-def test_two_processes_match_one_process_with_the_same_data_shards(tmp_path):
+@pytest.mark.parametrize("pipeline", ["memory", "grain"])
+def test_two_processes_match_one_process_with_the_same_data_shards(tmp_path, pipeline):
     data = write_idx_dataset(tmp_path / "data", num_train=70)
     overrides = dict(num_epochs=3, validation_examples=6)
+    streamed = []
+    if pipeline == "grain":  # Each process streams its own shard from the records.
+        loaded = input_pipeline.load_dataset("fashion_mnist", idx_dir=str(data), num_classes=3)
+        splits = {
+            "train": (loaded.train_images, loaded.train_labels),
+            "test": (loaded.test_images, loaded.test_labels),
+        }
+        array_records.write(str(tmp_path / "records"), "fashion_mnist", 3, splits)
+        streamed = [
+            "--config.input_pipeline=grain",
+            f"--config.array_record_dir={tmp_path / 'records'}",
+        ]
     address = f"localhost:{free_port()}"
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
     workdir = tmp_path / "two"
@@ -97,6 +110,7 @@ def test_two_processes_match_one_process_with_the_same_data_shards(tmp_path):
                 f"--coordinator_address={address}",
                 "--num_processes=2",
                 f"--process_id={i}",
+                *streamed,
             ],
             cwd=ROOT,
             env=env,

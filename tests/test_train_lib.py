@@ -6,12 +6,14 @@ import numpy as np
 import pytest
 from helpers import idx_config, one_step, step_program, write_idx_dataset
 
-from cnnflat_jax import batching, checkpoints, models, train_lib, trainer
+from cnnflat_jax import batching, checkpoints, models, train_lib, trainer, transforms
 from cnnflat_jax.train_lib import LOOPS
 from configs import smoke
 
 
-def small_state(optimizer="adam", num_classes=3, seed=0, shape=(8, 8, 1), **per_example):
+def small_state(
+    optimizer="adam", num_classes=3, seed=0, shape=(8, 8, 1), max_shift=0, **per_example
+):
     config = smoke.get_config()
     config.optimizer = optimizer
     config.schedule = "constant"
@@ -21,7 +23,7 @@ def small_state(optimizer="adam", num_classes=3, seed=0, shape=(8, 8, 1), **per_
     make_tx = train_lib.optimizer_factory(config, steps_per_epoch=10)
     return train_lib.create_train_state(
         model, shape, make_tx, train_lib.config_hparams(config), jax.random.key(seed),
-        clip_per_example=config.per_example.clip_norm > 0,
+        clip_per_example=config.per_example.clip_norm > 0, max_shift=max_shift,
     )  # fmt: skip
 
 
@@ -182,6 +184,34 @@ def test_same_seed_gives_bit_identical_parameters(tmp_path):
     assert len(leaves_a) == 8  # Two conv and two dense layers, kernel and bias each.
     for a, b, init in zip(leaves_a, leaves_b, jax.tree.leaves(like)):
         assert not np.array_equal(a, init)  # Trained, not the initial values.
+        np.testing.assert_array_equal(a, b)
+
+
+def test_shift_augmentation_is_seeded_by_step_and_changes_training(tmp_path):
+    data = write_idx_dataset(tmp_path / "data")
+    fields = dict(smoke.get_config().model)
+    model = models.create_model(fields.pop("name"), 3, **fields)
+    like = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))["params"]
+    params = {}
+    for run, shift in (("plain", 0), ("a", 2), ("b", 2)):
+        trainer.train_and_evaluate(idx_config(data, augment_shift=shift), str(tmp_path / run))
+        params[run] = jax.tree.leaves(
+            checkpoints.load_params(tmp_path / run / "final_params", like)
+        )
+    for a, b, plain in zip(params["a"], params["b"], params["plain"]):
+        np.testing.assert_array_equal(a, b)
+        assert not np.array_equal(a, plain)
+
+
+def test_a_shifted_batch_trains_as_the_step_draws_it():
+    """The step's shifts are random_shift's with key fold_in(fold_in(key, step), 2)."""
+    images, labels = toy_data(16)
+    augmented = small_state(max_shift=2)
+    step_key = jax.random.fold_in(augmented.key, augmented.step)
+    moved = transforms.random_shift(jax.random.fold_in(step_key, 2), jnp.asarray(images), 2)
+    state_a, _ = jax.jit(train_lib.train_step)(augmented, full_batch(images, labels))
+    state_b, _ = jax.jit(train_lib.train_step)(small_state(), full_batch(np.asarray(moved), labels))
+    for a, b in zip(jax.tree.leaves(state_a.params), jax.tree.leaves(state_b.params)):
         np.testing.assert_array_equal(a, b)
 
 

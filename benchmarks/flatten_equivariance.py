@@ -1,0 +1,179 @@
+"""Equivariance you can see: test images and their 1-4 px shifts through conv, pool,
+flatten and global average pooling (GAP), for docs/flatten.md.
+
+``write`` takes seed 0's runs of the "CNN" and "GAP CNN" variants of
+``flatten_experiments`` and writes ``equivariance.md`` (over the test images, per
+shift: how similar each vector stays to the unshifted image's) and
+``equivariance.png`` (one test image, row by row).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from cnnflat_jax import checkpoints, explain, input_pipeline, models, train_lib, transforms
+
+SHIFTS = (0, 1, 2, 3, 4)  # Pixels to the right.
+INDEX = 0  # The test image drawn.
+
+
+def trained(workdir: str):
+    """A trained run as ``images -> {stage: array}``."""
+    fields, params = checkpoints.load_trained(workdir, input_hwc=(28, 28, 1), num_classes=10)
+    model = models.from_fields(fields, 10)
+
+    def stages(images: np.ndarray) -> dict[str, np.ndarray]:
+        _, state = model.apply(
+            {"params": params}, train_lib.normalize_images(images), mutable=["intermediates"]
+        )
+        out, pools = {}, 0
+        for kind, value in models.sown_layers(state["intermediates"]):
+            value = np.asarray(value[0])
+            if kind == "relu" and "conv1" not in out:
+                out["conv1"] = value
+            elif kind.endswith("_pool") and kind != "global_avg_pool":
+                pools += 1
+                out[f"pool{pools}"] = value
+            elif kind in ("flatten", "global_avg_pool"):
+                out[kind] = value
+                break
+        return out
+
+    return stages
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per row; 1 for two all-zero rows."""
+    dot = np.sum(a * b, axis=1)
+    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return np.where(norms > 0, dot / np.maximum(norms, 1e-30), 1.0)
+
+
+def one_cell_right(maps: np.ndarray) -> np.ndarray:
+    """7x7 maps moved one cell right, zero fill: where a 4 px shift should put them."""
+    moved = np.zeros_like(maps)
+    moved[:, :, 1:] = maps[:, :, :-1]
+    return moved
+
+
+def measure(cnn, gap_cnn, images: np.ndarray, batch: int = 1000) -> list[dict[str, float]]:
+    """Per shift, means over ``images``: see ``write``'s table."""
+    rows = []
+    for s in SHIFTS:
+        sums = {}
+        for start in range(0, len(images), batch):
+            x = images[start : start + batch]
+            base, moved = cnn(x), cnn(transforms.shift(x, 0, s))
+            gap_base, gap_moved = gap_cnn(x)["global_avg_pool"], gap_cnn(transforms.shift(x, 0, s))
+            active = base["flatten"] > 0
+            still = np.sum(active & (moved["flatten"] > 0), axis=1) / np.maximum(active.sum(1), 1)
+            values = {
+                "flatten": cosine(base["flatten"], moved["flatten"]),
+                "still_active": still,
+                "cnn_gap": cosine(base["pool2"].mean((1, 2)), moved["pool2"].mean((1, 2))),
+                "gap": cosine(gap_base, gap_moved["global_avg_pool"]),
+            }
+            if s == 4:
+                expected = one_cell_right(base["pool2"]).reshape(len(x), -1)
+                values["one_cell"] = cosine(expected, moved["pool2"].reshape(len(x), -1))
+            for key, v in values.items():
+                sums[key] = sums.get(key, 0.0) + float(np.sum(v))
+        rows.append({key: total / len(images) for key, total in sums.items()})
+    return rows
+
+
+def figure(path: str, cnn, gap_cnn, image: np.ndarray, title: str) -> None:
+    """Rows: the image shifted by 0-4 px. Columns: the image, a conv1 map, a pool2
+    map, the flattened vector's active positions, the GAP vector."""
+    shifted = np.concatenate([transforms.shift(image[None], 0, s) for s in SHIFTS])
+    stages, gap_vectors = cnn(shifted), gap_cnn(shifted)["global_avg_pool"]
+    c1 = int(np.argmax(stages["conv1"][0].mean((0, 1))))
+    c2 = int(np.argmax(stages["pool2"][0].mean((0, 1))))
+    flat = stages["flatten"]
+    maps_hwc = stages["pool2"].shape[1:]
+    fig = Figure(figsize=(15, 2.1 * len(SHIFTS) + 0.8))
+    grid = fig.add_gridspec(len(SHIFTS), 5, width_ratios=[1, 1, 1, 4.5, 2.2])
+    tops = {"conv1": stages["conv1"][..., c1].max(), "pool2": stages["pool2"][..., c2].max()}
+    for row, s in enumerate(SHIFTS):
+        panels = [
+            (f"input, shifted {s} px right", shifted[row, ..., 0], "gray", 255),
+            (f"conv1 + ReLU, channel {c1}", stages["conv1"][row, ..., c1], "viridis",
+             tops["conv1"]),
+            (f"pool2 (7x7), channel {c2}", stages["pool2"][row, ..., c2], "viridis",
+             tops["pool2"]),
+        ]  # fmt: skip
+        for col, (name, array, cmap, top) in enumerate(panels):
+            ax = fig.add_subplot(grid[row, col])
+            shown = ax.imshow(array, cmap=cmap, vmin=0, vmax=top)
+            fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04)
+            ax.set_title(name, fontsize=8)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        ax = fig.add_subplot(grid[row, 3])
+        # Channel c2's 49 entries of the flattened vector, at their positions in it.
+        cells = [explain.flat_position(maps_hwc, h, w, c2) for h, w in np.ndindex(maps_hwc[:2])]
+        ax.bar(cells, flat[row][cells], width=30, color="C0", label=f"shifted {s} px")
+        ax.bar(cells, flat[0][cells], width=30, fill=False, edgecolor="gray", label="unshifted")
+        for h in range(maps_hwc[0]):  # Row h of the map starts a block of W * C positions.
+            ax.axvline(explain.flat_position(maps_hwc, h, 0, 0), color="gray", lw=0.6, ls=":")
+        active = flat[row] > 0
+        overlap = 100 * np.mean(flat[0][active] > 0) if active.any() else 0.0
+        ax.set_xlim(0, flat.shape[1])
+        ax.set_title(
+            f"flattened vector, channel {c2}'s {len(cells)} positions (all channels: "
+            f"{active.sum()} of {flat.shape[1]} active, {overlap:.0f}% also active unshifted)",
+            fontsize=8,
+        )  # fmt: skip
+        ax.set_xlabel("position in the vector (dotted: where map row h = 0..6 starts)", fontsize=7)
+        if row == 0:
+            ax.legend(fontsize=7)
+        ax = fig.add_subplot(grid[row, 4])
+        channels = np.arange(gap_vectors.shape[1])
+        ax.bar(channels, gap_vectors[row], width=1.0, color="C1")
+        ax.bar(channels, gap_vectors[0], width=1.0, fill=False, edgecolor="gray", lw=0.5)
+        ax.set_ylim(0, gap_vectors.max() * 1.05)
+        similarity = cosine(gap_vectors[:1], gap_vectors[row : row + 1])[0]
+        ax.set_title(f"GAP CNN's 64-vector; cosine to unshifted {similarity:.3f}", fontsize=8)
+        ax.set_xticks([])
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def write(out: str, data: input_pipeline.Dataset, run_dir) -> None:
+    """``equivariance.md`` and ``equivariance.png`` in ``out``; ``run_dir(name)`` is a
+    variant's trained run."""
+    cnn, gap_cnn = trained(run_dir("CNN")), trained(run_dir("GAP CNN"))
+    rows = measure(cnn, gap_cnn, data.test_images)
+    lines = [
+        "| shift (px right) | flatten: cosine to unshifted | flatten: active positions "
+        "still active | GAP of the CNN's own maps: cosine | GAP CNN: cosine |",
+        "|---|---|---|---|---|",
+    ]
+    for s, r in zip(SHIFTS, rows):
+        lines.append(
+            f"| {s} | {r['flatten']:.3f} | {100 * r['still_active']:.1f}% | {r['cnn_gap']:.3f} "
+            f"| {r['gap']:.3f} |"
+        )
+    one_cell = rows[SHIFTS.index(4)]["one_cell"]
+    note = (
+        f"Means over all {len(data.test_images):,} test images, seed 0 of the CNN and of the "
+        "GAP CNN. Cosine: between the vector of the shifted image and that of the unshifted "
+        "one (1 = same direction). Active: positions > 0 after the ReLU and pools. A 4 px "
+        "shift moves the CNN's 7x7x64 pool2 maps by one cell: they match the unshifted maps "
+        f"moved one cell right with cosine {one_cell:.3f}."
+    )
+    text = "\n".join(lines) + f"\n\n{note}\n"
+    with open(os.path.join(out, "equivariance.md"), "w") as f:
+        f.write(text)
+    print(f"\n## equivariance\n\n{text}")
+    names = input_pipeline.class_names("fashion_mnist", 10)
+    label = names[int(data.test_labels[INDEX])]
+    figure(
+        os.path.join(out, "equivariance.png"), cnn, gap_cnn, data.test_images[INDEX],
+        f"Test image {INDEX} ({label}) shifted right: the maps move with it, the flattened "
+        "vector's active positions move to other indices, the GAP vector stays put",
+    )  # fmt: skip
