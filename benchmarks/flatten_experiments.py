@@ -18,7 +18,9 @@ field, train and test accuracy), ``invariance.md`` (shifts and rotations),
 ``shift_controls.md`` (padded canvas, shift augmentation),
 ``data_efficiency.md``, ``equivariance.md``, ``full_budget.md``, their
 figures, and ``explain.png``. Trained runs are kept in ``--out/runs/`` and
-reused when rerun with the same config.
+reused when rerun with the same config. ``--variant`` (repeatable),
+``--train_images`` and ``--test_images`` run a smaller part of it (the
+tests do).
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ from configs import default
 
 _OUT = flags.DEFINE_string("out", "docs/flatten", "Where tables, figures and runs go.")
 _SEEDS = flags.DEFINE_integer("seeds", 3, "Models per variant (seeds 0, 1, ...).")
-_EPOCHS = flags.DEFINE_integer("num_epochs", 1, "Epochs of 60,000 images per model.")
+_EPOCHS = flags.DEFINE_integer("num_epochs", 1, "Epochs of the training set per model.")
 _FULL = flags.DEFINE_boolean("full_budget", False, "One seed, 10 epochs: full_budget.md only.")
 _VARIANTS = flags.DEFINE_multi_string(
     "variant", [], "Repeatable: train only these and their smaller-set runs (default: all)."
@@ -333,14 +335,13 @@ def mean_std(values, scale: float = 100) -> str:
     return f"{values.mean():.2f} +- {values.std(ddof=1) if len(values) > 1 else 0:.2f}"
 
 
-def write_table(name: str, header: list[str], rows: list[list[str]], note: str) -> str:
+def write_table(name: str, header: list[str], rows: list[list[str]], note: str) -> None:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     text = "\n".join(lines) + f"\n\n{note}\n"
     with open(os.path.join(_OUT.value, f"{name}.md"), "w") as f:
         f.write(text)
     print(f"\n## {name}\n\n{text}")
-    return text
 
 
 def budget(full: bool = False) -> str:

@@ -320,7 +320,7 @@ def test_a_huge_finite_loss_stops_the_run_like_a_nan(tmp_path):
 @AS_ROOT
 def test_a_full_disk_is_one_error_line_and_the_last_checkpoint_survives(uninterrupted, tmp_path):
     data, reference = uninterrupted
-    with tmpfs(tmp_path / "disk", "4m") as disk:
+    with tmpfs(tmp_path / "disk", "16m") as disk:  # Room for the run; the filler takes the rest.
         process = start(data, disk / "run")
         wait_for_checkpoint(process, disk / "run", 8)
         filler = disk / "filler"
