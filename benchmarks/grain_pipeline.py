@@ -53,12 +53,12 @@ def train_py(workdir: str, config: str, pipeline: str, data: dict[str, str], *fl
         f"--config.idx_dir={data['idx']}", f"--config.array_record_dir={data['records']}",
         "--config.progress_bar=False", *flags,
     ]  # fmt: skip
-    process = subprocess.Popen(
+    with subprocess.Popen(
         command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-    )
-    err = process.stderr.read()
-    _, status, usage = os.wait4(process.pid, 0)
-    process.returncode = os.waitstatus_to_exitcode(status)
+    ) as process:
+        err = process.stderr.read()
+        _, status, usage = os.wait4(process.pid, 0)  # Its own peak RSS, not all children's.
+        process.returncode = os.waitstatus_to_exitcode(status)
     if process.returncode:
         raise RuntimeError(f"{' '.join(command)} failed:\n{err[-3000:]}")
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
