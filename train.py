@@ -18,16 +18,10 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from cnnflat_jax import (
-    array_records,
-    checkpoints,
-    idx,
-    input_pipeline,
-    run_state,
-    sharding,
-    trainer,
-)
 from cnnflat_jax.config import ConfigError, one_line_errors
+from cnnflat_jax.data import array_records, idx, input_pipeline
+from cnnflat_jax.run import checkpoints, run_state, trainer
+from cnnflat_jax.train import sharding
 
 # A broken default config file or an unknown --config.FIELD fails while the
 # flag is defined or parsed: say so in one line, not a traceback.

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from cnnflat_jax import ops
+from cnnflat_jax.nn import ops
 
 _ROUNDS = flags.DEFINE_integer("rounds", 5, "Timed rounds; medians are reported.")
 _BATCH = flags.DEFINE_integer("batch", 128, "Batch size.")

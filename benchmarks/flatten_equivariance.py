@@ -14,7 +14,11 @@ import os
 import numpy as np
 from matplotlib.figure import Figure
 
-from cnnflat_jax import checkpoints, explain, input_pipeline, models, train_lib, transforms
+from cnnflat_jax.data import input_pipeline, transforms
+from cnnflat_jax.nn import models
+from cnnflat_jax.run import checkpoints
+from cnnflat_jax.tools import explain
+from cnnflat_jax.train import train_lib
 
 SHIFTS = (0, 1, 2, 3, 4)  # Pixels to the right.
 INDEX = 0  # The test image drawn.

@@ -36,17 +36,11 @@ from absl import app, flags, logging
 
 from benchmarks import flatten_equivariance
 from benchmarks import flatten_figures as figures
-from cnnflat_jax import (
-    checkpoints,
-    explain,
-    idx,
-    input_pipeline,
-    layers,
-    models,
-    train_lib,
-    trainer,
-    transforms,
-)
+from cnnflat_jax.data import idx, input_pipeline, transforms
+from cnnflat_jax.nn import layers, models
+from cnnflat_jax.run import checkpoints, trainer
+from cnnflat_jax.tools import explain
+from cnnflat_jax.train import evaluation
 from configs import default
 
 _OUT = flags.DEFINE_string("out", "docs/flatten", "Where tables, figures and runs go.")
@@ -287,7 +281,7 @@ def seed_classifiers(workdir: str) -> list:
         def classify(images, params=params, model=model, config=config):
             if config["permute_pixels"]:
                 images = transforms.permute_pixels(images)
-            return train_lib.predict(model.apply, params, images)
+            return evaluation.predict(model.apply, params, images)
 
         classifiers.append(classify)
     return classifiers

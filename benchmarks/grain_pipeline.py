@@ -31,7 +31,7 @@ import tempfile
 import numpy as np
 from absl import app, flags
 
-from cnnflat_jax import array_records, idx, input_pipeline
+from cnnflat_jax.data import array_records, idx, input_pipeline
 
 _CONFIG = flags.DEFINE_string("config", "configs/default.py", "The config file to run.")
 _WHAT = flags.DEFINE_enum(

@@ -18,7 +18,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from benchmarks import programs
-from cnnflat_jax import input_pipeline
+from cnnflat_jax.data import input_pipeline
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Config to time.")
 _ROUNDS = flags.DEFINE_integer("rounds", 5, "Timed rounds; medians are reported.")

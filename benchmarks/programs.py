@@ -15,7 +15,9 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from cnnflat_jax import batching, input_pipeline, models, population, sharding, train_lib
+from cnnflat_jax.data import batching, input_pipeline
+from cnnflat_jax.nn import models
+from cnnflat_jax.train import evaluation, population, sharding, train_lib
 
 # The per-layer profiles' names for what no conv or dense layer claims.
 BETWEEN = "between layers (ReLU, pool, flatten, loss)"
@@ -69,13 +71,13 @@ def training(
     )
 
 
-def evaluation(
+def eval_program(
     config: ml_collections.ConfigDict, data: input_pipeline.Dataset, state: train_lib.TrainState
 ) -> tuple[Callable[[train_lib.TrainState], dict], float]:
     """``(evaluate(state) -> totals, compile seconds)`` for the test split, as a run compiles it."""
     mesh = sharding.data_mesh(config.num_devices)
-    arrays = batching.eval_splits(data, None, config.eval_batch_size, 1, mesh)["test"]
+    arrays = evaluation.eval_splits(data, None, config.eval_batch_size, 1, mesh)["test"]
     start = time.perf_counter()
     is_population = config.population.size > 1
-    compiled = train_lib.eval_batches.lower(state, *arrays, population=is_population).compile()
+    compiled = evaluation.eval_batches.lower(state, *arrays, population=is_population).compile()
     return lambda state: compiled(state, *arrays), time.perf_counter() - start

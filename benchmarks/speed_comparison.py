@@ -76,7 +76,7 @@ def training_batches(config, data):
     """The first ``--steps`` batches of epoch 1, gathered as train.py does."""
     import jax
 
-    from cnnflat_jax import batching
+    from cnnflat_jax.data import batching
 
     indices, mask = batching.epoch_plan(
         jax.random.key(1), 1, len(data.train_labels), config.batch_size, _STEPS.value
@@ -91,7 +91,7 @@ def measure_ours(config, data) -> dict:
 
     start = time.perf_counter()
     training = programs.training(config, data, loop="compiled", steps=_STEPS.value)
-    evaluate, _ = programs.evaluation(config, data, training.state)
+    evaluate, _ = programs.eval_program(config, data, training.state)
     build_sec = time.perf_counter() - start
     calls = iter(range(1 + _CALLS.value))  # A new dispatch of the epoch for every call.
     result = measure(
@@ -169,7 +169,8 @@ def measure_torch(config, data, compiled: bool) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from cnnflat_jax import interop, models
+    from cnnflat_jax.nn import models
+    from cnnflat_jax.tools import interop
 
     model = models.from_fields(config.model, data.num_classes)
     params = model.init(jax.random.key(0), jnp.zeros((1, *data.image_shape)))["params"]
@@ -204,7 +205,7 @@ def measure_torch(config, data, compiled: bool) -> dict:
 
 def run_row(config) -> None:
     """The child process: measure ``--row`` and print one JSON line."""
-    from cnnflat_jax import input_pipeline
+    from cnnflat_jax.data import input_pipeline
 
     data = input_pipeline.load_data(config, data_shards=1)
     measure = {

@@ -34,7 +34,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from benchmarks import programs
-from cnnflat_jax import input_pipeline
+from cnnflat_jax.data import input_pipeline
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Config to profile.")
 _STEPS = flags.DEFINE_integer("steps", 20, "Training steps in the traced call.")

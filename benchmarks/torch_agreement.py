@@ -19,7 +19,10 @@ import ml_collections
 import numpy as np
 from absl import app, flags
 
-from cnnflat_jax import checkpoints, input_pipeline, interop, train_lib
+from cnnflat_jax.data import input_pipeline
+from cnnflat_jax.run import checkpoints
+from cnnflat_jax.tools import interop
+from cnnflat_jax.train import train_lib
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A finished train.py run.", required=True)
 _BATCH = flags.DEFINE_integer("batch_size", 1000, "Images per forward pass.")

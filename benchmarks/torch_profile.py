@@ -34,7 +34,8 @@ def torch_net(config, data):
     import jax
     import jax.numpy as jnp
 
-    from cnnflat_jax import interop, models
+    from cnnflat_jax.nn import models
+    from cnnflat_jax.tools import interop
 
     model = models.from_fields(config.model, data.num_classes)
     params = model.init(jax.random.key(0), jnp.zeros((1, *data.image_shape)))["params"]
@@ -96,7 +97,7 @@ def main(_):
     import torch
     import torch.nn.functional as F
 
-    from cnnflat_jax import batching, input_pipeline
+    from cnnflat_jax.data import batching, input_pipeline
 
     config = _CONFIG.value
     data = input_pipeline.load_data(config, data_shards=1)

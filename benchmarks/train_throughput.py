@@ -26,7 +26,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from benchmarks import programs
-from cnnflat_jax import input_pipeline
+from cnnflat_jax.data import input_pipeline
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Config to time.")
 _ROUNDS = flags.DEFINE_integer("rounds", 5, "Timed rounds; medians are reported.")
@@ -71,7 +71,7 @@ def main(_):
         for loop in ("per_step", "compiled")
     }
     compile_sec = {loop: run.compile_sec for loop, run in loops.items()}
-    evaluate, compile_sec["eval"] = programs.evaluation(config, data, loops["compiled"].state)
+    evaluate, compile_sec["eval"] = programs.eval_program(config, data, loops["compiled"].state)
 
     def timed(fn):
         start = time.perf_counter()

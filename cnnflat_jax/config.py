@@ -27,7 +27,9 @@ import jax
 import ml_collections
 from absl import flags
 
-from cnnflat_jax import input_pipeline, layers, models, ops, population, train_lib
+from cnnflat_jax.data import input_pipeline
+from cnnflat_jax.nn import layers, models, ops
+from cnnflat_jax.train import population, train_lib
 
 
 class ConfigError(ValueError):

@@ -17,7 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cnnflat_jax import checkpoints, models, sharding, train_lib
+from cnnflat_jax.nn import models
+from cnnflat_jax.run import checkpoints
+from cnnflat_jax.train import sharding, train_lib
 from configs import smoke
 
 

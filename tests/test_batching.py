@@ -3,7 +3,7 @@
 import jax
 import numpy as np
 
-from cnnflat_jax import batching, input_pipeline
+from cnnflat_jax.data import batching, input_pipeline
 
 
 def test_epoch_plan_covers_every_example_once_including_the_last_partial_batch():

@@ -9,7 +9,8 @@ import ml_collections
 import pytest
 from helpers import idx_config, write_idx_dataset
 
-from cnnflat_jax import input_pipeline, trainer
+from cnnflat_jax.data import input_pipeline
+from cnnflat_jax.run import trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = ["--config", "configs/smoke.py", "--rounds", "1", "--steps", "2"]

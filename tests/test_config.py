@@ -10,7 +10,8 @@ import pytest
 from helpers import idx_config, write_idx_dataset
 
 from cnnflat_jax import config as config_lib
-from cnnflat_jax import models, train_lib
+from cnnflat_jax.nn import models
+from cnnflat_jax.train import train_lib
 from configs import cifar10, default, fast, mnist, pytorch_net, sequential, smoke, tpu
 from configs import population as population_config
 

@@ -8,7 +8,10 @@ import numpy as np
 import pytest
 from helpers import idx_config, write_idx_dataset
 
-from cnnflat_jax import explain, models, ops, trainer, transforms
+from cnnflat_jax.data import transforms
+from cnnflat_jax.nn import models, ops
+from cnnflat_jax.run import trainer
+from cnnflat_jax.tools import explain
 
 
 def test_flat_position_is_where_flatten_puts_each_element():

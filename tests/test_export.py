@@ -12,7 +12,8 @@ import pytest
 from helpers import idx_config, loaded_by, write_idx_dataset
 from PIL import Image
 
-from cnnflat_jax import idx, trainer
+from cnnflat_jax.data import idx
+from cnnflat_jax.run import trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -138,5 +139,5 @@ def test_a_population_exports_a_member_or_the_ensemble(tmp_path):
 
 
 def test_predict_imports_neither_flax_nor_the_model_code():
-    modules = ("flax", "cnnflat_jax.models", "cnnflat_jax.ops")
+    modules = ("flax", "cnnflat_jax.nn", "cnnflat_jax.models", "cnnflat_jax.ops")
     assert loaded_by("cnnflat_jax.predict", modules) == []

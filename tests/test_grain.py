@@ -13,7 +13,8 @@ import pytest
 from array_record.python import array_record_module
 from helpers import AS_ROOT, final_params, idx_config, tmpfs, write_idx_dataset
 
-from cnnflat_jax import array_records, input_pipeline, trainer
+from cnnflat_jax.data import array_records, input_pipeline
+from cnnflat_jax.run import trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from helpers import idx_bytes, write_idx_dataset
 
-from cnnflat_jax import input_pipeline
-from cnnflat_jax.idx import IdxError, read_idx
+from cnnflat_jax.data import input_pipeline
+from cnnflat_jax.data.idx import IdxError, read_idx
 
 DEBIAN_DIR = input_pipeline.DEBIAN_IDX_DIRS["fashion_mnist"]
 

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 from helpers import assert_rounding_close, idx_config, loaded_by, write_idx_dataset
 
-from cnnflat_jax import interop, models, ops, trainer
+from cnnflat_jax.nn import models, ops
+from cnnflat_jax.run import trainer
+from cnnflat_jax.tools import interop
 
 keras = pytest.importorskip("keras")
 torch = pytest.importorskip("torch")

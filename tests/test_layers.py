@@ -2,8 +2,8 @@
 
 import pytest
 
-from cnnflat_jax import layers
-from cnnflat_jax.layers import Layer
+from cnnflat_jax.nn import layers
+from cnnflat_jax.nn.layers import Layer
 
 
 @pytest.mark.parametrize(

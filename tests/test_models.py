@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cnnflat_jax import models, ops
+from cnnflat_jax.nn import models, ops
 
 
 def init(model, shape):

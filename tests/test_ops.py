@@ -13,7 +13,7 @@ from helpers import conv2d_ref, loaded_by, pool_ref, resolve_pads
 from jax import lax
 from jax.test_util import check_grads
 
-from cnnflat_jax import ops
+from cnnflat_jax.nn import ops
 
 RNG = np.random.default_rng(0)
 
@@ -419,7 +419,7 @@ def test_docstring_examples_run():
 
 
 def test_importing_the_library_loads_neither_tensorflow_nor_tfds():
-    imports = "cnnflat_jax, cnnflat_jax.ops, cnnflat_jax.trainer"
+    imports = "cnnflat_jax, cnnflat_jax.ops, cnnflat_jax.run.trainer"
     assert loaded_by(imports, ("tensorflow", "tensorflow_datasets")) == []
 
 

@@ -8,7 +8,10 @@ import numpy as np
 import pytest
 from helpers import one_step, step_program
 
-from cnnflat_jax import batching, hardest, models, per_example, train_lib
+from cnnflat_jax.data import batching
+from cnnflat_jax.nn import models
+from cnnflat_jax.run import hardest
+from cnnflat_jax.train import per_example, train_lib
 from configs import smoke
 
 

@@ -7,8 +7,11 @@ import numpy as np
 import pytest
 from helpers import final_params, idx_config, write_idx_dataset
 
-from cnnflat_jax import batching, models, population, train_lib, trainer
 from cnnflat_jax import config as config_lib
+from cnnflat_jax.data import batching
+from cnnflat_jax.nn import models
+from cnnflat_jax.run import trainer
+from cnnflat_jax.train import evaluation, population, train_lib
 from configs import smoke
 
 
@@ -75,8 +78,8 @@ def test_ensemble_scores_the_averaged_logits(tmp_path):
     images = rng.integers(0, 255, (45, 8, 8, 1), dtype=np.uint8)
     labels = rng.integers(0, 3, 45).astype(np.int32)
     arrays = batching.eval_arrays(images, labels, 20)
-    result = train_lib.evaluate(
-        state, arrays, lambda *a: train_lib.eval_batches(*a, population=True)
+    result = evaluation.evaluate(
+        state, arrays, lambda *a: evaluation.eval_batches(*a, population=True)
     )
     members = [population.member_state(state, k) for k in range(3)]
     logits = np.stack([model.apply({"params": m.params}, images / 255.0) for m in members])

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 from helpers import AS_ROOT, final_params, idx_config, idx_flags, tmpfs, write_idx_dataset
 
-from cnnflat_jax import array_records, checkpoints, input_pipeline, run_state, trainer
+from cnnflat_jax.data import array_records, input_pipeline
+from cnnflat_jax.run import checkpoints, run_state, trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 64 examples, batch 16: 4 steps an epoch (40 in all), a checkpoint after every step.

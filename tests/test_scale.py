@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from helpers import final_params, idx_config, idx_flags, write_idx_dataset
 
-from cnnflat_jax import array_records, input_pipeline, trainer
 from cnnflat_jax import config as config_lib
+from cnnflat_jax.data import array_records, input_pipeline
+from cnnflat_jax.run import trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 from helpers import idx_config, idx_flags, write_idx_dataset
 
-from cnnflat_jax import checkpoints, idx, models, trainer
+from cnnflat_jax.data import idx
+from cnnflat_jax.nn import models
+from cnnflat_jax.run import checkpoints, trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DROPOUT_NET = (

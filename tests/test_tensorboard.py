@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from helpers import idx_config, idx_flags, write_idx_dataset
 
-from cnnflat_jax import trainer
+from cnnflat_jax.run import trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 event_pb2 = pytest.importorskip("tensorboardX.proto.event_pb2")

@@ -6,8 +6,11 @@ import numpy as np
 import pytest
 from helpers import idx_config, one_step, step_program, write_idx_dataset
 
-from cnnflat_jax import batching, checkpoints, models, train_lib, trainer, transforms
-from cnnflat_jax.train_lib import LOOPS
+from cnnflat_jax.data import batching, transforms
+from cnnflat_jax.nn import models
+from cnnflat_jax.run import checkpoints, trainer
+from cnnflat_jax.train import evaluation, train_lib
+from cnnflat_jax.train.train_lib import LOOPS
 from configs import smoke
 
 
@@ -156,7 +159,7 @@ def test_both_loops_report_the_first_diverged_step_and_its_loss(loop):
 def test_evaluate_counts_every_example_and_matches_numpy():
     images, labels = toy_data(103)
     state = small_state()
-    result = train_lib.evaluate(state, batching.eval_arrays(images, labels, 25))
+    result = evaluation.evaluate(state, batching.eval_arrays(images, labels, 25))
     logits = np.asarray(state.apply_fn({"params": state.params}, images / np.float32(255)))
     predicted = logits.argmax(axis=1)
     confusion = np.zeros((3, 3), int)

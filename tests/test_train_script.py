@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from helpers import idx_bytes, write_idx_dataset
 
-from cnnflat_jax import input_pipeline
+from cnnflat_jax.data import input_pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REAL_DATA = os.path.isdir(input_pipeline.DEBIAN_IDX_DIRS["fashion_mnist"])

@@ -15,7 +15,7 @@ import numpy as np
 import tqdm
 from absl import logging
 
-from cnnflat_jax import tensorboard_log
+from cnnflat_jax.run import tensorboard_log
 
 
 class MetricsLog:
@@ -116,7 +116,7 @@ def scores_record(
     """An epoch's metrics for the model, or for member ``k`` of a population.
 
     ``totals`` are the epoch's training metric sums; ``scores`` maps a split
-    name ("test", "validation") to ``train_lib.evaluate``'s result.
+    name ("test", "validation") to ``evaluation.evaluate``'s result.
     """
 
     def pick(value):

@@ -24,7 +24,8 @@ from absl import logging
 from flax import struct
 from jax.sharding import Mesh
 
-from cnnflat_jax import per_example, sharding, transforms
+from cnnflat_jax.data import transforms
+from cnnflat_jax.train import per_example, sharding
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -416,110 +417,3 @@ class TrainProgram:
     def _on_devices(self, host_batch: dict[str, np.ndarray]) -> Batch:
         """Each process's columns -> global arrays split over the mesh."""
         return {k: sharding.global_array(v, self.shardings[k]) for k, v in host_batch.items()}
-
-
-@functools.partial(jax.jit, static_argnames="population")
-def eval_batches(
-    state: TrainState,
-    images: jax.Array,
-    labels: jax.Array,
-    mask: jax.Array,
-    population: bool = False,
-) -> Metrics:
-    """Loss sums and confusion matrices over ``(batches, B, ...)``.
-
-    Padded examples (mask 0) are excluded. Confusion matrices have true labels
-    on rows and predictions on columns. For a population (a stacked state)
-    ``loss_sum`` is ``(K,)`` and ``confusion`` ``(K, C, C)``, and the
-    ``ensemble_*`` entries score the members' averaged logits.
-    """
-
-    def logits_of(image):
-        def apply(state):
-            return state.apply_fn({"params": state.params}, normalize_images(image))
-
-        return jax.vmap(apply)(state) if population else apply(state)
-
-    def scores(logits, label, batch_mask):
-        label = jnp.broadcast_to(label, logits.shape[:-1])
-        mask = jnp.broadcast_to(batch_mask, label.shape)
-        losses = optax.softmax_cross_entropy_with_integer_labels(logits, label)
-        num_classes = logits.shape[-1]
-        true = jax.nn.one_hot(label, num_classes) * mask[..., None]
-        predicted = jax.nn.one_hot(jnp.argmax(logits, axis=-1), num_classes)
-        confusion = jnp.einsum("...bi,...bj->...ij", true, predicted)
-        return jnp.sum(losses * mask, axis=-1), confusion
-
-    def batch_totals(batch):
-        image, label, batch_mask = batch
-        logits = logits_of(image)
-        loss_sum, confusion = scores(logits, label, batch_mask)
-        totals = {"loss_sum": loss_sum, "confusion": confusion}
-        if population:
-            ensemble = scores(jnp.mean(logits, axis=0), label, batch_mask)
-            totals["ensemble_loss_sum"], totals["ensemble_confusion"] = ensemble
-        return totals
-
-    def body(totals, batch):
-        return jax.tree.map(jnp.add, totals, batch_totals(batch)), None
-
-    shapes = jax.eval_shape(batch_totals, (images[0], labels[0], mask[0]))
-    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
-    return jax.lax.scan(body, zeros, (images, labels, mask))[0]
-
-
-def evaluate(
-    state: TrainState,
-    arrays: tuple[jax.Array, jax.Array, jax.Array],
-    eval_fn: Callable = eval_batches,
-) -> dict[str, Any]:
-    """Evaluates on every example of ``arrays`` (from ``batching.eval_arrays``).
-
-    ``eval_fn`` may be a compiled ``eval_batches`` (``.lower(...).compile()``).
-
-    Returns:
-      ``loss``, ``accuracy``, ``count``, ``per_class_accuracy`` (a list) and
-      ``confusion`` (lists; true label by predicted label). For a population
-      compiled with ``population=True``: ``{"members": [one such dict per
-      member], "ensemble": the averaged-logits dict}``.
-    """
-    totals = jax.device_get(eval_fn(state, *arrays))
-    if "ensemble_confusion" not in totals:
-        return score_confusion(totals["confusion"], totals["loss_sum"])
-    members = [
-        score_confusion(confusion, loss)
-        for confusion, loss in zip(totals["confusion"], totals["loss_sum"])
-    ]
-    ensemble = score_confusion(totals["ensemble_confusion"], totals["ensemble_loss_sum"])
-    return {"members": members, "ensemble": ensemble}
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _logits(apply_fn: Callable, params: Any, images: jax.Array) -> jax.Array:
-    return apply_fn({"params": params}, normalize_images(images))
-
-
-def predict(apply_fn: Callable, params: Any, images: np.ndarray, batch_size: int = 1000):
-    """Predicted labels of one model for host images, on this process's first device."""
-    params = jax.device_get(params)
-    batches = range(0, len(images), batch_size)
-    return np.concatenate(
-        [
-            np.asarray(_logits(apply_fn, params, images[i : i + batch_size])).argmax(-1)
-            for i in batches
-        ]
-    )
-
-
-def score_confusion(confusion: np.ndarray, loss_sum: float) -> dict[str, Any]:
-    """Accuracy, per-class accuracy and mean loss from a confusion matrix."""
-    confusion = np.asarray(confusion).round().astype(np.int64)
-    count = int(confusion.sum())
-    per_class = np.diag(confusion) / np.maximum(confusion.sum(axis=1), 1)
-    return {
-        "loss": float(loss_sum) / count,
-        "accuracy": float(np.trace(confusion)) / count,
-        "count": count,
-        "per_class_accuracy": per_class.tolist(),
-        "confusion": confusion.tolist(),
-    }

@@ -4,7 +4,7 @@ An epoch's data order is one permutation per epoch (``fold_in(key, epoch)``),
 padded to whole batches with masked-out slots, so the last partial batch is
 trained on and not dropped. The plan is global (every process's examples);
 each process gathers its own columns of every batch on the host. See
-``sharding`` for how the examples are cut into data shards.
+``shards`` for how the examples are cut into data shards.
 """
 
 from __future__ import annotations
@@ -14,9 +14,8 @@ from collections.abc import Sequence
 
 import jax
 import numpy as np
-from jax.sharding import Mesh
 
-from cnnflat_jax import array_records, input_pipeline, sharding
+from cnnflat_jax.data import array_records, input_pipeline, shards
 
 Plan = tuple[np.ndarray, np.ndarray]  # (indices, mask), (dispatches, steps, [K,] batch).
 
@@ -177,13 +176,13 @@ def split_validation(
     """
     examples = data.train_records or Arrays(data.train_images, data.train_labels)
     per_shard = num_validation // data_shards
-    bounds = sharding.shard_bounds(data.train_total, data_shards)
+    bounds = shards.shard_bounds(data.train_total, data_shards)
     sizes = np.diff(bounds) - per_shard
-    shards = sharding.process_shards(data_shards)
-    starts = bounds[shards.start : shards.stop] - bounds[shards.start]
-    keep = np.concatenate([np.arange(start, start + sizes[s]) for start, s in zip(starts, shards)])
+    own = shards.process_shards(data_shards)
+    starts = bounds[own.start : own.stop] - bounds[own.start]
+    keep = np.concatenate([np.arange(start, start + sizes[s]) for start, s in zip(starts, own)])
     held = np.setdiff1d(np.arange(len(examples)), keep)
-    offset = int(sizes[: shards.start].sum())
+    offset = int(sizes[: own.start].sum())
     train = TrainData(examples.take(keep), sizes.tolist(), offset)
     return train, examples.read(held) if per_shard else None
 
@@ -207,27 +206,3 @@ def eval_arrays(
         labels.reshape(-1, batch_size),
         mask.reshape(-1, batch_size),
     )
-
-
-def eval_splits(
-    data: input_pipeline.Dataset,
-    validation: tuple[np.ndarray, np.ndarray] | None,
-    batch_size: int,
-    data_shards: int,
-    mesh: Mesh,
-) -> dict[str, tuple[jax.Array, jax.Array, jax.Array]]:
-    """The test split and the validation split (when held out) as global
-    ``(batches, batch, ...)`` arrays, every process with the same batch count."""
-    splits = {"test": (data.test_images, data.test_labels, data.test_total)}
-    if validation is not None:
-        splits["validation"] = (*validation, len(validation[1]) * jax.process_count())
-    processes = jax.process_count()
-    arrays = {}
-    for name, (images, labels, total) in splits.items():
-        part_bounds = sharding.shard_bounds(total, data_shards)[:: data_shards // processes]
-        num_batches = -(-int(np.diff(part_bounds).max()) // (batch_size // processes))
-        local = eval_arrays(images, labels, batch_size // processes, num_batches)
-        arrays[name] = tuple(
-            sharding.global_array(x, sharding.batch_sharding(mesh, 1)) for x in local
-        )
-    return arrays

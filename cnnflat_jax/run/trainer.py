@@ -13,19 +13,11 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from cnnflat_jax import (
-    batching,
-    checkpoints,
-    input_pipeline,
-    models,
-    outputs,
-    population,
-    reporting,
-    run_state,
-    sharding,
-    train_lib,
-)
 from cnnflat_jax import config as config_lib
+from cnnflat_jax.data import batching, input_pipeline
+from cnnflat_jax.nn import models
+from cnnflat_jax.run import checkpoints, outputs, reporting, run_state
+from cnnflat_jax.train import evaluation, population, sharding, train_lib
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -89,9 +81,9 @@ def _run(config: ml_collections.ConfigDict, workdir: str, start: float) -> dict[
         state, mesh, loop=config.loop, mode=mode, steps=steps_per_dispatch,
         batch_size=config.batch_size, image_shape=data.image_shape, max_loss=config.max_loss,
     )  # fmt: skip
-    eval_sets = batching.eval_splits(data, validation, config.eval_batch_size, data_shards, mesh)
+    eval_sets = evaluation.eval_splits(data, validation, config.eval_batch_size, data_shards, mesh)
     eval_fns = {
-        name: train_lib.eval_batches.lower(state, *arrays, population=is_population).compile()
+        name: evaluation.eval_batches.lower(state, *arrays, population=is_population).compile()
         for name, arrays in eval_sets.items()
     }
     compile_sec = time.perf_counter() - compile_start
@@ -108,7 +100,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, start: float) -> dict[
             )
             state, totals, epoch_sec = epochs.train(state, plan, position)
             scores = {
-                name: train_lib.evaluate(state, eval_sets[name], fn)
+                name: evaluation.evaluate(state, eval_sets[name], fn)
                 for name, fn in eval_fns.items()
             }
             timing = {

@@ -22,8 +22,8 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from cnnflat_jax import checkpoints, reporting
 from cnnflat_jax import config as config_lib
+from cnnflat_jax.run import checkpoints, reporting
 
 
 class Preempted(RuntimeError):

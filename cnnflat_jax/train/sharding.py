@@ -5,14 +5,7 @@ process's devices hold a contiguous block of the global batch). Batches are
 split along their batch axis; the train state is replicated. The same code
 runs on one CPU, on eight fake CPU devices, on a GPU box or on a TPU slice
 with many hosts: XLA inserts the gradient all-reduce.
-
-Each process loads only its own part of a split: the split is cut into
-``data_shards`` contiguous shards (``shard_bounds``), each process holds an
-equal, contiguous run of them, and every global batch takes
-``batch_size / data_shards`` examples from each shard. The data order thus
-depends on ``data_shards`` (by default the process count), not on how many
-processes or devices run it: a one-process run with ``data_shards=2`` sees
-exactly the batches of a two-process run.
+See ``cnnflat_jax.data.shards`` for which examples each process loads.
 """
 
 from __future__ import annotations
@@ -86,22 +79,6 @@ def replicate(tree, mesh: Mesh):
 def batch_sharding(mesh: Mesh, batch_axis: int) -> NamedSharding:
     """Splits axis ``batch_axis`` over the ``data`` axis; the rest replicated."""
     return NamedSharding(mesh, PartitionSpec(*([None] * batch_axis), AXIS))
-
-
-def shard_bounds(total: int, count: int) -> np.ndarray:
-    """Start of each of ``count`` near-equal contiguous shards of ``total``, and the end."""
-    return np.array([i * total // count for i in range(count + 1)])
-
-
-def process_shards(data_shards: int) -> range:
-    """The data shards this process loads: an equal, contiguous run of them."""
-    processes = jax.process_count()
-    if data_shards % processes:
-        raise ValueError(
-            f"data_shards={data_shards} is not a multiple of the {processes} processes"
-        )
-    per_process = data_shards // processes
-    return range(jax.process_index() * per_process, (jax.process_index() + 1) * per_process)
 
 
 def global_array(local: np.ndarray, sharding: NamedSharding) -> jax.Array:

@@ -10,16 +10,9 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from cnnflat_jax import (
-    batching,
-    checkpoints,
-    hardest,
-    input_pipeline,
-    plots,
-    population,
-    reporting,
-    train_lib,
-)
+from cnnflat_jax.data import batching, input_pipeline
+from cnnflat_jax.run import checkpoints, hardest, plots, reporting
+from cnnflat_jax.train import evaluation, population, train_lib
 
 
 def write(
@@ -44,7 +37,7 @@ def write(
         if is_population:
             summary = reporting.population_summary(population.members(config), record)
             logging.info("Population summary:\n%s", summary)
-        predicted = train_lib.predict(shown.apply_fn, shown.params, data.test_images)
+        predicted = evaluation.predict(shown.apply_fn, shown.params, data.test_images)
         confusion = np.asarray(reporting.shown_record(record)["test_confusion"])
         plots.write_run_figures(
             workdir, metrics_log.read(), confusion, data.test_images, data.test_labels, predicted

@@ -22,8 +22,8 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from cnnflat_jax import array_records, sharding, transforms
-from cnnflat_jax.idx import IdxError, read_idx
+from cnnflat_jax.data import array_records, shards, transforms
+from cnnflat_jax.data.idx import IdxError, read_idx
 
 SOURCES = ("auto", "tfds", "idx")
 PIPELINES = ("memory", "grain")
@@ -72,7 +72,7 @@ class Part:
     """Which examples of each split to load.
 
     The first ``num_train``/``num_test`` examples (0 = all) are cut into
-    ``shard_count`` contiguous shards (``sharding.shard_bounds``) and the
+    ``shard_count`` contiguous shards (``shards.shard_bounds``) and the
     ``shards`` run of them is loaded; in a multi-process run each process
     loads only its own run.
     """
@@ -86,7 +86,7 @@ class Part:
         """``(total, start, stop)`` for a split of ``size`` examples."""
         cap = self.num_train if split == "train" else self.num_test
         total = min(size, cap) if cap else size
-        bounds = sharding.shard_bounds(total, self.shard_count)
+        bounds = shards.shard_bounds(total, self.shard_count)
         return total, int(bounds[self.shards.start]), int(bounds[self.shards.stop])
 
 
@@ -184,14 +184,14 @@ def load_dataset(
 
 
 def load_data(config: ml_collections.ConfigDict, data_shards: int) -> Dataset:
-    """This process's part of ``config``'s dataset (see ``sharding``), with its
+    """This process's part of ``config``'s dataset (see ``shards``), with its
     pixels permuted when ``config.permute_pixels``; its training split
     streams when ``config.input_pipeline == "grain"``."""
     part = Part(
         num_train=config.num_train_examples,
         num_test=config.num_test_examples,
         shard_count=data_shards,
-        shards=sharding.process_shards(data_shards),
+        shards=shards.process_shards(data_shards),
     )
     if config.input_pipeline == "grain":
         return load_records(

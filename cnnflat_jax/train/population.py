@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from cnnflat_jax import train_lib
+from cnnflat_jax.train import train_lib
 
 # config.population list -> the member field it sets.
 MEMBER_LISTS = {

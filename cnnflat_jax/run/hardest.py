@@ -9,7 +9,9 @@ import jax
 import numpy as np
 import optax
 
-from cnnflat_jax import batching, per_example, plots, train_lib
+from cnnflat_jax.data import batching
+from cnnflat_jax.run import plots
+from cnnflat_jax.train import per_example, train_lib
 
 
 @jax.jit

@@ -18,7 +18,7 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
-from cnnflat_jax import models
+from cnnflat_jax.nn import models
 
 
 @contextlib.contextmanager

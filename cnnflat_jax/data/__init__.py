@@ -1,0 +1,1 @@
+"""Datasets -> arrays or streamed records, and the batches of an epoch."""

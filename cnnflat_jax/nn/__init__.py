@@ -1,0 +1,1 @@
+"""Pure ops, layer specs and the Flax models built from them; imports nothing of ours."""

@@ -1,0 +1,1 @@
+"""A run of train.py: the trainer, its run directory, checkpoints and reports."""

@@ -1,0 +1,1 @@
+"""What works on a finished run: export, predict, explain, Keras/PyTorch interop."""

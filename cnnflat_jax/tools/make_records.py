@@ -1,0 +1,40 @@
+"""The ``python -m cnnflat_jax.array_records`` command: IDX files -> ArrayRecord files."""
+
+from __future__ import annotations
+
+import sys
+
+from cnnflat_jax.data import array_records, input_pipeline
+
+
+def main() -> None:
+    """The command line (flags are defined here, so importing the module defines none)."""
+    from absl import app, flags
+
+    dataset = flags.DEFINE_string("dataset", "fashion_mnist", "The dataset's TFDS name.")
+    idx_dir = flags.DEFINE_string("idx_dir", None, "MNIST-format IDX files (default: Debian's).")
+    out_dir = flags.DEFINE_string("out_dir", None, "The directory to write (new or empty).")
+    num_classes = flags.DEFINE_integer("num_classes", 0, "0 = the dataset's own count.")
+    repeat = flags.DEFINE_integer("repeat", 1, "Write the training set this many times over.")
+
+    def run(argv):
+        if len(argv) > 1 or not out_dir.value or repeat.value < 1:
+            sys.exit(
+                "usage: python -m cnnflat_jax.array_records --out_dir DIR "
+                "[--dataset NAME] [--idx_dir DIR] [--repeat K>=1]"
+            )
+        try:
+            data = input_pipeline.load_dataset(
+                dataset.value, source="idx", idx_dir=idx_dir.value, num_classes=num_classes.value
+            )
+            splits = {
+                "train": (data.train_images, data.train_labels),
+                "test": (data.test_images, data.test_labels),
+            }
+            array_records.write(out_dir.value, data.name, data.num_classes, splits, repeat.value)
+        except (OSError, ValueError, input_pipeline.DatasetError) as e:
+            sys.exit(f"error: {e}")
+        print(f"wrote {out_dir.value}: {len(data.train_labels) * repeat.value} train and "
+              f"{len(data.test_labels)} test records from {data.source}")  # fmt: skip
+
+    app.run(run)
