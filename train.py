@@ -18,8 +18,8 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from cnnflat_jax.config import ConfigError, one_line_errors
-from cnnflat_jax.data import array_records, idx, input_pipeline
+from cnnflat_jax import errors
+from cnnflat_jax.config import one_line_errors
 from cnnflat_jax.run import checkpoints, run_state, trainer
 from cnnflat_jax.train import sharding
 
@@ -62,21 +62,13 @@ def main(argv):
     except KeyboardInterrupt:  # Ctrl-C before training began: nothing to save yet.
         print("interrupted (SIGINT) before training began; nothing was saved", file=sys.stderr)
         sys.exit(128 + signal.SIGINT)
-    except (
-        ConfigError,
-        run_state.RunError,
-        run_state.DivergedError,
-        checkpoints.IncompatibleCheckpointError,
-        input_pipeline.DatasetError,
-        idx.IdxError,
-        array_records.RecordError,
-    ) as e:
-        sys.exit(f"error: {e}")
-    except checkpoints.CheckpointWriteError as e:
-        # Orbax's failed writes leave tasks that complain when the interpreter
-        # finalises them: the error is said, so leave without finalising.
-        print(f"error: {e}; the checkpoints before it are intact", file=sys.stderr, flush=True)
-        os._exit(1)
+    except errors.Error as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        if isinstance(e, checkpoints.CheckpointWriteError):
+            # Orbax's failed writes leave tasks that complain when the
+            # interpreter finalises them: the error is said, so leave without.
+            os._exit(1)
+        sys.exit(1)
     except OSError as e:  # A full disk, a read-only or unusable workdir, a permission.
         sys.exit(f"error: {os_error(e)}")
 

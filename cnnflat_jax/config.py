@@ -28,11 +28,12 @@ import ml_collections
 from absl import flags
 
 from cnnflat_jax.data import input_pipeline
+from cnnflat_jax.errors import Error
 from cnnflat_jax.nn import layers, models, ops
 from cnnflat_jax.train import population, train_lib
 
 
-class ConfigError(ValueError):
+class ConfigError(Error, ValueError):
     """A config with an unknown field or a value outside its rule."""
 
     def __init__(self, field: str, value: Any, why: str, allowed: str):

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from cnnflat_jax.data import transforms
+from cnnflat_jax.errors import Error
 
 __all__ = [
     "INFO_FILE",
@@ -48,7 +49,7 @@ _LABEL_BYTES = 4
 RECORD_FORMAT = "int32 little-endian label, then the image's uint8 pixels in HWC order"
 
 
-class RecordError(ValueError):
+class RecordError(Error, ValueError):
     """A missing, unreadable or malformed ArrayRecord file or record."""
 
 

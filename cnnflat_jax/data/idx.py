@@ -14,10 +14,12 @@ import zlib
 
 import numpy as np
 
+from cnnflat_jax.errors import Error
+
 _UBYTE = 0x08
 
 
-class IdxError(ValueError):
+class IdxError(Error, ValueError):
     """A missing, truncated or corrupt IDX file."""
 
 

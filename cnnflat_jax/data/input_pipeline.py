@@ -24,6 +24,7 @@ from absl import logging
 
 from cnnflat_jax.data import array_records, shards, transforms
 from cnnflat_jax.data.idx import IdxError, read_idx
+from cnnflat_jax.errors import Error
 
 SOURCES = ("auto", "tfds", "idx")
 PIPELINES = ("memory", "grain")
@@ -63,7 +64,7 @@ _IDX_FILES = {
 }
 
 
-class DatasetError(RuntimeError):
+class DatasetError(Error, RuntimeError):
     """No source could provide the dataset; the message says what was tried."""
 
 

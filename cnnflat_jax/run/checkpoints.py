@@ -18,6 +18,7 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
+from cnnflat_jax.errors import Error
 from cnnflat_jax.nn import models
 
 
@@ -128,9 +129,12 @@ def _stderr_held() -> Iterator[None]:
             os.close(saved)
 
 
-class CheckpointWriteError(OSError):
+class CheckpointWriteError(Error, OSError):
     """A checkpoint could not be written (a full disk, a permission); the
-    checkpoints written before it are intact."""
+    checkpoints written before it are intact, and the message says so."""
+
+    def __init__(self, message: str):
+        super().__init__(f"{message}; the checkpoints before it are intact")
 
 
 def _cause(error: Exception) -> str:
@@ -141,7 +145,7 @@ def _cause(error: Exception) -> str:
     return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
 
 
-class IncompatibleCheckpointError(ValueError):
+class IncompatibleCheckpointError(Error, ValueError):
     """A workdir's checkpoint does not fit the model the config asks for."""
 
 

@@ -23,6 +23,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from cnnflat_jax import config as config_lib
+from cnnflat_jax.errors import Error
 from cnnflat_jax.run import checkpoints, reporting
 
 
@@ -34,12 +35,12 @@ class Preempted(RuntimeError):
         self.exit_code = 128 + signum  # What a shell reports for that signal.
 
 
-class DivergedError(RuntimeError):
+class DivergedError(Error, RuntimeError):
     """The loss became NaN or Inf, or crossed ``config.max_loss``; the last good
     checkpoint is kept."""
 
 
-class RunError(RuntimeError):
+class RunError(Error, RuntimeError):
     """The workdir cannot hold this run: in use, another run's, or no intact checkpoint."""
 
 

@@ -26,6 +26,7 @@ import sys
 import numpy as np
 
 from cnnflat_jax.data import idx
+from cnnflat_jax.errors import Error
 
 __all__ = [
     "UnreadableImageError",
@@ -36,7 +37,7 @@ __all__ = [
 _PIL_MODES = {1: "L", 3: "RGB"}
 
 
-class UnreadableImageError(ValueError):
+class UnreadableImageError(Error, ValueError):
     """A file that is not an image of the model's size."""
 
 

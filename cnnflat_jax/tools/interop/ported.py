@@ -14,11 +14,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cnnflat_jax.errors import Error
 from cnnflat_jax.nn import layers, models, ops
 from cnnflat_jax.run import checkpoints
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(Error, ValueError):
     """The source model has a layer or a structure that cnnflat_jax lacks."""
 
 
