@@ -9,19 +9,87 @@ processes (hosts): ``--coordinator_address=HOST:PORT --num_processes=N
 ``--coordinator_address=auto`` finds the others itself.
 """
 
+import contextlib
 import logging as std_logging
 import os
+import re
 import signal
 import sys
+from collections.abc import Iterator
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from cnnflat_jax import config as config_lib
 from cnnflat_jax import errors
-from cnnflat_jax.config import one_line_errors
 from cnnflat_jax.run import checkpoints, run_state, trainer
 from cnnflat_jax.train import sharding
+
+
+@contextlib.contextmanager
+def one_line_errors(argv: list[str]) -> Iterator[None]:
+    """Exits with one ``error:`` line if the block fails loading the config.
+
+    Wrap the definition, parsing and first use of a ``config_flags`` flag:
+    any exception there comes from the config file (missing, or raising as
+    it runs), from a ``--config.FIELD`` override naming no field, or from a
+    value that does not parse as its field's type.
+    """
+    try:
+        yield
+    except flags.Error as e:
+        match = re.match(r"flag --config\.([\w.]+)=(.*?): (.*)", str(e))
+        if not match:
+            sys.exit(f"error: {e}")
+        key, value, why = match.groups()
+        field = config_lib.FIELDS.get(key) or config_lib.MODEL_FIELDS.get(
+            key.removeprefix("model.")
+        )
+        allowed = f"; allowed: {field.rule.allowed}" if field else ""
+        sys.exit(f"error: config.{key}={value}: {why}{allowed}")
+    except (AttributeError, KeyError) as e:
+        sys.exit(f"error: {_unknown_override(e, argv)}")
+    except Exception as e:  # Whatever the config file's own code raised.
+        reason = [line.strip() for line in str(e).splitlines() if line.strip()]
+        detail = f"{type(e).__name__}: {reason[-1]}" if reason else type(e).__name__
+        sys.exit(f"error: config file {_flag_value(argv, 'config') or 'default'}: {detail}")
+
+
+def _flag_value(argv: list[str], flag: str) -> str | None:
+    """The value of the last ``--flag=V`` or ``--flag V`` in ``argv``, if given."""
+    for i, arg in reversed(list(enumerate(argv))):
+        if arg.startswith(f"--{flag}="):
+            return arg.split("=", 1)[1]
+        if arg == f"--{flag}" and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+def _unknown_override(error: BaseException, argv: list[str]) -> str:
+    """``config.FIELD=VALUE: unknown field ...`` for ml_collections' KeyError."""
+    while error.args and isinstance(error.args[0], BaseException):
+        error = error.args[0]
+    detail = str(error.args[0] if error.args else error)
+    key = re.match(r"'?([^'\n]+)", detail)[1]
+    hint = re.search(r'Did you mean "([^"]+)"', detail)
+    why = "unknown field" + (f" (did you mean {hint[1]}?)" if hint else "")
+    for arg in argv:
+        path = arg.removeprefix("--").split("=", 1)[0]
+        if not (path.startswith("config.") and key in path.split(".")[1:]):
+            continue
+        value = arg.split("=", 1)[1] if "=" in arg else _flag_value(argv, path)
+        group = path.removeprefix("config.").rpartition(".")[0]
+        if group == "model":
+            known = sorted(config_lib.MODEL_FIELDS)
+        else:
+            prefix = f"{group}." if group else ""
+            known = sorted(
+                k.removeprefix(prefix) for k in config_lib.default_fields() if k.startswith(prefix)
+            )
+        return f"{path}={value}: {why}; allowed: {', '.join(known)}"
+    return f"config.{key}: {why}"
+
 
 # A broken default config file or an unknown --config.FIELD fails while the
 # flag is defined or parsed: say so in one line, not a traceback.

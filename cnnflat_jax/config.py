@@ -1,31 +1,26 @@
-"""The config schema: every field's type, range and choices, checked when a run starts.
+"""The config schema: every field's default, rule and place in the run's identity.
 
-The set of fields is ``configs/default.py``'s; ``RULES`` says what each may
-hold, and ``config.model``'s fields are the chosen model's own. A bad value
-raises ``ConfigError``, whose message is one line::
+``FIELDS`` has one row per field, ``MODEL_FIELDS`` one per field of
+``config.model`` (which of those a model takes is its class's business).
+``defaults()`` is the default config (``configs/default.py`` returns it). A bad
+value raises ``ConfigError``, whose message is one line::
 
     config.FIELD=VALUE: why; allowed: what would be accepted
 
 ``check`` runs before any data is read; ``check_data`` right after the data
 loads, for the limits that depend on it (image size, training-set size).
-``one_line_errors`` turns a config file that fails to load, or an unknown
-``--config.FIELD``, into one ``error:`` line as well.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import os
-import re
-import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import ml_collections
-from absl import flags
 
 from cnnflat_jax.data import input_pipeline
 from cnnflat_jax.errors import Error
@@ -147,67 +142,130 @@ def sequence(item: Rule, *, non_empty: bool = False) -> Rule:
     return Rule(f"{many} of items each {item.allowed}", why)
 
 
-# The top-level fields, and those of the population and per_example groups.
-RULES: dict[str, Rule] = {
-    "dataset": name(),
-    "data_source": choice(*input_pipeline.SOURCES),
-    "data_dir": directory(),
-    "idx_dir": directory(),
-    "num_classes": Rule(
-        "0 (the dataset's count) or an int >= 2",
-        lambda v: integer(0).why(v) or (v == 1 and "one class is no classification") or None,
-    ),
-    "num_train_examples": integer(0),
-    "num_test_examples": integer(0),
-    "validation_examples": integer(0),
-    "permute_pixels": boolean(),
-    "input_pipeline": choice(*input_pipeline.PIPELINES),
-    "array_record_dir": directory(),
-    "optimizer": choice(*train_lib.OPTIMIZERS),
-    "learning_rate": number(0, low_open=True),
-    "momentum": number(0, 1, high_open=True),
-    "weight_decay": number(0),
-    "augment_shift": integer(0),
-    "schedule": choice(*train_lib.SCHEDULES),
-    "warmup_epochs": number(0),
-    "batch_size": integer(1),
-    "eval_batch_size": integer(1),
-    "num_epochs": integer(1),
-    "seed": integer(-(2**63), 2**63 - 1),
-    "num_devices": integer(0),
-    "data_shards": integer(0),
-    "checkpoint_every_steps": integer(1),
-    "checkpoints_to_keep": integer(1),
-    "loop": choice(*train_lib.LOOPS),
-    "steps_per_dispatch": integer(1),
-    "progress_bar": boolean(),
-    "stop_at_test_accuracy": number(0, 1),
-    "max_loss": number(0),
-    "population.size": integer(1),
-    "population.seeds": sequence(integer(-(2**63), 2**63 - 1)),
-    "population.learning_rates": sequence(number(0, low_open=True)),
-    "population.weight_decays": sequence(number(0)),
-    "population.momenta": sequence(number(0, 1, high_open=True)),
-    "population.independent_data_order": boolean(),
-    "per_example.clip_norm": number(0),
-    "per_example.noise_multiplier": number(0),
-    "per_example.report_hardest": integer(0),
-    "per_example.report_scan_examples": integer(1),
+@dataclasses.dataclass(frozen=True)
+class Field:
+    """One config field: its default, its rule, and whether it is part of the
+    run's identity (a rerun on the same workdir must keep it) or free (how
+    the run is watched or stored, not what it computes)."""
+
+    default: Any
+    rule: Rule
+    identity: bool = True
+
+
+_SEED = integer(-(2**63), 2**63 - 1)
+
+# Every field but config.model's: one row each. ``defaults()`` builds the
+# default config from it (configs/default.py); ``check`` holds a config to it.
+FIELDS: dict[str, Field] = {
+    # Data: a TFDS catalog name; "auto" also finds local IDX copies (README).
+    "dataset": Field("fashion_mnist", name()),
+    "data_source": Field("auto", choice(*input_pipeline.SOURCES)),
+    "data_dir": Field("", directory(), identity=False),  # TFDS data directory; "" = its default.
+    "idx_dir": Field("", directory(), identity=False),  # Directory of MNIST-format IDX files.
+    # 0 = the dataset's own class count (TFDS's metadata; for IDX files, 10 for
+    # mnist, fashion_mnist and kmnist). Every label must lie in [0, num_classes).
+    "num_classes": Field(
+        0,
+        Rule(
+            "0 (the dataset's count) or an int >= 2",
+            lambda v: integer(0).why(v) or (v == 1 and "one class is no classification") or None,
+        ),
+    ),  # fmt: skip
+    "num_train_examples": Field(0, integer(0)),  # 0 = all; else the first N.
+    "num_test_examples": Field(0, integer(0)),
+    "validation_examples": Field(0, integer(0)),  # Held out from the end of the training set.
+    "permute_pixels": Field(False, boolean()),  # Every image's pixels by one fixed permutation.
+    # memory: whole splits in host memory. grain: training batches streamed from
+    # ArrayRecord files through Grain (README, "Streaming with Grain").
+    "input_pipeline": Field("memory", choice(*input_pipeline.PIPELINES)),
+    # grain: files from python -m cnnflat_jax.array_records; "" = TFDS's
+    # ArrayRecord data source (the dataset prepared with that file format).
+    "array_record_dir": Field("", directory(), identity=False),
+    "optimizer": Field("adam", choice(*train_lib.OPTIMIZERS)),
+    "learning_rate": Field(2e-3, number(0, low_open=True)),
+    "momentum": Field(0.9, number(0, 1, high_open=True)),  # sgd only
+    "weight_decay": Field(0.0, number(0)),  # adamw only
+    "schedule": Field("warmup_cosine", choice(*train_lib.SCHEDULES)),
+    "warmup_epochs": Field(1.0, number(0)),
+    # Every training image moves by a random shift of up to N pixels each step
+    # (zero fill; 0 = off).
+    "augment_shift": Field(0, integer(0)),
+    "batch_size": Field(128, integer(1)),
+    "eval_batch_size": Field(1000, integer(1)),
+    "num_epochs": Field(10, integer(1)),
+    "seed": Field(0, _SEED),
+    # Data parallelism (train/sharding.py): the global batch is split over
+    # num_devices devices (0 = all, across all processes); the data order is
+    # defined over data_shards shards (0 = one per process).
+    "num_devices": Field(0, integer(0)),
+    "data_shards": Field(0, integer(0)),
+    # Checkpoints in workdir/checkpoints: every N steps (rounded to whole
+    # dispatches) and at each epoch end; a rerun with the same workdir resumes.
+    "checkpoint_every_steps": Field(1000, integer(1), identity=False),
+    "checkpoints_to_keep": Field(3, integer(1), identity=False),
+    "loop": Field("compiled", choice(*train_lib.LOOPS)),
+    "steps_per_dispatch": Field(50, integer(1)),  # Steps per compiled program call.
+    "progress_bar": Field(True, boolean(), identity=False),
+    # > 0: stop once an epoch reaches it.
+    "stop_at_test_accuracy": Field(0.0, number(0, 1), identity=False),
+    # Divergence guard: a step whose mean training loss is NaN, Inf or above
+    # max_loss stops the run (exit 1), keeping the last good checkpoint. 0 = NaN/Inf only.
+    "max_loss": Field(1e4, number(0), identity=False),
+    # K models in one program (vmap). Lists give one value per member; empty
+    # lists use the values above (seeds: seed, seed + 1, ...).
+    "population.size": Field(1, integer(1)),
+    "population.seeds": Field((), sequence(_SEED)),
+    "population.learning_rates": Field((), sequence(number(0, low_open=True))),
+    "population.weight_decays": Field((), sequence(number(0))),
+    "population.momenta": Field((), sequence(number(0, 1, high_open=True))),
+    # True: each member's data order from its seed.
+    "population.independent_data_order": Field(False, boolean()),
+    # Per-example gradients: DP-SGD clipping + noise (on when clip_norm > 0),
+    # and a grid of the training examples with the largest gradient norms.
+    "per_example.clip_norm": Field(0.0, number(0)),
+    "per_example.noise_multiplier": Field(0.0, number(0)),
+    # > 0: how many to show in hardest_examples.png; how many examples to score.
+    "per_example.report_hardest": Field(0, integer(0), identity=False),
+    "per_example.report_scan_examples": Field(5000, integer(1), identity=False),
 }
 
-# config.model's fields; which of them a model takes is its class's business.
-MODEL_RULES: dict[str, Rule] = {
-    "name": choice(*models.MODELS),
-    "conv_features": sequence(integer(1), non_empty=True),
-    "kernel_size": integer(1),
-    "padding": choice(*models.PADDINGS),
-    "pool": choice(*models.POOL_KINDS),
-    "pool_window": integer(1),
-    "dense_features": sequence(integer(1)),
-    "permute_flat": boolean(),
-    "conv_lowering": choice(*ops.CONV_LOWERINGS),
-    "layers": Rule("a tuple of layer specs: " + layers.USAGE, lambda v: _layers_fault(v)),
+# config.model's fields, all part of the identity; which of them a model takes
+# is its class's business. A default of None: not in the default model.
+MODEL_FIELDS: dict[str, Field] = {
+    "name": Field("cnn", choice(*models.MODELS)),
+    "conv_features": Field((32, 64), sequence(integer(1), non_empty=True)),
+    "kernel_size": Field(3, integer(1)),
+    "padding": Field("SAME", choice(*models.PADDINGS)),  # The convs'; pools are VALID.
+    # No pooling = "stride": the convs stride by pool_window.
+    "pool": Field("max", choice(*models.POOL_KINDS)),
+    "pool_window": Field(2, integer(1)),
+    "dense_features": Field((256,), sequence(integer(1))),
+    "permute_flat": Field(False, boolean()),  # The flattened vector by one fixed permutation.
+    "conv_lowering": Field("auto", choice(*ops.CONV_LOWERINGS)),  # ops.conv2d's lowering.
+    "layers": Field(
+        None, Rule("a tuple of layer specs: " + layers.USAGE, lambda v: _layers_fault(v))
+    ),
 }
+
+
+def defaults() -> ml_collections.ConfigDict:
+    """The default config: every field of ``FIELDS`` and ``MODEL_FIELDS`` at its default."""
+    tree: dict[str, Any] = {}
+    for key, field in FIELDS.items():
+        *groups, leaf = key.split(".")
+        node = tree
+        for group in groups:
+            node = node.setdefault(group, {})
+        node[leaf] = field.default
+    tree["model"] = {k: f.default for k, f in MODEL_FIELDS.items() if f.default is not None}
+    return ml_collections.ConfigDict(tree)
+
+
+def is_identity(key: str) -> bool:
+    """Whether the field ``key`` (flat, as ``flat_fields`` names it) is part of
+    the run's identity; config.model's fields all are."""
+    return key.startswith("model.") or FIELDS[key].identity
 
 
 def _layers_fault(specs: Any) -> str | None:
@@ -237,10 +295,8 @@ def flat_fields(config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def default_fields() -> dict[str, Any]:
-    """The fields of ``configs/default.py`` and their default values."""
-    from configs import default
-
-    return flat_fields(default.get_config())
+    """The default config's fields and values, flat (``flat_fields``)."""
+    return flat_fields(defaults())
 
 
 def check(config: ml_collections.ConfigDict) -> None:
@@ -257,8 +313,8 @@ def check(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(key, "", "missing field", "a value like the default " + show(known[key]))
     if not _is_group(config.get("model")):
         raise ConfigError("model", config.get("model"), "not a group of fields", "a ConfigDict")
-    for key, rule in RULES.items():
-        _check_rule(key, fields[key], rule)
+    for key, field in FIELDS.items():
+        _check_rule(key, fields[key], field.rule)
     _check_model(config.model)
     _check_population(config)
     _check_devices(config)
@@ -271,7 +327,7 @@ def _check_rule(key: str, value: Any, rule: Rule) -> None:
 
 
 def _check_model(model: Mapping[str, Any]) -> None:
-    _check_rule("model.name", model.get("name"), MODEL_RULES["name"])
+    _check_rule("model.name", model.get("name"), MODEL_FIELDS["name"].rule)
     cls = models.MODELS[model["name"]]
     takes = set(cls.__dataclass_fields__) - {"parent", "name", "num_classes"}
     for key, value in model.items():
@@ -283,12 +339,12 @@ def _check_model(model: Mapping[str, Any]) -> None:
         if key == "layers":
             _check_layers(value)
         else:
-            _check_rule(f"model.{key}", value, MODEL_RULES[key])
+            _check_rule(f"model.{key}", value, MODEL_FIELDS[key].rule)
 
 
 def _check_layers(specs: Any) -> None:
     """A tuple of layer specs, each one parsing and fitting the one before it."""
-    rule = MODEL_RULES["layers"]
+    rule = MODEL_FIELDS["layers"].rule
     try:
         layers.parse(specs)
     except layers.SpecError as e:
@@ -439,63 +495,3 @@ def _check_cnn_sizes(model: Mapping[str, Any], image_shape: tuple[int, ...]) -> 
             height, width = -(-height // window), -(-width // window)
         else:
             height, width = height // window, width // window
-
-
-@contextlib.contextmanager
-def one_line_errors(argv: list[str]) -> Iterator[None]:
-    """Exits with one ``error:`` line if the block fails loading the config.
-
-    Wrap the definition, parsing and first use of a ``config_flags`` flag:
-    any exception there comes from the config file (missing, or raising as
-    it runs), from a ``--config.FIELD`` override naming no field, or from a
-    value that does not parse as its field's type.
-    """
-    try:
-        yield
-    except flags.Error as e:
-        match = re.match(r"flag --config\.([\w.]+)=(.*?): (.*)", str(e))
-        if not match:
-            sys.exit(f"error: {e}")
-        key, value, why = match.groups()
-        rule = RULES.get(key) or MODEL_RULES.get(key.removeprefix("model."))
-        allowed = f"; allowed: {rule.allowed}" if rule else ""
-        sys.exit(f"error: config.{key}={value}: {why}{allowed}")
-    except (AttributeError, KeyError) as e:
-        sys.exit(f"error: {_unknown_override(e, argv)}")
-    except Exception as e:  # Whatever the config file's own code raised.
-        reason = [line.strip() for line in str(e).splitlines() if line.strip()]
-        detail = f"{type(e).__name__}: {reason[-1]}" if reason else type(e).__name__
-        sys.exit(f"error: config file {_flag_value(argv, 'config') or 'default'}: {detail}")
-
-
-def _flag_value(argv: list[str], flag: str) -> str | None:
-    """The value of the last ``--flag=V`` or ``--flag V`` in ``argv``, if given."""
-    for i, arg in reversed(list(enumerate(argv))):
-        if arg.startswith(f"--{flag}="):
-            return arg.split("=", 1)[1]
-        if arg == f"--{flag}" and i + 1 < len(argv):
-            return argv[i + 1]
-    return None
-
-
-def _unknown_override(error: BaseException, argv: list[str]) -> str:
-    """``config.FIELD=VALUE: unknown field ...`` for ml_collections' KeyError."""
-    while error.args and isinstance(error.args[0], BaseException):
-        error = error.args[0]
-    detail = str(error.args[0] if error.args else error)
-    key = re.match(r"'?([^'\n]+)", detail)[1]
-    hint = re.search(r'Did you mean "([^"]+)"', detail)
-    why = "unknown field" + (f" (did you mean {hint[1]}?)" if hint else "")
-    for arg in argv:
-        path = arg.removeprefix("--").split("=", 1)[0]
-        if not (path.startswith("config.") and key in path.split(".")[1:]):
-            continue
-        value = arg.split("=", 1)[1] if "=" in arg else _flag_value(argv, path)
-        group = path.removeprefix("config.").rpartition(".")[0]
-        if group == "model":
-            known = sorted(MODEL_RULES)
-        else:
-            prefix = f"{group}." if group else ""
-            known = sorted(k.removeprefix(prefix) for k in default_fields() if k.startswith(prefix))
-        return f"{path}={value}: {why}; allowed: {', '.join(known)}"
-    return f"config.{key}: {why}"

@@ -77,9 +77,9 @@ def test_the_bad_values_cover_every_field_of_the_default_config_and_the_model():
     fields = set(config_lib.default_fields())
     model_fields = {f"model.{key}" for key in default.get_config().model}
     assert set(BAD_VALUES) == fields | model_fields
-    assert set(config_lib.RULES) == {f for f in fields if not f.startswith("model.")}
+    assert set(config_lib.FIELDS) == {f for f in fields if not f.startswith("model.")}
     takes = {f for cls in models.MODELS.values() for f in cls.__dataclass_fields__}
-    assert set(config_lib.MODEL_RULES) == takes - {"parent", "num_classes"}
+    assert set(config_lib.MODEL_FIELDS) == takes - {"parent", "num_classes"}
 
 
 def run_train(*flags, workdir):

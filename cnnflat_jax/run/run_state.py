@@ -44,15 +44,6 @@ class RunError(Error, RuntimeError):
     """The workdir cannot hold this run: in use, another run's, or no intact checkpoint."""
 
 
-# Fields that change how a run is watched or stored, not what it computes: a
-# rerun may change them. Any other field fixes the run's identity.
-FREE_FIELDS = frozenset({
-    "data_dir", "idx_dir", "array_record_dir", "progress_bar", "checkpoint_every_steps",
-    "checkpoints_to_keep", "stop_at_test_accuracy", "max_loss", "per_example.report_hardest",
-    "per_example.report_scan_examples",
-})  # fmt: skip
-
-
 @contextlib.contextmanager
 def workdir_lock(workdir: str) -> Iterator[None]:
     """Creates ``workdir`` and holds an exclusive OS lock on ``workdir/.lock``
@@ -95,7 +86,7 @@ def check_same_run(workdir: str, config: ml_collections.ConfigDict) -> None:
     """Refuses to resume a run in ``workdir`` with a config that computes otherwise.
 
     A workdir with a checkpoint and a ``config.json`` holds a run whose
-    identity is that config, but for ``FREE_FIELDS``.
+    identity is that config's identity fields (``config.is_identity``).
 
     Raises:
       RunError: naming every differing field as ``old -> new``.
@@ -114,7 +105,7 @@ def check_same_run(workdir: str, config: ml_collections.ConfigDict) -> None:
     changed = [
         f"{key} {config_lib.show(old.get(key, defaults.get(key)))} -> {config_lib.show(value)}"
         for key, value in new.items()
-        if key not in FREE_FIELDS and old.get(key, defaults.get(key)) != value
+        if config_lib.is_identity(key) and old.get(key, defaults.get(key)) != value
     ]
     if changed:
         raise RunError(
