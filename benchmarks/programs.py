@@ -57,11 +57,12 @@ def training(
     train, _ = batching.split_validation(data, 0, 1)
     model = models.from_fields(config.model, data.num_classes)
     steps_per_epoch = batching.steps_per_epoch(train.shard_sizes, config.batch_size)
-    state, mode, keys = population.initial_state(config, model, data.image_shape, steps_per_epoch)
+    team = population.of_config(config)
+    state, keys = population.initial_state(config, team, model, data.image_shape, steps_per_epoch)
     state = sharding.replicate(state, mesh)
     start = time.perf_counter()
     program = train_lib.build_train(
-        state, mesh, loop=loop, mode=mode, steps=steps, batch_size=config.batch_size,
+        state, mesh, loop=loop, mode=team.mode, steps=steps, batch_size=config.batch_size,
         image_shape=data.image_shape,
     )  # fmt: skip
     compile_sec = time.perf_counter() - start
@@ -78,6 +79,6 @@ def eval_program(
     mesh = sharding.data_mesh(config.num_devices)
     arrays = evaluation.eval_splits(data, None, config.eval_batch_size, 1, mesh)["test"]
     start = time.perf_counter()
-    is_population = config.population.size > 1
+    is_population = population.of_config(config).is_population
     compiled = evaluation.eval_batches.lower(state, *arrays, population=is_population).compile()
     return lambda state: compiled(state, *arrays), time.perf_counter() - start

@@ -73,14 +73,13 @@ def test_ensemble_scores_the_averaged_logits(tmp_path):
     config.population.update(size=3, learning_rates=(0.1, 0.2, 0.3))
     model = models.CNN(num_classes=3, conv_features=(4,), dense_features=(8,))
     make_tx = train_lib.optimizer_factory(config, 10)
-    state = population.create_population(model, (8, 8, 1), make_tx, population.members(config))
+    members = population.of_config(config).members
+    state = population.create_population(model, (8, 8, 1), make_tx, members)
     rng = np.random.default_rng(0)
     images = rng.integers(0, 255, (45, 8, 8, 1), dtype=np.uint8)
     labels = rng.integers(0, 3, 45).astype(np.int32)
     arrays = batching.eval_arrays(images, labels, 20)
-    result = evaluation.evaluate(
-        state, arrays, lambda *a: evaluation.eval_batches(*a, population=True)
-    )
+    result = evaluation.evaluate(state, arrays, population=True)
     members = [population.member_state(state, k) for k in range(3)]
     logits = np.stack([model.apply({"params": m.params}, images / 255.0) for m in members])
     for k in range(3):
@@ -104,7 +103,17 @@ def test_members_default_to_consecutive_seeds_and_config_values():
     config = smoke.get_config()
     config.seed = 10
     config.population.update(size=2, momenta=(0.5, 0.99))
-    members = population.members(config)
+    team = population.of_config(config)
+    assert team.is_population and team.mode == "shared" and team.size == 2
+    members = team.members
     assert [m["seed"] for m in members] == [10, 11]
     assert [m["momentum"] for m in members] == [0.5, 0.99]
     assert [m["learning_rate"] for m in members] == [config.learning_rate] * 2
+
+
+def test_one_model_is_no_population_and_independent_orders_have_their_own_mode():
+    config = smoke.get_config()
+    single = population.of_config(config)
+    assert not single.is_population and single.mode == "single" and single.size == 1
+    config.population.update(size=3, independent_data_order=True)
+    assert population.of_config(config).mode == "independent"

@@ -17,6 +17,7 @@ from cnnflat_jax.train import evaluation, population, train_lib
 
 def write(
     config: ml_collections.ConfigDict,
+    team: population.Population,
     workdir: str,
     state: train_lib.TrainState,
     record: dict[str, Any],
@@ -31,14 +32,15 @@ def write(
     checkpoints.save_params(os.path.join(workdir, "final_params"), state.params)
     if lead:
         write_data_info(workdir, data)
-    is_population = "members" in record
-    shown = population.member_state(state, record.get("best_member", 0)) if is_population else state
+    shown = state
+    if team.is_population:
+        shown = population.member_state(state, record.get("best_member", 0))
     if lead:
-        if is_population:
-            summary = reporting.population_summary(population.members(config), record)
+        if team.is_population:
+            summary = reporting.population_summary(team.members, record)
             logging.info("Population summary:\n%s", summary)
         predicted = evaluation.predict(shown.apply_fn, shown.params, data.test_images)
-        confusion = np.asarray(reporting.shown_record(record)["test_confusion"])
+        confusion = np.asarray(reporting.shown_record(record, team)["test_confusion"])
         plots.write_run_figures(
             workdir, metrics_log.read(), confusion, data.test_images, data.test_labels, predicted
         )

@@ -16,6 +16,7 @@ import tqdm
 from absl import logging
 
 from cnnflat_jax.run import tensorboard_log
+from cnnflat_jax.train import population
 
 
 class MetricsLog:
@@ -143,21 +144,21 @@ def scores_record(
 def epoch_record(
     epoch: int,
     step: int,
-    member_list: list[dict[str, Any]] | None,
+    team: population.Population,
     totals: dict[str, np.ndarray],
     scores: dict[str, dict],
     timing: dict[str, float],
 ) -> dict[str, Any]:
-    """An epoch's record: the model's, or with ``member_list``, a population's."""
-    if member_list is not None:
-        return population_record(epoch, step, member_list, totals, scores, timing)
+    """An epoch's record: the model's, or a population's."""
+    if team.is_population:
+        return population_record(epoch, step, team.members, totals, scores, timing)
     return {"epoch": epoch, "step": step, **scores_record(totals, scores), **timing}
 
 
-def shown_record(record: dict[str, Any]) -> dict[str, Any]:
+def shown_record(record: dict[str, Any], team: population.Population) -> dict[str, Any]:
     """The record of the one model a run's figures show: a population's best
     member by validation, else its member 0."""
-    if "members" not in record:
+    if not team.is_population:
         return record
     return record["members"][record.get("best_member", 0)]
 
@@ -172,12 +173,11 @@ def log_data(data, num_train: int, num_validation: int, mesh, data_shards: int) 
     )  # fmt: skip
 
 
-def log_model(name: str, params: Any, member_list: list[dict[str, Any]], mode: str) -> None:
+def log_model(name: str, params: Any, team: population.Population) -> None:
     """The model's parameter count, and a population's size and data order."""
-    num_params = sum(x.size for x in jax.tree.leaves(params)) // len(member_list)
-    population = f", population of {len(member_list)} ({mode} data order)"
-    logging.info("Model: %s, %d parameters%s", name, num_params,
-                 population if len(member_list) > 1 else "")  # fmt: skip
+    num_params = sum(x.size for x in jax.tree.leaves(params)) // team.size
+    size = f", population of {team.size} ({team.mode} data order)" if team.is_population else ""
+    logging.info("Model: %s, %d parameters%s", name, num_params, size)
 
 
 def log_epoch(record: dict[str, Any], num_epochs: int) -> None:
@@ -196,7 +196,7 @@ def log_epoch(record: dict[str, Any], num_epochs: int) -> None:
     )  # fmt: skip
 
 
-def summary_table(member_list: list[dict[str, Any]], scores: list[dict[str, float]]) -> str:
+def summary_table(member_list: Sequence[dict[str, Any]], scores: list[dict[str, float]]) -> str:
     """A plain-text table: one row per member with its settings and scores."""
     settings = ["seed", "learning_rate", "weight_decay", "momentum"]
     score_names = list(scores[0])
@@ -213,7 +213,7 @@ def summary_table(member_list: list[dict[str, Any]], scores: list[dict[str, floa
 def population_record(
     epoch: int,
     step: int,
-    member_list: list[dict[str, Any]],
+    member_list: Sequence[dict[str, Any]],
     totals: dict[str, np.ndarray],
     scores: dict[str, dict],
     timing: dict[str, float],
@@ -252,7 +252,7 @@ def population_record(
     return record
 
 
-def population_summary(member_list: list[dict[str, Any]], record: dict[str, Any]) -> str:
+def population_summary(member_list: Sequence[dict[str, Any]], record: dict[str, Any]) -> str:
     """The end-of-run table: each member's settings and accuracies, then the
     ensemble and the best member by validation."""
     columns = ["train_accuracy", "test_accuracy"]

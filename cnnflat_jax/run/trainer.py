@@ -59,14 +59,13 @@ def _run(config: ml_collections.ConfigDict, workdir: str, start: float) -> dict[
 
     model = models.from_fields(config.model, data.num_classes)
     steps = batching.steps_per_epoch(train.shard_sizes, config.batch_size)
-    member_list = population.members(config)
-    is_population = len(member_list) > 1
-    state, mode, data_keys = population.initial_state(config, model, data.image_shape, steps)
+    team = population.of_config(config)  # One model or K members: decided here, once.
+    state, data_keys = population.initial_state(config, team, model, data.image_shape, steps)
     state = sharding.replicate(state, mesh)
-    reporting.log_model(config.model.name, state.params, member_list, mode)
+    reporting.log_model(config.model.name, state.params, team)
 
     lead = jax.process_index() == 0
-    learning_rates = train_lib.learning_rates(config, steps, member_list)
+    learning_rates = train_lib.learning_rates(config, steps, team.members)
     metrics_log = reporting.MetricsLog(workdir, enabled=lead, learning_rates=learning_rates)
     run_checkpoints = checkpoints.RunCheckpoints(
         os.path.join(workdir, "checkpoints"), config.checkpoints_to_keep
@@ -78,12 +77,12 @@ def _run(config: ml_collections.ConfigDict, workdir: str, start: float) -> dict[
     compile_start = time.perf_counter()
     steps_per_dispatch = min(config.steps_per_dispatch, steps)
     train_fn = train_lib.build_train(
-        state, mesh, loop=config.loop, mode=mode, steps=steps_per_dispatch,
+        state, mesh, loop=config.loop, mode=team.mode, steps=steps_per_dispatch,
         batch_size=config.batch_size, image_shape=data.image_shape, max_loss=config.max_loss,
     )  # fmt: skip
     eval_sets = evaluation.eval_splits(data, validation, config.eval_batch_size, data_shards, mesh)
     eval_fns = {
-        name: evaluation.eval_batches.lower(state, *arrays, population=is_population).compile()
+        name: evaluation.eval_batches.lower(state, *arrays, population=team.is_population).compile()
         for name, arrays in eval_sets.items()
     }
     compile_sec = time.perf_counter() - compile_start
@@ -100,7 +99,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, start: float) -> dict[
             )
             state, totals, epoch_sec = epochs.train(state, plan, position)
             scores = {
-                name: evaluation.evaluate(state, eval_sets[name], fn)
+                name: evaluation.evaluate(state, eval_sets[name], fn, population=team.is_population)
                 for name, fn in eval_fns.items()
             }
             timing = {
@@ -110,8 +109,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, start: float) -> dict[
                 "elapsed_sec": time.perf_counter() - start,
             }
             step = run_state.global_step(state)
-            members = member_list if is_population else None  # The records' form.
-            record = reporting.epoch_record(epoch, step, members, totals, scores, timing)
+            record = reporting.epoch_record(epoch, step, team, totals, scores, timing)
             metrics_log.write_epoch(record)
             reporting.log_epoch(record, config.num_epochs)
             stopped = 0 < config.stop_at_test_accuracy <= record["test_accuracy"]
@@ -123,7 +121,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, start: float) -> dict[
                 raise run_state.stopped_error(signum, state, run_checkpoints)
     run_checkpoints.close()
 
-    outputs.write(config, workdir, state, record, data, train, metrics_log, lead)
+    outputs.write(config, team, workdir, state, record, data, train, metrics_log, lead)
     logging.info(
         "Done: %d epochs, %d steps, test accuracy %.4f, %.0f images/s, compile %.2f s,"
         " total %.1f s; outputs in %s",

@@ -94,20 +94,24 @@ def eval_batches(
 def evaluate(
     state: TrainState,
     arrays: tuple[jax.Array, jax.Array, jax.Array],
-    eval_fn: Callable = eval_batches,
+    eval_fn: Callable | None = None,
+    *,
+    population: bool = False,
 ) -> dict[str, Any]:
     """Evaluates on every example of ``arrays`` (from ``batching.eval_arrays``).
 
-    ``eval_fn`` may be a compiled ``eval_batches`` (``.lower(...).compile()``).
+    ``eval_fn`` may be ``eval_batches`` compiled (``.lower(...).compile()``)
+    with the same ``population``; by default it is ``eval_batches``.
 
     Returns:
       ``loss``, ``accuracy``, ``count``, ``per_class_accuracy`` (a list) and
-      ``confusion`` (lists; true label by predicted label). For a population
-      compiled with ``population=True``: ``{"members": [one such dict per
-      member], "ensemble": the averaged-logits dict}``.
+      ``confusion`` (lists; true label by predicted label). For a population:
+      ``{"members": [one such dict per member], "ensemble": the averaged-logits
+      dict}``.
     """
+    eval_fn = eval_fn or functools.partial(eval_batches, population=population)
     totals = jax.device_get(eval_fn(state, *arrays))
-    if "ensemble_confusion" not in totals:
+    if not population:
         return score_confusion(totals["confusion"], totals["loss_sum"])
     members = [
         score_confusion(confusion, loss)

@@ -8,6 +8,8 @@ own order from its seed, exactly as a single run with that seed would.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -26,20 +28,50 @@ MEMBER_LISTS = {
 }
 
 
-def members(config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
-    """One dict per member: ``seed`` and every hyperparameter of ``HPARAMS``.
+@dataclasses.dataclass(frozen=True)
+class Population:
+    """Who a run trains: one model, or K members in one program.
 
-    Unlisted values come from the config; seeds default to ``seed + k``.
+    Made once, from the config, when a run starts (or a finished run is
+    loaded), and passed down: nothing else asks a config, a record or a state
+    whether a run is a population.
+
+    Attributes:
+      members: one dict per member: ``seed`` and every hyperparameter of
+        ``train_lib.HPARAMS`` (one dict for one model).
+      mode: the step's ``train_lib.STEP_FNS`` key: "single", or for a
+        population "shared" (one data order) or "independent" (each member's
+        order from its seed, as a single run with that seed would have).
     """
+
+    members: tuple[dict[str, Any], ...]
+    mode: str
+
+    @property
+    def size(self) -> int:
+        return len(self.members)
+
+    @property
+    def is_population(self) -> bool:
+        return self.mode != "single"
+
+
+def of_config(config: ml_collections.ConfigDict) -> Population:
+    """The config's model or population. Unlisted member values come from the
+    config; seeds default to ``seed + k``."""
     population = config.population
-    result = []
+    members = []
     for k in range(population.size):
         member = {"seed": config.seed + k, **train_lib.config_hparams(config)}
         for list_name, field in MEMBER_LISTS.items():
             if population[list_name]:
                 member[field] = population[list_name][k]
-        result.append(member)
-    return result
+        members.append(member)
+    if population.size == 1:
+        mode = "single"
+    else:
+        mode = "independent" if population.independent_data_order else "shared"
+    return Population(tuple(members), mode)
 
 
 def run_keys(seed: int) -> tuple[jax.Array, jax.Array]:
@@ -52,7 +84,7 @@ def create_population(
     model: nn.Module,
     image_shape: tuple[int, ...],
     make_tx,
-    member_list: list[dict[str, Any]],
+    member_list: Sequence[dict[str, Any]],
     clip_per_example: bool = False,
     max_shift: int = 0,
 ) -> train_lib.TrainState:
@@ -81,28 +113,22 @@ def member_state(state: train_lib.TrainState, k: int) -> train_lib.TrainState:
 
 def initial_state(
     config: ml_collections.ConfigDict,
+    team: Population,
     model: nn.Module,
     image_shape: tuple[int, ...],
     steps_per_epoch: int,
-) -> tuple[train_lib.TrainState, str, list[jax.Array]]:
-    """A run's initial state (stacked for a population), its step mode and data-order keys.
-
-    The mode is ``train_lib.STEP_FNS``'s: "single", or for a population
-    "shared" (one data order) or "independent" (each member's order from its
-    seed, as a single run with that seed would have).
-    """
-    member_list = members(config)
+) -> tuple[train_lib.TrainState, list[jax.Array]]:
+    """A run's initial state (stacked for a population) and its data-order keys:
+    one, or one per member for the "independent" mode."""
     make_tx = train_lib.optimizer_factory(config, steps_per_epoch)
     options = {"clip_per_example": config.per_example.clip_norm > 0,
                "max_shift": config.augment_shift}  # fmt: skip
-    if len(member_list) > 1:
-        state = create_population(model, image_shape, make_tx, member_list, **options)
-        mode = "independent" if config.population.independent_data_order else "shared"
+    if team.is_population:
+        state = create_population(model, image_shape, make_tx, team.members, **options)
     else:
         key = run_keys(config.seed)[0]
         state = train_lib.create_train_state(
-            model, image_shape, make_tx, member_list[0], key, **options
+            model, image_shape, make_tx, team.members[0], key, **options
         )
-        mode = "single"
-    seeds = [m["seed"] for m in member_list] if mode == "independent" else [config.seed]
-    return state, mode, [run_keys(seed)[1] for seed in seeds]
+    seeds = [m["seed"] for m in team.members] if team.mode == "independent" else [config.seed]
+    return state, [run_keys(seed)[1] for seed in seeds]
