@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 
 from cnnflat_jax.data import input_pipeline, transforms
 from cnnflat_jax.nn import models
-from cnnflat_jax.run import checkpoints
+from cnnflat_jax.run import workdir as workdir_lib
 from cnnflat_jax.tools import explain
 from cnnflat_jax.train import train_lib
 
@@ -26,8 +26,8 @@ INDEX = 0  # The test image drawn.
 
 def trained(workdir: str):
     """A trained run as ``images -> {stage: array}``."""
-    fields, params = checkpoints.load_trained(workdir, input_hwc=(28, 28, 1), num_classes=10)
-    model = models.from_fields(fields, 10)
+    run = workdir_lib.load_run(workdir)
+    model, params = run.model, run.params
 
     def stages(images: np.ndarray) -> dict[str, np.ndarray]:
         _, state = model.apply(

@@ -38,7 +38,8 @@ from benchmarks import flatten_equivariance
 from benchmarks import flatten_figures as figures
 from cnnflat_jax.data import idx, input_pipeline, transforms
 from cnnflat_jax.nn import layers, models
-from cnnflat_jax.run import checkpoints, trainer
+from cnnflat_jax.run import trainer
+from cnnflat_jax.run import workdir as workdir_lib
 from cnnflat_jax.tools import explain
 from cnnflat_jax.train import evaluation
 from configs import default
@@ -264,7 +265,7 @@ def train_variant(name: str, data: input_pipeline.Dataset, full: bool = False) -
 
 
 def read_metrics(workdir: str) -> list[dict]:
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    with open(workdir_lib.path(workdir, workdir_lib.METRICS)) as f:
         return [json.loads(line) for line in f]
 
 
@@ -273,10 +274,8 @@ def seed_classifiers(workdir: str) -> list:
     classifiers = []
     for seed_dir in sorted(d for d in os.listdir(workdir) if d.startswith("seed_")):
         seed_dir = os.path.join(workdir, seed_dir)
-        config = checkpoints.read_config(seed_dir)
-        model = models.from_fields(config["model"], 10)
-        shape = (CANVAS, CANVAS, 1) if config["idx_dir"].endswith("padded") else (28, 28, 1)
-        _, params = checkpoints.load_trained(seed_dir, input_hwc=shape, num_classes=10)
+        run = workdir_lib.load_run(seed_dir)
+        config, model, params = run.config, run.model, run.params
 
         def classify(images, params=params, model=model, config=config):
             if config["permute_pixels"]:

@@ -32,6 +32,7 @@ import numpy as np
 from absl import app, flags
 
 from cnnflat_jax.data import array_records, idx, input_pipeline
+from cnnflat_jax.run import workdir as workdir_lib
 
 _CONFIG = flags.DEFINE_string("config", "configs/default.py", "The config file to run.")
 _WHAT = flags.DEFINE_enum(
@@ -61,7 +62,7 @@ def train_py(workdir: str, config: str, pipeline: str, data: dict[str, str], *fl
         process.returncode = os.waitstatus_to_exitcode(status)
     if process.returncode:
         raise RuntimeError(f"{' '.join(command)} failed:\n{err[-3000:]}")
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    with open(workdir_lib.path(workdir, workdir_lib.METRICS)) as f:
         records = [json.loads(line) for line in f]
     return records, usage.ru_maxrss / 1024  # Linux reports KiB.
 

@@ -35,6 +35,8 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from cnnflat_jax.run import workdir as workdir_lib
+
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Config to time.")
 _ROUNDS = flags.DEFINE_integer("rounds", 5, "Rounds; each runs every row once, in a new order.")
 _STEPS = flags.DEFINE_integer("steps", 40, "Training steps per timed call.")
@@ -251,7 +253,7 @@ def train_py(argv: list[str]) -> dict:
         result = subprocess.run(command, capture_output=True, text=True, timeout=1800)
         if result.returncode:
             raise RuntimeError(f"train.py failed:\n{result.stderr[-3000:]}")
-        with open(f"{workdir}/metrics.jsonl") as f:
+        with open(workdir_lib.path(workdir, workdir_lib.METRICS)) as f:
             last = [json.loads(line) for line in f][-1]
     return {"train_images_per_sec": last["images_per_sec"], "wall_sec": time.perf_counter() - start}
 

@@ -20,7 +20,7 @@ import numpy as np
 from absl import app, flags
 
 from cnnflat_jax.data import input_pipeline
-from cnnflat_jax.run import checkpoints
+from cnnflat_jax.run import workdir as workdir_lib
 from cnnflat_jax.tools import interop
 from cnnflat_jax.train import train_lib
 
@@ -32,9 +32,9 @@ def main(_):
     import torch  # Only this script needs it.
 
     workdir = _WORKDIR.value
-    config = ml_collections.ConfigDict(checkpoints.read_config(workdir))
+    config = ml_collections.ConfigDict(workdir_lib.read_config(workdir))
     data = input_pipeline.load_data(config, data_shards=1)
-    ported = interop.from_workdir(workdir, input_hwc=data.image_shape, num_classes=data.num_classes)
+    ported = interop.from_workdir(workdir)
     path = os.path.join(workdir, "torch_model.pt")
     torch.save(interop.to_torch(ported).state_dict(), path)
     net = interop.to_torch(ported)  # The architecture; the weights come from the file.

@@ -19,6 +19,7 @@ import pytest
 
 from cnnflat_jax.nn import models
 from cnnflat_jax.run import checkpoints
+from cnnflat_jax.run import workdir as workdir_lib
 from cnnflat_jax.train import sharding, train_lib
 from configs import smoke
 
@@ -139,7 +140,7 @@ def final_params(workdir, num_classes=3, members=0):
     like = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))["params"]
     if members:
         like = jax.tree.map(lambda x: jnp.zeros((members, *x.shape), x.dtype), like)
-    return checkpoints.load_params(os.path.join(workdir, "final_params"), like)
+    return checkpoints.load_params(workdir_lib.path(workdir, workdir_lib.FINAL_PARAMS), like)
 
 
 def step_program(state, batch_size, *, loop="per_step", steps=1, max_loss=0.0):

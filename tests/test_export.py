@@ -14,6 +14,7 @@ from PIL import Image
 
 from cnnflat_jax.data import idx
 from cnnflat_jax.run import trainer
+from cnnflat_jax.run import workdir as workdir_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -134,8 +135,57 @@ def test_a_population_exports_a_member_or_the_ensemble(tmp_path):
         assert result.returncode == 0, result.stderr[-3000:]
         logits = np.asarray(load_exported(tmp_path / "run").call(images))
         assert np.mean(logits.argmax(1) == labels) == pytest.approx(expected, abs=1e-6)
+    for member in ("2", "-3"):
+        result = run("export", "--workdir", tmp_path / "run", "--member", member)
+        assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+        assert f"member {member} is out of range" in result.stderr
     result = run("export", "--workdir", tmp_path / "data")
     assert result.returncode == 1 and "not a train.py workdir" in result.stderr
+
+    with pytest.raises(workdir_lib.RunError, match="holds a population of 2 models; choose"):
+        workdir_lib.load_run(tmp_path / "run")
+    whole = workdir_lib.load_run(tmp_path / "run", whole_population=True)
+    one = workdir_lib.load_run(tmp_path / "run", 1)
+    assert whole.team.size == 2 and whole.member is None and one.member == 1
+    for stacked, alone in zip(jax.tree.leaves(whole.params), jax.tree.leaves(one.params)):
+        assert stacked.shape[0] == 2
+        np.testing.assert_array_equal(stacked[1], alone)
+    logits = one.model.apply({"params": one.params}, images / 255.0)
+    assert np.mean(np.argmax(logits, 1) == labels) == pytest.approx(member_1["test_accuracy"])
+
+
+def test_load_run_gives_the_run_s_config_data_info_model_and_final_params(trained):
+    workdir, _, images, labels = trained
+    loaded = workdir_lib.load_run(workdir)
+    assert loaded.config.to_dict() == json.loads((workdir / "config.json").read_text())
+    assert loaded.data == json.loads((workdir / "data.json").read_text())
+    assert loaded.data["image_shape"] == [8, 8, 1] and loaded.data["num_classes"] == 3
+    assert not loaded.team.is_population and loaded.member is None
+    logits = loaded.model.apply({"params": loaded.params}, images / 255.0)
+    accuracy = np.mean(np.argmax(logits, 1) == labels)
+    assert accuracy == pytest.approx(last_record(workdir)["test_accuracy"], abs=1e-6)
+    with pytest.raises(workdir_lib.RunError, match="member 0 is out of range: .* holds one model"):
+        workdir_lib.load_run(workdir, 0)
+
+
+def test_every_file_of_a_finished_run_is_named_by_the_run_directory_module(trained):
+    workdir = trained[0]
+    named = {
+        getattr(workdir_lib, name)
+        for name in dir(workdir_lib)
+        if name.isupper() and isinstance(getattr(workdir_lib, name), str)
+    }
+    assert set(os.listdir(workdir)) <= named
+    assert {os.path.join("export", n) for n in os.listdir(workdir / "export")} <= named
+    assert {"config.json", "metrics.jsonl", "final_params", "data.json", "export"} <= named
+
+
+def test_a_workdir_that_is_not_a_finished_run_is_refused_in_one_line(tmp_path):
+    with pytest.raises(workdir_lib.RunError, match="has no config.json"):
+        workdir_lib.load_run(tmp_path)
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(workdir_lib.RunError, match="not a JSON object"):
+        workdir_lib.load_run(tmp_path)
 
 
 def test_predict_imports_neither_flax_nor_the_model_code():

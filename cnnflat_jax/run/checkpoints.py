@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import json
 import os
 import re
 import shutil
@@ -19,7 +18,6 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from cnnflat_jax.errors import Error
-from cnnflat_jax.nn import models
 
 
 @contextlib.contextmanager
@@ -58,46 +56,6 @@ def load_params(path: str | os.PathLike, like: Any) -> Any:
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), like)
     with _orbax_quiet(), ocp.StandardCheckpointer() as checkpointer:
         return checkpointer.restore(os.path.abspath(path), abstract)
-
-
-def read_config(workdir: str | os.PathLike) -> dict[str, Any]:
-    """The ``config.json`` that ``train.py`` wrote to ``workdir``."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"{os.fspath(workdir)!r} has no config.json: not a train.py workdir"
-        )
-    with open(path) as f:
-        return json.load(f)
-
-
-def load_trained(
-    workdir: str | os.PathLike,
-    *,
-    input_hwc: tuple[int, int, int],
-    num_classes: int,
-    member: int | None = None,
-) -> tuple[dict[str, Any], Any]:
-    """A ``train.py`` workdir's model fields (``config.model``) and final parameters.
-
-    A population's workdir needs ``member``: which member's parameters to take.
-    """
-    config = read_config(workdir)
-    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in config["model"].items()}
-    size = config["population"]["size"]
-    if size > 1 and member is None:
-        raise ValueError(
-            f"{os.fspath(workdir)!r} holds a population of {size} models; choose a member"
-        )
-    model = models.from_fields(fields, num_classes)
-    x = jax.ShapeDtypeStruct((1, *input_hwc), jax.numpy.float32)
-    like = jax.eval_shape(model.init, jax.random.key(0), x)["params"]
-    if size > 1:
-        like = jax.tree.map(lambda a: jax.ShapeDtypeStruct((size, *a.shape), a.dtype), like)
-    params = load_params(os.path.join(workdir, "final_params"), like)
-    if size > 1:
-        params = jax.tree.map(lambda a: a[member], params)
-    return fields, params
 
 
 @contextlib.contextmanager

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 
 import jax
 import numpy as np
@@ -11,6 +10,7 @@ import optax
 
 from cnnflat_jax.data import batching
 from cnnflat_jax.run import plots
+from cnnflat_jax.run import workdir as workdir_lib
 from cnnflat_jax.train import per_example, train_lib
 
 
@@ -63,12 +63,14 @@ def report(
         }
         for i in top
     ]
-    with open(os.path.join(workdir, "hardest_examples.json"), "w") as f:
+    with open(workdir_lib.path(workdir, workdir_lib.HARDEST_LIST), "w") as f:
         json.dump(rows, f, indent=1)
     titles = [
         f"#{r['index']} {r['label']}>{r['predicted']}\n"
         f"loss {r['loss']:.2f} |g| {r['grad_norm']:.1f}"
         for r in rows
     ]
-    plots.save_image_grid(os.path.join(workdir, "hardest_examples.png"), images[top], titles)
+    plots.save_image_grid(
+        workdir_lib.path(workdir, workdir_lib.HARDEST_FIGURE), images[top], titles
+    )
     return rows

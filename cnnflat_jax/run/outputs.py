@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 from typing import Any
 
 import ml_collections
@@ -12,6 +10,7 @@ from absl import logging
 
 from cnnflat_jax.data import batching, input_pipeline
 from cnnflat_jax.run import checkpoints, hardest, plots, reporting
+from cnnflat_jax.run import workdir as workdir_lib
 from cnnflat_jax.train import evaluation, population, train_lib
 
 
@@ -29,9 +28,10 @@ def write(
     """Writes ``final_params/`` (every process takes part), then, from the
     ``lead`` process, the figures of one model: a population's best member by
     validation, else its member 0. Logs a population's summary table."""
-    checkpoints.save_params(os.path.join(workdir, "final_params"), state.params)
+    checkpoints.save_params(workdir_lib.path(workdir, workdir_lib.FINAL_PARAMS), state.params)
     if lead:
-        write_data_info(workdir, data)
+        names = input_pipeline.class_names(data.name, data.num_classes)
+        workdir_lib.write_data_info(workdir, data.name, data.image_shape, data.num_classes, names)
     shown = state
     if team.is_population:
         shown = population.member_state(state, record.get("best_member", 0))
@@ -51,18 +51,3 @@ def write(
             num_shown=config.per_example.report_hardest,
             num_scanned=config.per_example.report_scan_examples,
         )  # fmt: skip
-
-
-DATA_INFO = "data.json"
-
-
-def write_data_info(workdir: str, data: input_pipeline.Dataset) -> None:
-    """``data.json``: what the model takes and gives, for ``export`` and ``predict``."""
-    info = {
-        "dataset": data.name,
-        "image_shape": list(data.image_shape),
-        "num_classes": data.num_classes,
-        "class_names": input_pipeline.class_names(data.name, data.num_classes),
-    }
-    with open(os.path.join(workdir, DATA_INFO), "w") as f:
-        json.dump(info, f, indent=2)

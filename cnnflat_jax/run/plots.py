@@ -8,6 +8,8 @@ import os
 import numpy as np
 from matplotlib.figure import Figure
 
+from cnnflat_jax.run import workdir as workdir_lib
+
 
 def save_image_grid(
     path: str | os.PathLike, images: np.ndarray, titles: list[str], columns: int = 8
@@ -85,9 +87,9 @@ def write_run_figures(
     num_misclassified: int = 32,
 ) -> None:
     """``curves.png``, ``confusion.png`` and ``misclassified.png`` (first test errors)."""
-    save_training_curves(os.path.join(workdir, "curves.png"), records)
-    save_confusion_matrix(os.path.join(workdir, "confusion.png"), confusion)
+    save_training_curves(workdir_lib.path(workdir, workdir_lib.CURVES), records)
+    save_confusion_matrix(workdir_lib.path(workdir, workdir_lib.CONFUSION), confusion)
     wrong = np.flatnonzero(predicted != labels)[:num_misclassified]
     titles = [f"#{i}: true {labels[i]}, predicted {predicted[i]}" for i in wrong]
     if len(wrong):
-        save_image_grid(os.path.join(workdir, "misclassified.png"), images[wrong], titles)
+        save_image_grid(workdir_lib.path(workdir, workdir_lib.MISCLASSIFIED), images[wrong], titles)

@@ -10,12 +10,12 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import ml_collections
 import numpy as np
 import tqdm
 from absl import logging
 
 from cnnflat_jax.run import tensorboard_log
+from cnnflat_jax.run import workdir as workdir_lib
 from cnnflat_jax.train import population
 
 
@@ -32,7 +32,7 @@ class MetricsLog:
         enabled: bool = True,
         learning_rates: Callable[[int], Sequence[float]] | None = None,
     ):
-        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.path = workdir_lib.path(workdir, workdir_lib.METRICS)
         self.enabled = enabled
         self.events = None
         if enabled and learning_rates is not None:
@@ -88,14 +88,6 @@ class MetricsLog:
                     continue
                 result.append((line.rstrip("\n") + "\n", record))
         return result
-
-
-def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-    """Writes the resolved config as ``config.json`` (atomically)."""
-    path = os.path.join(workdir, "config.json")
-    with open(path + ".tmp", "w") as f:
-        f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
-    os.replace(path + ".tmp", path)
 
 
 def progress_bar(total_steps: int, epoch: int, num_epochs: int, enabled: bool) -> tqdm.tqdm:

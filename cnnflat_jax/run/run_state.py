@@ -25,6 +25,8 @@ from jax.experimental import multihost_utils
 from cnnflat_jax import config as config_lib
 from cnnflat_jax.errors import Error
 from cnnflat_jax.run import checkpoints, reporting
+from cnnflat_jax.run import workdir as workdir_lib
+from cnnflat_jax.run.workdir import RunError
 
 
 class Preempted(RuntimeError):
@@ -38,10 +40,6 @@ class Preempted(RuntimeError):
 class DivergedError(Error, RuntimeError):
     """The loss became NaN or Inf, or crossed ``config.max_loss``; the last good
     checkpoint is kept."""
-
-
-class RunError(Error, RuntimeError):
-    """The workdir cannot hold this run: in use, another run's, or no intact checkpoint."""
 
 
 @contextlib.contextmanager
@@ -58,7 +56,11 @@ def workdir_lock(workdir: str) -> Iterator[None]:
     """
     try:
         os.makedirs(workdir, exist_ok=True)
-        lock = open(os.path.join(workdir, ".lock"), "a+") if jax.process_index() == 0 else None
+        lock = (
+            open(workdir_lib.path(workdir, workdir_lib.LOCK), "a+")
+            if jax.process_index() == 0
+            else None
+        )
     except OSError as e:
         why = "it is a file" if os.path.isfile(workdir) else e.strerror
         raise RunError(f"cannot use {workdir} as the workdir: {why} ({e.filename})") from None
@@ -91,8 +93,8 @@ def check_same_run(workdir: str, config: ml_collections.ConfigDict) -> None:
     Raises:
       RunError: naming every differing field as ``old -> new``.
     """
-    path = os.path.join(workdir, "config.json")
-    saved = os.path.join(workdir, "checkpoints")
+    path = workdir_lib.path(workdir, workdir_lib.CONFIG)
+    saved = workdir_lib.path(workdir, workdir_lib.CHECKPOINTS)
     if not os.path.isfile(path) or not os.path.isdir(saved) or not os.listdir(saved):
         return
     try:
@@ -171,8 +173,8 @@ class RunPosition:
             except checkpoints.IncompatibleCheckpointError:
                 raise
             except Exception as e:  # Orbax, TensorStore and JSON each fail their own way.
-                aside = os.path.join(
-                    os.path.dirname(run_checkpoints.directory), "damaged_checkpoints"
+                aside = workdir_lib.path(
+                    os.path.dirname(run_checkpoints.directory), workdir_lib.DAMAGED_CHECKPOINTS
                 )
                 moved = run_checkpoints.set_aside(step, aside)
                 logging.warning(

@@ -29,15 +29,16 @@ from typing import Any
 
 import numpy as np
 
-DIRECTORY = "tensorboard"
-FIGURES = ("curves", "confusion", "misclassified")
+from cnnflat_jax.run import workdir as workdir_lib
+
+FIGURES = (workdir_lib.CURVES, workdir_lib.CONFUSION, workdir_lib.MISCLASSIFIED)
 
 
 class EventLog:
     """Writes a run's epoch records and figures as TensorBoard events."""
 
     def __init__(self, workdir: str, learning_rates: Callable[[int], Sequence[float]]):
-        self.directory = os.path.join(workdir, DIRECTORY)
+        self.directory = workdir_lib.path(workdir, workdir_lib.TENSORBOARD)
         self.learning_rates = learning_rates
         self.writer = None
 
@@ -89,11 +90,12 @@ class EventLog:
         from tensorboardX import summary
 
         for name in FIGURES:
-            path = os.path.join(workdir, f"{name}.png")
+            path = workdir_lib.path(workdir, name)
             if os.path.exists(path):
                 with Image.open(path) as image:
                     pixels = np.asarray(image.convert("RGB"))
-                self._summary(epoch, summary.image(name, pixels, dataformats="HWC"))
+                tag = name.removesuffix(".png")
+                self._summary(epoch, summary.image(tag, pixels, dataformats="HWC"))
         self.writer.flush()
 
     def close(self) -> None:

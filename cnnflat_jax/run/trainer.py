@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -17,6 +16,7 @@ from cnnflat_jax import config as config_lib
 from cnnflat_jax.data import batching, input_pipeline
 from cnnflat_jax.nn import models
 from cnnflat_jax.run import checkpoints, outputs, reporting, run_state
+from cnnflat_jax.run import workdir as workdir_lib
 from cnnflat_jax.train import evaluation, population, sharding, train_lib
 
 
@@ -68,10 +68,10 @@ def _run(config: ml_collections.ConfigDict, workdir: str, start: float) -> dict[
     learning_rates = train_lib.learning_rates(config, steps, team.members)
     metrics_log = reporting.MetricsLog(workdir, enabled=lead, learning_rates=learning_rates)
     run_checkpoints = checkpoints.RunCheckpoints(
-        os.path.join(workdir, "checkpoints"), config.checkpoints_to_keep
+        workdir_lib.path(workdir, workdir_lib.CHECKPOINTS), config.checkpoints_to_keep
     )
     if lead and not run_checkpoints.all_steps():  # A new run: its config is its identity.
-        reporting.write_config(workdir, config)
+        workdir_lib.write_config(workdir, config)
     state, position = run_state.RunPosition.resume(run_checkpoints, state, metrics_log)
 
     compile_start = time.perf_counter()

@@ -14,7 +14,6 @@ position, the channel it came from and the spatial position (h, w).
 from __future__ import annotations
 
 import math
-import os
 import sys
 
 import jax
@@ -22,9 +21,10 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import ConnectionPatch, Rectangle
 
+from cnnflat_jax import errors
 from cnnflat_jax.data import input_pipeline
 from cnnflat_jax.nn import models
-from cnnflat_jax.run import checkpoints
+from cnnflat_jax.run import workdir as workdir_lib
 from cnnflat_jax.train import train_lib
 
 __all__ = [
@@ -157,21 +157,19 @@ def explain(
 
     Writes ``output`` (default ``workdir/explain_<index>.png``) and returns its path.
     """
-    config = checkpoints.read_config(workdir)
+    run = workdir_lib.load_run(workdir, member)
+    config = run.config
     data = input_pipeline.load_dataset(
-        config["dataset"],
-        source=config["data_source"],
-        data_dir=config["data_dir"] or None,
-        idx_dir=config["idx_dir"] or None,
+        config.dataset,
+        source=config.data_source,
+        data_dir=config.data_dir or None,
+        idx_dir=config.idx_dir or None,
         part=input_pipeline.Part(num_train=1),
         num_classes=config.get("num_classes", 0),  # Workdirs from before the field: 0.
     )
     if not 0 <= index < len(data.test_labels):
         raise ValueError(f"--index={index}: the test split has {len(data.test_labels)} images")
-    fields, params = checkpoints.load_trained(
-        workdir, input_hwc=data.image_shape, num_classes=data.num_classes, member=member
-    )
-    model = models.from_fields(fields, data.num_classes)
+    model, params = run.model, run.params
     image = data.test_images[index]
     named = stages(model, params, image)
     logits = model.apply({"params": params}, train_lib.normalize_images(image[None]))
@@ -182,7 +180,7 @@ def explain(
         f"{data.name} test image {index}: label {label} ({names[label]}), "
         f"predicted {predicted} ({names[predicted]})"
     )
-    path = output or os.path.join(workdir, f"explain_{index}.png")
+    path = output or workdir_lib.path(workdir, workdir_lib.explain_figure(index))
     figure(named, title).savefig(path, dpi=100)
     return path
 
@@ -200,7 +198,7 @@ def main() -> None:
         del argv
         try:
             path = explain(workdir.value, index.value, member.value, output.value)
-        except (ValueError, FileNotFoundError, input_pipeline.DatasetError) as e:
+        except (ValueError, OSError, errors.Error) as e:
             sys.exit(f"error: {e}")
         print(path)
 

@@ -20,13 +20,13 @@ it, and nothing is classified.
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 import numpy as np
 
 from cnnflat_jax.data import idx
 from cnnflat_jax.errors import Error
+from cnnflat_jax.run import workdir as workdir_lib
 
 __all__ = [
     "UnreadableImageError",
@@ -78,17 +78,19 @@ def _read_picture(path: str, channels: int) -> np.ndarray:
 
 def main(argv: list[str]) -> int:
     args = argv[1:]
+    if args and args[0].startswith("--workdir="):
+        args = ["--workdir", args[0].removeprefix("--workdir="), *args[1:]]
     if len(args) < 3 or args[0] != "--workdir":
         print("usage: python -m cnnflat_jax.predict --workdir W FILES...", file=sys.stderr)
         return 2
-    directory, files = os.path.join(args[1], "export"), args[2:]
+    workdir, files = args[1], args[2:]
     try:
-        with open(os.path.join(directory, "classes.json")) as f:
+        with open(workdir_lib.path(workdir, workdir_lib.EXPORT_CLASSES)) as f:
             classes = json.load(f)
-        with open(os.path.join(directory, "model.jax"), "rb") as f:
+        with open(workdir_lib.path(workdir, workdir_lib.EXPORT_MODEL), "rb") as f:
             serialized = bytearray(f.read())
     except OSError as e:
-        print(f"error: {e}; run python -m cnnflat_jax.export --workdir {args[1]}", file=sys.stderr)
+        print(f"error: {e}; run python -m cnnflat_jax.export --workdir {workdir}", file=sys.stderr)
         return 1
     try:
         images = [x for path in files for x in read_images(path, tuple(classes["image_shape"]))]

@@ -16,7 +16,7 @@ import numpy as np
 
 from cnnflat_jax.errors import Error
 from cnnflat_jax.nn import layers, models, ops
-from cnnflat_jax.run import checkpoints
+from cnnflat_jax.run import workdir as workdir_lib
 
 
 class UnsupportedModelError(Error, ValueError):
@@ -236,12 +236,23 @@ def explicit_pads(spec: layers.Layer, shape: tuple) -> tuple[tuple[int, int], tu
 
 
 def from_workdir(
-    workdir: str | os.PathLike, *, input_hwc: Sequence[int], num_classes: int
+    workdir: str | os.PathLike,
+    *,
+    input_hwc: Sequence[int] | None = None,
+    num_classes: int | None = None,
+    member: int | None = None,
 ) -> Ported:
-    """A model trained by ``train.py``: ``config.json``'s model and ``final_params/``.
+    """A model trained by ``train.py`` (``workdir.load_run``): a population's
+    ``member``. ``input_hwc`` and ``num_classes``, when given, must match the run's.
 
     It was trained on images scaled to [0, 1]; feed it (and its exports) those.
     """
-    input_hwc = tuple(input_hwc)
-    fields, params = checkpoints.load_trained(workdir, input_hwc=input_hwc, num_classes=num_classes)
-    return Ported(fields, num_classes, input_hwc, params)
+    run = workdir_lib.load_run(workdir, member)
+    run_hwc, run_classes = tuple(run.data["image_shape"]), run.data["num_classes"]
+    for name, given, actual in (
+        ("input_hwc", input_hwc, run_hwc),
+        ("num_classes", num_classes, run_classes),
+    ):
+        if given is not None and tuple(np.atleast_1d(given)) != tuple(np.atleast_1d(actual)):
+            raise UnsupportedModelError(f"from_workdir: {name}={given}, but the run's is {actual}")
+    return Ported(workdir_lib.model_fields(run.config), run_classes, run_hwc, run.params)

@@ -1,0 +1,200 @@
+"""The run directory (``--workdir``): the name of every file in it, and a finished run loaded.
+
+    W/config.json           the run's config: its identity (``read_config``)
+    W/metrics.jsonl         one record per epoch (``reporting.MetricsLog``)
+    W/checkpoints/          Orbax run checkpoints, for an exact resume
+    W/damaged_checkpoints/  checkpoints that failed to restore, set aside
+    W/final_params/         the trained parameters (Orbax; a population's stacked)
+    W/data.json             what the model takes and gives (``read_data_info``)
+    W/tensorboard/          TensorBoard event files
+    W/curves.png, confusion.png, misclassified.png, hardest_examples.{png,json}
+    W/export/model.jax, W/export/classes.json   ``python -m cnnflat_jax.export``
+    W/.lock                 held while a run uses the directory
+
+Only the standard library is imported at the top, so ``predict`` can name
+the export's files without loading Flax or the models.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+from cnnflat_jax.errors import Error
+
+CONFIG = "config.json"
+METRICS = "metrics.jsonl"
+CHECKPOINTS = "checkpoints"
+DAMAGED_CHECKPOINTS = "damaged_checkpoints"
+FINAL_PARAMS = "final_params"
+DATA_INFO = "data.json"
+TENSORBOARD = "tensorboard"
+CURVES = "curves.png"
+CONFUSION = "confusion.png"
+MISCLASSIFIED = "misclassified.png"
+HARDEST_FIGURE = "hardest_examples.png"
+HARDEST_LIST = "hardest_examples.json"
+LOCK = ".lock"
+EXPORT = "export"
+EXPORT_MODEL = os.path.join(EXPORT, "model.jax")
+EXPORT_CLASSES = os.path.join(EXPORT, "classes.json")
+
+
+class RunError(Error, RuntimeError):
+    """The workdir cannot hold this run (in use, another run's, no intact
+    checkpoint), or is not the finished run a tool needs."""
+
+
+def path(workdir: str | os.PathLike, name: str) -> str:
+    """``workdir``'s file or directory ``name`` (one of this module's names)."""
+    return os.path.join(os.fspath(workdir), name)
+
+
+def explain_figure(index: int) -> str:
+    """The name of ``python -m cnnflat_jax.explain``'s figure of test image ``index``."""
+    return f"explain_{index}.png"
+
+
+def write_json(target: str, content: Any) -> None:
+    """Writes ``content`` as JSON to ``target`` whole or not at all (a temporary file, renamed)."""
+    with open(target + ".tmp", "w") as f:
+        json.dump(content, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(target + ".tmp", target)
+
+
+def read_json(workdir: str | os.PathLike, name: str, what: str) -> Any:
+    """``workdir``'s JSON file ``name``, which holds ``what``.
+
+    Raises:
+      RunError: the file is missing or is not JSON.
+    """
+    target = path(workdir, name)
+    try:
+        with open(target) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise RunError(
+            f"{os.fspath(workdir)!r} has no {name} ({what}): not a train.py workdir, "
+            "or its run has not finished"
+        ) from None
+    except (OSError, ValueError) as e:
+        raise RunError(f"{target} is unreadable ({e}); it holds {what}") from None
+
+
+def read_config(workdir: str | os.PathLike) -> dict[str, Any]:
+    """The ``config.json`` that ``train.py`` wrote to ``workdir``, as a dict."""
+    config = read_json(workdir, CONFIG, "the run's config")
+    if not isinstance(config, dict):
+        raise RunError(f"{path(workdir, CONFIG)} is not a JSON object; it holds the run's config")
+    return config
+
+
+def write_config(workdir: str | os.PathLike, config: Any) -> None:
+    """``config.json``: the resolved ``ml_collections`` config (atomically)."""
+    target = path(workdir, CONFIG)
+    with open(target + ".tmp", "w") as f:
+        f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+    os.replace(target + ".tmp", target)
+
+
+def write_data_info(
+    workdir: str | os.PathLike, dataset: str, image_shape, num_classes: int, class_names
+) -> None:
+    """``data.json``: what the model takes and gives, for ``export``, ``predict`` and tools."""
+    info = {
+        "dataset": dataset,
+        "image_shape": list(image_shape),
+        "num_classes": num_classes,
+        "class_names": list(class_names),
+    }
+    write_json(path(workdir, DATA_INFO), info)
+
+
+def read_data_info(workdir: str | os.PathLike) -> dict[str, Any]:
+    """``data.json``: ``dataset``, ``image_shape`` (HWC), ``num_classes``, ``class_names``."""
+    info = read_json(workdir, DATA_INFO, "the image shape and classes")
+    keys = ("dataset", "image_shape", "num_classes", "class_names")
+    if not isinstance(info, dict) or any(key not in info for key in keys):
+        raise RunError(f"{path(workdir, DATA_INFO)} lacks one of {', '.join(keys)}")
+    return info
+
+
+def model_fields(config: Any) -> dict[str, Any]:
+    """A loaded config's ``model`` group as ``models.from_fields`` takes it (JSON's
+    lists as tuples)."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in config.model.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainedRun:
+    """A finished ``train.py`` run, loaded.
+
+    Attributes:
+      config: the run's config (an ``ml_collections.ConfigDict``).
+      data: ``data.json``: the dataset, image shape, class count and names.
+      team: the run's ``population.Population``.
+      model: the Flax module of one model.
+      params: one model's parameters, or every member's stacked on a leading
+        axis when a population was loaded whole.
+      member: the member whose parameters these are (None: a single model, or
+        a whole population).
+    """
+
+    config: Any
+    data: dict[str, Any]
+    team: Any
+    model: Any
+    params: Any
+    member: int | None
+
+
+def load_run(
+    workdir: str | os.PathLike, member: int | None = None, *, whole_population: bool = False
+) -> TrainedRun:
+    """A finished run: its config, data info, model and final parameters.
+
+    Args:
+      workdir: a ``train.py`` workdir that finished (it has ``final_params/``).
+      member: for a population, which member's parameters to load.
+      whole_population: for a population with no ``member``, load every
+        member's parameters, stacked.
+
+    Raises:
+      RunError: not a finished run; a population without a member (unless
+        ``whole_population``); a member out of range, or one given for a
+        single model.
+    """
+    import jax
+    import ml_collections
+
+    from cnnflat_jax.nn import models
+    from cnnflat_jax.run import checkpoints
+    from cnnflat_jax.train import population
+
+    config = ml_collections.ConfigDict(read_config(workdir))
+    data = read_data_info(workdir)
+    team = population.of_config(config)
+    if team.is_population and member is None and not whole_population:
+        raise RunError(
+            f"{os.fspath(workdir)!r} holds a population of {team.size} models; choose a member"
+        )
+    if member is not None and not (team.is_population and 0 <= member < team.size):
+        size = f"a population of {team.size}" if team.is_population else "one model"
+        raise RunError(
+            f"member {member} is out of range: {os.fspath(workdir)!r} holds {size}"
+            + (f" (members 0 to {team.size - 1})" if team.is_population else "")
+        )
+    model = models.from_fields(model_fields(config), data["num_classes"])
+    x = jax.ShapeDtypeStruct((1, *data["image_shape"]), jax.numpy.float32)
+    like = jax.eval_shape(model.init, jax.random.key(0), x)["params"]
+    if team.is_population:
+        like = jax.tree.map(lambda a: jax.ShapeDtypeStruct((team.size, *a.shape), a.dtype), like)
+    if not os.path.isdir(path(workdir, FINAL_PARAMS)):
+        raise RunError(f"{os.fspath(workdir)!r} has no {FINAL_PARAMS}/: the run has not finished")
+    params = checkpoints.load_params(path(workdir, FINAL_PARAMS), like)
+    if member is not None:
+        params = jax.tree.map(lambda a: a[member], params)
+    return TrainedRun(config, data, team, model, params, member)
