@@ -158,7 +158,7 @@ def data_dir(kind: str | int, data: input_pipeline.Dataset) -> str:
     directory = os.path.join(_OUT.value, _DATA, str(kind))
     if os.path.isdir(directory):
         return directory
-    train, test = (data.train_images, data.train_labels), (data.test_images, data.test_labels)
+    train, test = (data.train.images, data.train.labels), (data.test_images, data.test_labels)
     if kind == "padded":
         train, test = (pad(train[0]), train[1]), (pad(test[0]), test[1])
     else:
@@ -234,8 +234,8 @@ def train_variant(name: str, data: input_pipeline.Dataset, full: bool = False) -
         records.append(trainer.train_and_evaluate(config, os.path.join(workdir, f"seed_{seed}")))
     config.seed = 0
     image_shape = (CANVAS, CANVAS, 1) if VARIANTS[name].data == "padded" else (28, 28, 1)
-    size = VARIANTS[name].data if isinstance(VARIANTS[name].data, int) else len(data.train_labels)
-    train_images, train_labels = data.train_images[:size], data.train_labels[:size]
+    size = VARIANTS[name].data if isinstance(VARIANTS[name].data, int) else len(data.train.labels)
+    train_images, train_labels = data.train.images[:size], data.train.labels[:size]
     if VARIANTS[name].data == "padded":
         train_images = pad(train_images)
     summary = {

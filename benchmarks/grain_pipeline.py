@@ -83,9 +83,9 @@ def datasets(root: str, repeats: list[int]) -> dict[int, dict[str, str]]:
     out = {}
     for k in repeats:
         paths = {"idx": os.path.join(root, f"idx_x{k}"), "records": os.path.join(root, f"ar_x{k}")}
-        train = (np.concatenate([data.train_images] * k), np.concatenate([data.train_labels] * k))
+        train = (np.concatenate([data.train.images] * k), np.concatenate([data.train.labels] * k))
         write_idx_dir(paths["idx"], train, test)
-        splits = {"train": (data.train_images, data.train_labels), "test": test}
+        splits = {"train": (data.train.images, data.train.labels), "test": test}
         array_records.write(paths["records"], "fashion_mnist", data.num_classes, splits, repeat=k)
         out[k] = paths
     return out

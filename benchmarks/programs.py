@@ -37,7 +37,7 @@ class Training:
     def run(self, dispatch: int) -> dict[str, np.ndarray]:
         """Gathers a dispatch on the host and trains on it; returns the metric sums."""
         batches = self.gather(dispatch % self.num_dispatches)
-        self.state, sums = self.program(self.state, batches)
+        self.state, sums, _ = self.program(self.state, batches)
         return sums
 
 

@@ -81,9 +81,9 @@ def training_batches(config, data):
     from cnnflat_jax.data import batching
 
     indices, mask = batching.epoch_plan(
-        jax.random.key(1), 1, len(data.train_labels), config.batch_size, _STEPS.value
+        jax.random.key(1), 1, len(data.train.labels), config.batch_size, _STEPS.value
     )
-    return batching.gather_batches(data.train_images, data.train_labels, indices[0], mask[0])
+    return batching.gather_batches(data.train.images, data.train.labels, indices[0], mask[0])
 
 
 def measure_ours(config, data) -> dict:

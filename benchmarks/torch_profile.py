@@ -106,9 +106,9 @@ def main(_):
     timed = torch.nn.Sequential(*(Ranged(f"layer {i}", module) for i, module in enumerate(net)))
     optimizer = torch.optim.Adam(net.parameters(), config.learning_rate)
     indices, mask = batching.epoch_plan(
-        jax.random.key(1), 1, len(data.train_labels), config.batch_size, _STEPS.value
+        jax.random.key(1), 1, len(data.train.labels), config.batch_size, _STEPS.value
     )
-    batches = batching.gather_batches(data.train_images, data.train_labels, indices[0], mask[0])
+    batches = batching.gather_batches(data.train.images, data.train.labels, indices[0], mask[0])
     images = torch.from_numpy(batches["image"].transpose(0, 1, 4, 2, 3).astype(np.float32) / 255)
     labels = torch.from_numpy(batches["label"].astype(np.int64))
 

@@ -4,6 +4,7 @@ import jax
 import numpy as np
 
 from cnnflat_jax.data import batching, input_pipeline
+from cnnflat_jax.data.examples import Arrays
 
 
 def test_epoch_plan_covers_every_example_once_including_the_last_partial_batch():
@@ -56,7 +57,7 @@ def dataset(num_train):
     images = np.arange(num_train, dtype=np.uint8).reshape(num_train, 1, 1, 1)
     return input_pipeline.Dataset(
         name="toy", source="memory", num_classes=3,
-        train_images=images, train_labels=np.arange(num_train, dtype=np.int32) % 3,
+        train=Arrays(images, np.arange(num_train, dtype=np.int32) % 3),
         test_images=images[:2], test_labels=np.zeros(2, np.int32),
         train_total=num_train, test_total=2,
     )  # fmt: skip
@@ -80,3 +81,24 @@ def test_train_data_gathers_this_process_columns_of_a_plan():
     np.testing.assert_array_equal(batches["image"][..., 0, 0, 0], indices[0])
     np.testing.assert_array_equal(batches["label"], indices[0] % 3)
     np.testing.assert_array_equal(batches["mask"], mask[0])
+
+
+def test_a_plan_counts_its_own_steps_skipping_all_padding_ones():
+    plan = batching.epoch_plan(jax.random.key(0), 1, 300, 128, 2)  # 3 steps with examples, 1 not.
+    assert len(plan) == 2 and plan.steps() == 3
+    assert [plan.steps(0), plan.steps(1), plan.steps(slice(0, 1)), plan.steps(slice(0, 0))] == [
+        2, 1, 2, 0,
+    ]  # fmt: skip
+
+
+def test_the_memory_stream_reads_each_dispatch_when_due_and_keeps_its_place():
+    train, _ = batching.split_validation(dataset(20), 0, 1)
+    plan = batching.epoch_plan(jax.random.key(0), 1, 20, 4, 1)  # 5 dispatches of one step.
+    stream = train.stream(plan, 0, None)
+    first = next(stream)
+    assert stream.get_state() == {"next_index": 1}
+    np.testing.assert_array_equal(first["image"][..., 0, 0, 0], plan.indices[0])
+    rest = list(train.stream(plan, 2, stream.get_state()))  # Goes on from dispatch 2.
+    assert len(rest) == 3
+    for d, batches in enumerate(rest, start=2):
+        np.testing.assert_array_equal(batches["label"], plan.indices[d] % 3)

@@ -75,16 +75,20 @@ def test_records_read_any_shape_of_positions(dataset):
     data = input_pipeline.load_records("toy", array_record_dir=str(records))
     images, labels = idx_arrays(idx_dir, "train")
     positions = np.array([[5, 0, 63], [7, 7, 1]])
-    got_images, got_labels = data.train_records.read(positions)
+    got_images, got_labels = data.train.read(positions)
     assert got_images.shape == (2, 3, 8, 8, 1) and got_labels.shape == (2, 3)
     np.testing.assert_array_equal(got_images, images[positions])
     np.testing.assert_array_equal(got_labels, labels[positions])
-    subset = data.train_records.take(np.array([9, 4]))
+    subset = data.train.take(np.array([9, 4]))
     np.testing.assert_array_equal(subset.read()[1], labels[[9, 4]])
     test_images, test_labels = idx_arrays(idx_dir, "t10k")  # The test split is in memory.
     np.testing.assert_array_equal(data.test_images, test_images)
     np.testing.assert_array_equal(data.test_labels, test_labels)
-    assert data.train_images is None and data.train_total == 64 and data.image_shape == (8, 8, 1)
+    assert (
+        isinstance(data.train, array_records.Records)
+        and data.train_total == 64
+        and data.image_shape == (8, 8, 1)
+    )
 
 
 def test_repeat_writes_the_training_set_k_times_over(dataset, tmp_path):
@@ -150,10 +154,10 @@ def test_each_process_opens_only_its_own_shard(dataset):
     idx_dir, records, _ = dataset
     part = input_pipeline.Part(num_train=60, shard_count=4, shards=range(2, 4))  # 2 of 4 shards.
     data = input_pipeline.load_records("toy", array_record_dir=str(records), part=part)
-    np.testing.assert_array_equal(data.train_records.ids, np.arange(30, 60))
+    np.testing.assert_array_equal(data.train.ids, np.arange(30, 60))
     assert data.train_total == 60
     images, _ = idx_arrays(idx_dir, "train")
-    np.testing.assert_array_equal(data.train_records.read()[0], images[30:60])
+    np.testing.assert_array_equal(data.train.read()[0], images[30:60])
 
 
 def test_a_corrupt_record_file_names_the_file_and_the_records(dataset, tmp_path):
@@ -168,7 +172,7 @@ def test_a_corrupt_record_file_names_the_file_and_the_records(dataset, tmp_path)
     path.write_bytes(bytes(raw))
     data = input_pipeline.load_records("toy", array_record_dir=str(damaged))
     with pytest.raises(array_records.RecordError, match=f"{path}: cannot read records"):
-        data.train_records.read()
+        data.train.read()
     path.write_bytes(bytes(raw[:3000]))  # Truncated: the file cannot be opened.
     with pytest.raises(array_records.RecordError, match="is not a readable ArrayRecord file"):
         input_pipeline.load_records("toy", array_record_dir=str(damaged))
@@ -189,9 +193,9 @@ def test_a_record_of_another_size_or_class_is_named(dataset, tmp_path):
     writer.close()
     data = input_pipeline.load_records("toy", array_record_dir=str(bad))
     with pytest.raises(array_records.RecordError, match="record 5 has 67 bytes, not 68"):
-        data.train_records.read(np.arange(8))
+        data.train.read(np.arange(8))
     with pytest.raises(array_records.RecordError, match=r"record 9 has label 7, outside the 3"):
-        data.train_records.read(np.arange(8, 12))
+        data.train.read(np.arange(8, 12))
 
 
 @pytest.mark.parametrize(
@@ -265,7 +269,7 @@ def test_tfds_array_record_data_source_streams_the_training_split(dataset, tmp_p
     prepare_tfds_toy(tmp_path, "array_record", idx_dir)
     data = input_pipeline.load_records("toy_digits", data_dir=str(tmp_path))
     images, labels = idx_arrays(idx_dir, "train")
-    got_images, got_labels = data.train_records.read(np.array([3, 11, 63]))
+    got_images, got_labels = data.train.read(np.array([3, 11, 63]))
     np.testing.assert_array_equal(got_images, images[[3, 11, 63]])
     np.testing.assert_array_equal(got_labels, labels[[3, 11, 63]])
     np.testing.assert_array_equal(data.test_labels, idx_arrays(idx_dir, "t10k")[1])

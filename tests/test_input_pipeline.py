@@ -57,7 +57,7 @@ def test_truncated_gzip_is_reported(tmp_path):
 def test_idx_directory_loads_shapes_and_labels_from_the_files(tmp_path):
     directory = write_idx_dataset(tmp_path, num_train=20, num_test=7, size=6, num_classes=3)
     data = input_pipeline.load_dataset("toy", source="idx", idx_dir=str(directory), num_classes=3)
-    assert data.train_images.shape == (20, 6, 6, 1) and data.train_images.dtype == np.uint8
+    assert data.train.images.shape == (20, 6, 6, 1) and data.train.images.dtype == np.uint8
     assert data.test_labels.shape == (7,) and data.test_labels.dtype == np.int32
     assert data.num_classes == 3
     assert data.image_shape == (6, 6, 1)
@@ -74,7 +74,7 @@ def test_a_part_loads_only_its_shards_of_the_first_examples(tmp_path):
         "toy", source="idx", idx_dir=str(directory), part=part, num_classes=3
     )
     assert (data.train_total, data.test_total) == (17, 6)
-    np.testing.assert_array_equal(data.train_images, full.train_images[8:17])  # 2*17//4 = 8
+    np.testing.assert_array_equal(data.train.images, full.train.images[8:17])  # 2*17//4 = 8
     np.testing.assert_array_equal(data.test_labels, full.test_labels[3:6])  # 2*6//4 = 3
     assert data.num_classes == 3
 
@@ -221,7 +221,7 @@ def test_tfds_source_reads_shapes_and_classes_from_dataset_info(tmp_path):
         data = input_pipeline.load_dataset("cifar10", source="tfds", data_dir=str(tmp_path))
     assert data.image_shape == (32, 32, 3)
     assert data.num_classes == 10
-    assert data.train_images.shape == (12, 32, 32, 3) and data.train_images.dtype == np.uint8
+    assert data.train.images.shape == (12, 32, 32, 3) and data.train.images.dtype == np.uint8
     assert data.source.startswith("TFDS cifar10")
     import tensorflow as tf
 
@@ -234,10 +234,10 @@ def test_tfds_source_reads_shapes_and_classes_from_dataset_info(tmp_path):
 )
 def test_real_fashion_mnist_from_the_debian_package():
     data = input_pipeline.load_dataset("fashion_mnist", source="idx")
-    assert data.train_images.shape == (60000, 28, 28, 1)
+    assert data.train.images.shape == (60000, 28, 28, 1)
     assert data.test_images.shape == (10000, 28, 28, 1)
     assert data.num_classes == 10
     # Published facts about Fashion-MNIST: balanced classes, mean pixel 0.2860.
-    assert np.bincount(data.train_labels).tolist() == [6000] * 10
+    assert np.bincount(data.train.labels).tolist() == [6000] * 10
     assert np.bincount(data.test_labels).tolist() == [1000] * 10
-    assert data.train_images.mean() / 255 == pytest.approx(0.2860, abs=5e-4)
+    assert data.train.images.mean() / 255 == pytest.approx(0.2860, abs=5e-4)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from helpers import one_step, step_program
 
-from cnnflat_jax.data import batching
+from cnnflat_jax.data.examples import Arrays
 from cnnflat_jax.nn import models
 from cnnflat_jax.run import hardest
 from cnnflat_jax.train import per_example, train_lib
@@ -126,8 +126,8 @@ def test_hardest_report_lists_the_largest_gradient_norms(tmp_path):
     rng = np.random.default_rng(1)
     images = rng.integers(0, 255, (150, 8, 8, 1), dtype=np.uint8)
     labels = rng.integers(0, 3, 150).astype(np.int32)
-    examples = batching.Arrays(images, labels)
-    rows = hardest.report(state, examples, str(tmp_path), num_shown=5, num_scanned=140)
+    train = Arrays(images, labels)
+    rows = hardest.report(state, train, str(tmp_path), num_shown=5, num_scanned=140)
     norms = []
     for i in range(140):
         g = jax.grad(loss_of(state.apply_fn))(

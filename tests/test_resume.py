@@ -96,7 +96,7 @@ def test_grain_sigkill_mid_epoch_then_rerun_ends_bit_identical(uninterrupted, tm
     data, _ = uninterrupted
     loaded = input_pipeline.load_dataset("fashion_mnist", idx_dir=str(data), num_classes=3)
     splits = {
-        "train": (loaded.train_images, loaded.train_labels),
+        "train": (loaded.train.images, loaded.train.labels),
         "test": (loaded.test_images, loaded.test_labels),
     }
     array_records.write(str(tmp_path / "records"), "fashion_mnist", 3, splits)

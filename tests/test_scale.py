@@ -89,7 +89,7 @@ def test_two_processes_match_one_process_with_the_same_data_shards(tmp_path, pip
     if pipeline == "grain":  # Each process streams its own shard from the records.
         loaded = input_pipeline.load_dataset("fashion_mnist", idx_dir=str(data), num_classes=3)
         splits = {
-            "train": (loaded.train_images, loaded.train_labels),
+            "train": (loaded.train.images, loaded.train.labels),
             "test": (loaded.test_images, loaded.test_labels),
         }
         array_records.write(str(tmp_path / "records"), "fashion_mnist", 3, splits)

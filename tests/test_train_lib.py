@@ -116,8 +116,8 @@ def test_compiled_loop_equals_per_step_loop():
     for loop, program in programs.items():
         for plan in zip(indices, mask):
             batches = batching.gather_batches(images, labels, *plan)
-            states[loop], sums = program(states[loop], batches)
-            assert int(sums.pop("first_diverged_step")) == -1
+            states[loop], sums, divergence = program(states[loop], batches)
+            assert divergence.step == -1 and not divergence.diverged
             totals[loop] = sums if loop not in totals else jax.tree.map(np.add, totals[loop], sums)
     assert int(states["compiled"].step) == int(states["per_step"].step) == 5
     assert float(totals["compiled"]["count"]) == float(totals["per_step"]["count"]) == 70
@@ -142,8 +142,9 @@ def test_both_loops_report_the_first_diverged_step_and_its_loss(loop):
             hparams={**state.hparams, "learning_rate": jnp.float32(learning_rate)}
         )
         program = step_program(state, 16, loop=loop, steps=3, max_loss=max_loss)
-        _, sums = program(state, batches)
-        return int(sums["first_diverged_step"]), float(sums["diverged_loss"]), sums
+        _, sums, divergence = program(state, batches)
+        assert divergence.diverged == (divergence.step >= 0)
+        return divergence.step, divergence.loss, sums
 
     # A sane step: nothing diverges, whatever the bound.
     assert divergence(0.1, 1e4)[0] == -1

@@ -47,6 +47,8 @@ INFO_FILE = "dataset.json"
 SPLITS = ("train", "test")
 _LABEL_BYTES = 4
 RECORD_FORMAT = "int32 little-endian label, then the image's uint8 pixels in HWC order"
+# Dispatches that Grain reads ahead of the training loop, in a background thread.
+PREFETCH_DISPATCHES = 2
 
 
 class RecordError(Error, ValueError):
@@ -92,6 +94,22 @@ class Records:
         if self.permute_pixels:
             images = transforms.permute_pixels(images)
         return images.reshape(*ids.shape, *self.image_shape), labels.reshape(ids.shape)
+
+    def stream(
+        self, read_dispatch: Callable[[int], Any], count: int, start: int, state: dict | None
+    ):
+        """Dispatches ``0 .. count - 1`` as a Grain iterator that reads
+        ``PREFETCH_DISPATCHES`` ahead in a background thread, going on from
+        ``state`` (its ``get_state()`` after dispatch ``start - 1``; None when
+        ``start`` is 0)."""
+        import grain
+
+        dispatches = grain.MapDataset.range(count).map(read_dispatch)
+        options = grain.ReadOptions(num_threads=1, prefetch_buffer_size=PREFETCH_DISPATCHES)
+        iterator = iter(dispatches.to_iter_dataset(options))
+        if state is not None:
+            iterator.set_state(state)
+        return iterator
 
 
 def read_info(directory: str) -> dict[str, Any]:

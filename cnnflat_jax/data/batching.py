@@ -10,14 +10,31 @@ each process gathers its own columns of every batch on the host. See
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import NamedTuple
 
 import jax
 import numpy as np
 
-from cnnflat_jax.data import array_records, input_pipeline, shards
+from cnnflat_jax.data import input_pipeline, shards
+from cnnflat_jax.data.examples import Dispatch, Examples
 
-Plan = tuple[np.ndarray, np.ndarray]  # (indices, mask), (dispatches, steps, [K,] batch).
+
+class Plan(NamedTuple):
+    """An epoch's example order: ``indices`` ``(dispatches, steps, [K,] batch)``
+    into the concatenated shards, and ``mask`` ``(dispatches, steps, batch)``,
+    1 for an example and 0 for padding. A step whose mask is all 0 is skipped."""
+
+    indices: np.ndarray
+    mask: np.ndarray
+
+    def __len__(self) -> int:
+        """The number of dispatches."""
+        return len(self.indices)
+
+    def steps(self, dispatches: int | slice = slice(None)) -> int:
+        """How many steps ``dispatches`` (default: all) train, skipped steps not counted."""
+        return int(np.any(self.mask[dispatches] > 0, axis=-1).sum())
 
 
 def _shard_list(shard_sizes: int | Sequence[int]) -> list[int]:
@@ -68,7 +85,7 @@ def epoch_plan(
         x = x.reshape(len(sizes), steps, per_shard).transpose(1, 0, 2)
         return x.reshape(shape)
 
-    return batches(indices), batches(mask)
+    return Plan(batches(indices), batches(mask))
 
 
 def members_plan(keys: Sequence[jax.Array], epoch: int, *args) -> Plan:
@@ -80,27 +97,7 @@ def members_plan(keys: Sequence[jax.Array], epoch: int, *args) -> Plan:
     plans = [epoch_plan(key, epoch, *args) for key in keys]
     if len(plans) == 1:
         return plans[0]
-    return np.stack([indices for indices, _ in plans], axis=2), plans[0][1]
-
-
-@dataclasses.dataclass(frozen=True)
-class Arrays:
-    """Examples held in host memory; ``array_records.Records`` is the streamed kind."""
-
-    images: np.ndarray
-    labels: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def take(self, positions: np.ndarray | slice) -> Arrays:
-        return Arrays(self.images[positions], self.labels[positions])
-
-    def read(self, positions: np.ndarray | slice = slice(None)) -> tuple[np.ndarray, np.ndarray]:
-        return self.images[positions], self.labels[positions]
-
-
-Examples = Arrays | array_records.Records
+    return Plan(np.stack([plan.indices for plan in plans], axis=2), plans[0].mask)
 
 
 def gather_batches(
@@ -108,10 +105,6 @@ def gather_batches(
 ) -> dict[str, np.ndarray]:
     """Batches gathered from arrays on the host: ``(steps, [K,] batch, ...)``."""
     return {"image": images[indices], "label": labels[indices], "mask": mask}
-
-
-# Dispatches that Grain reads ahead of the training loop, in a background thread.
-PREFETCH_DISPATCHES = 2
 
 
 def process_columns(batch_size: int) -> slice:
@@ -140,27 +133,18 @@ class TrainData:
         images, labels = self.examples.read(indices[..., columns] - self.offset)
         return {"image": images, "label": labels, "mask": mask[..., columns]}
 
-    def stream(self, plan: Plan, state: dict | None = None):
-        """The plan's dispatches as a Grain iterator that reads
-        ``PREFETCH_DISPATCHES`` ahead, or None when the examples are in memory
-        (``batches`` gathers each dispatch when it is due).
+    def stream(self, plan: Plan, start: int, state: dict | None) -> Iterator[Dispatch]:
+        """The plan's dispatches from ``start`` on, read as the examples' kind
+        reads (``examples.Arrays.stream``, ``array_records.Records.stream``).
 
-        ``iterator.get_state()`` after dispatch ``d`` is the state to pass
-        as ``state`` to go on from dispatch ``d + 1``.
+        ``state`` is the iterator's ``get_state()`` after dispatch ``start - 1``
+        (None at the epoch's start).
         """
-        if isinstance(self.examples, Arrays):
-            return None
-        import grain
 
-        indices, mask = plan
-        dispatches = grain.MapDataset.range(len(indices)).map(
-            lambda d: self.batches(indices[d], mask[d])
-        )
-        options = grain.ReadOptions(num_threads=1, prefetch_buffer_size=PREFETCH_DISPATCHES)
-        iterator = iter(dispatches.to_iter_dataset(options))
-        if state is not None:
-            iterator.set_state(state)
-        return iterator
+        def read_dispatch(d: int) -> Dispatch:
+            return self.batches(plan.indices[d], plan.mask[d])
+
+        return self.examples.stream(read_dispatch, len(plan), start, state)
 
 
 def split_validation(
@@ -174,7 +158,7 @@ def split_validation(
     Returns:
       ``(TrainData, (images, labels) of the validation part, or None)``.
     """
-    examples = data.train_records or Arrays(data.train_images, data.train_labels)
+    examples = data.train
     per_shard = num_validation // data_shards
     bounds = shards.shard_bounds(data.train_total, data_shards)
     sizes = np.diff(bounds) - per_shard

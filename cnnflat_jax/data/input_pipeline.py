@@ -23,6 +23,7 @@ import numpy as np
 from absl import logging
 
 from cnnflat_jax.data import array_records, shards, transforms
+from cnnflat_jax.data.examples import Arrays, Examples
 from cnnflat_jax.data.idx import IdxError, read_idx
 from cnnflat_jax.errors import Error
 
@@ -98,20 +99,18 @@ class Dataset:
     Images are uint8 NHWC ``(N, H, W, C)``; labels are int32 ``(N,)`` in
     ``[0, num_classes)``. ``train_total``/``test_total`` count the examples
     of all processes' parts together. The test split is in host memory; the
-    training split is too, unless it streams: then ``train_records`` holds it
-    and ``train_images``/``train_labels`` are None.
+    training split is ``examples.Arrays`` (the memory pipeline) or
+    ``array_records.Records`` (the grain pipeline), one interface either way.
     """
 
     name: str
     source: str
     num_classes: int
-    train_images: np.ndarray | None
-    train_labels: np.ndarray | None
+    train: Examples
     test_images: np.ndarray
     test_labels: np.ndarray
     train_total: int
     test_total: int
-    train_records: array_records.Records | None = None
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -213,10 +212,9 @@ def load_data(config: ml_collections.ConfigDict, data_shards: int) -> Dataset:
     )
     if not config.permute_pixels:
         return data
+    train = Arrays(transforms.permute_pixels(data.train.images), data.train.labels)
     return dataclasses.replace(
-        data,
-        train_images=transforms.permute_pixels(data.train_images),
-        test_images=transforms.permute_pixels(data.test_images),
+        data, train=train, test_images=transforms.permute_pixels(data.test_images)
     )
 
 
@@ -266,9 +264,9 @@ def load_records(
     test_images, test_labels = records["test"].read()
     logging.info("Streaming %s from %s", name, source)
     return Dataset(
-        name=name, source=source, num_classes=classes,
-        train_images=None, train_labels=None, test_images=test_images, test_labels=test_labels,
-        train_total=totals["train"], test_total=totals["test"], train_records=records["train"],
+        name=name, source=source, num_classes=classes, train=records["train"],
+        test_images=test_images, test_labels=test_labels,
+        train_total=totals["train"], test_total=totals["test"],
     )  # fmt: skip
 
 
@@ -398,8 +396,7 @@ def _dataset(name, source, num_classes, arrays, totals, where) -> Dataset:
         name=name,
         source=source,
         num_classes=num_classes,
-        train_images=arrays["train"][0],
-        train_labels=arrays["train"][1],
+        train=Arrays(*arrays["train"]),
         test_images=arrays["test"][0],
         test_labels=arrays["test"][1],
         train_total=totals["train"],

@@ -126,16 +126,16 @@ def global_step(state: Any) -> int:
 class RunPosition:
     """Where training goes on: at ``dispatch`` of ``epoch``.
 
-    ``totals`` are that epoch's metric sums so far (None at its start);
+    ``totals`` are that epoch's metric sums so far (empty at its start);
     ``record`` is the last finished epoch's record; ``stopped`` says the run
     ended early (``stop_at_test_accuracy``), so a rerun trains no more;
-    ``data_state`` is a streaming input pipeline's iterator state at
-    ``dispatch`` (None at an epoch's start and for the memory pipeline).
+    ``data_state`` is the input pipeline's iterator state at ``dispatch``
+    (``TrainData.stream``; None at an epoch's start).
     """
 
     epoch: int = 1
     dispatch: int = 0
-    totals: dict[str, np.ndarray] | None = None
+    totals: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
     record: dict[str, Any] | None = None
     stopped: bool = False
     data_state: dict[str, Any] | None = None
@@ -143,8 +143,7 @@ class RunPosition:
     def save(self, run_checkpoints: checkpoints.RunCheckpoints, state: Any) -> None:
         """Checkpoints ``state`` with this position."""
         progress = dataclasses.asdict(self)
-        if self.totals is not None:
-            progress["totals"] = {k: np.asarray(v).tolist() for k, v in self.totals.items()}
+        progress["totals"] = {k: np.asarray(v).tolist() for k, v in self.totals.items()}
         run_checkpoints.save(global_step(state), state, progress)
 
     @classmethod
@@ -184,8 +183,8 @@ class RunPosition:
                 continue
             fields = {f.name for f in dataclasses.fields(cls)}
             position = cls(**{k: v for k, v in progress.items() if k in fields})
-            if position.totals is not None:
-                position.totals = {k: np.asarray(v) for k, v in position.totals.items()}
+            # Checkpoints of earlier versions hold None at an epoch's start.
+            position.totals = {k: np.asarray(v) for k, v in (position.totals or {}).items()}
             metrics_log.truncate(position.epoch - 1)
             logging.info(
                 "Resuming from the checkpoint at step %d (epoch %d, dispatch %d) in %s",

@@ -113,7 +113,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, start: float) -> dict[
             metrics_log.write_epoch(record)
             reporting.log_epoch(record, config.num_epochs)
             stopped = 0 < config.stop_at_test_accuracy <= record["test_accuracy"]
-            run_state.RunPosition(epoch + 1, 0, None, record, stopped).save(run_checkpoints, state)
+            run_state.RunPosition(epoch + 1, 0, {}, record, stopped).save(run_checkpoints, state)
             if stopped:
                 logging.info("Reached test accuracy %.4f: stopping.", config.stop_at_test_accuracy)
                 break
@@ -147,43 +147,37 @@ class _Epochs:
         Returns:
           The state, the epoch's metric sums and the seconds it took.
         """
-        indices, mask = plan
         totals = position.totals
-        every = max(1, self.config.checkpoint_every_steps // indices.shape[1])
+        every = max(1, self.config.checkpoint_every_steps // plan.indices.shape[1])
         lead = jax.process_index() == 0
         bar = reporting.progress_bar(
-            int(np.any(mask > 0, axis=2).sum()), position.epoch, self.config.num_epochs,
-            self.config.progress_bar and lead,
-        )  # fmt: skip
-        bar.update(int(np.any(mask[: position.dispatch] > 0, axis=2).sum()))
+            plan.steps(), position.epoch, self.config.num_epochs, self.config.progress_bar and lead
+        )
+        bar.update(plan.steps(slice(0, position.dispatch)))
         epoch_start = time.perf_counter()
-        stream = self.data.stream(plan, position.data_state)
-        for d in range(position.dispatch, len(indices)):
+        stream = self.data.stream(plan, position.dispatch, position.data_state)
+        for d, batches in enumerate(stream, start=position.dispatch):
             step = run_state.global_step(state)
-            batches = next(stream) if stream is not None else self.data.batches(indices[d], mask[d])
-            new_state, metrics = self.train_fn(state, batches)
-            bad, loss = int(metrics.pop("first_diverged_step")), metrics.pop("diverged_loss")
-            if bad >= 0:
+            new_state, metrics, divergence = self.train_fn(state, batches)
+            if divergence.diverged:
                 raise run_state.diverged_error(
-                    step + bad + 1, position.epoch, float(loss), self.config.max_loss,
-                    self.run_checkpoints,
+                    step + divergence.step + 1, position.epoch, divergence.loss,
+                    self.config.max_loss, self.run_checkpoints,
                 )  # fmt: skip
             state = new_state
-            metrics = {k: np.asarray(v, np.float64) for k, v in metrics.items()}
-            totals = metrics if totals is None else {k: totals[k] + metrics[k] for k in totals}
+            totals = {k: totals.get(k, 0) + np.asarray(v, np.float64) for k, v in metrics.items()}
             bar.set_postfix(
                 loss=f"{np.mean(totals['loss_sum'] / totals['count']):.4f}",
                 img_s=f"{totals['count'].sum() / (time.perf_counter() - epoch_start):.0f}",
                 refresh=False,
             )
-            bar.update(int(np.any(mask[d] > 0, axis=1).sum()))
-            if d + 1 == len(indices):
+            bar.update(plan.steps(d))
+            if d + 1 == len(plan):
                 break
             signum = self.stopping(run_state.global_step(state))
             if signum or (d + 1) % every == 0:
-                data_state = stream.get_state() if stream is not None else None
                 run_state.RunPosition(
-                    position.epoch, d + 1, totals, position.record, data_state=data_state
+                    position.epoch, d + 1, totals, position.record, data_state=stream.get_state()
                 ).save(self.run_checkpoints, state)
             if signum:
                 raise run_state.stopped_error(signum, state, self.run_checkpoints)

@@ -28,13 +28,13 @@ def main() -> None:
                 dataset.value, source="idx", idx_dir=idx_dir.value, num_classes=num_classes.value
             )
             splits = {
-                "train": (data.train_images, data.train_labels),
+                "train": (data.train.images, data.train.labels),
                 "test": (data.test_images, data.test_labels),
             }
             array_records.write(out_dir.value, data.name, data.num_classes, splits, repeat.value)
         except (OSError, ValueError, input_pipeline.DatasetError) as e:
             sys.exit(f"error: {e}")
-        print(f"wrote {out_dir.value}: {len(data.train_labels) * repeat.value} train and "
+        print(f"wrote {out_dir.value}: {len(data.train.labels) * repeat.value} train and "
               f"{len(data.test_labels)} test records from {data.source}")  # fmt: skip
 
     app.run(run)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -271,6 +271,19 @@ STEP_FNS = {
 LOOPS = ("compiled", "per_step")
 
 
+class Divergence(NamedTuple):
+    """Whether a call's steps diverged: the first step (of the call) whose mean
+    training loss was NaN, Inf or above ``max_loss``, and that loss (the worst
+    member's, for a population); ``step`` is -1 when none did."""
+
+    step: int
+    loss: float
+
+    @property
+    def diverged(self) -> bool:
+        return self.step >= 0
+
+
 def _divergence(loss_sum, count, max_loss: float):
     """``(first diverged step or -1, its worst member's mean loss)`` over
     ``(steps, [K])`` sums: a step diverges when a mean loss is NaN, Inf or
@@ -297,9 +310,7 @@ def _scan_steps(state: TrainState, batches: Batch, mode: str, max_loss: float):
 
     state, metrics = jax.lax.scan(body, state, batches)
     sums = jax.tree.map(lambda m: jnp.sum(m, axis=0), metrics)
-    divergence = _divergence(metrics["loss_sum"], metrics["count"], max_loss)
-    sums["first_diverged_step"], sums["diverged_loss"] = divergence
-    return state, sums
+    return state, sums, _divergence(metrics["loss_sum"], metrics["count"], max_loss)
 
 
 def build_train(
@@ -335,15 +346,16 @@ def build_train(
         NaN and Inf do).
 
     Returns:
-      A ``TrainProgram``: ``program(state, batches) -> (state, metric sums)``,
+      A ``TrainProgram``: ``program(state, batches) -> (state, metric sums,
+      divergence)``,
       where ``batches`` are this process's columns of one call's batches
       (``batching.TrainData.batches``): ``image`` ``(steps, [K,] b, H, W, C)``,
       ``label`` ``(steps, [K,] b)``, ``mask`` ``(steps, b)``, with
       ``b = batch_size / process count`` and ``K`` members for
       ``mode="independent"``. The sums are host numpy
-      arrays (``(K,)`` each for a population), plus ``first_diverged_step``
-      (the first step of the call whose mean loss is NaN, Inf or above
-      ``max_loss``, or -1) and ``diverged_loss`` (that step's mean loss).
+      arrays (``(K,)`` each for a population); the ``Divergence`` names the
+      first step of the call whose mean loss is NaN, Inf or above
+      ``max_loss`` (-1: none) and that loss.
     """
     if loop not in LOOPS:
         raise ValueError(f"unknown loop {loop!r}; choose one of {LOOPS}")
@@ -365,14 +377,14 @@ def build_train(
         "label": jax.ShapeDtypeStruct(lead_shape, np.int32, sharding=shardings["label"]),
         "mask": jax.ShapeDtypeStruct(mask_shape, np.float32, sharding=shardings["mask"]),
     }
-    fn = STEP_FNS[mode]
-    if loop == "compiled":
-        fn = functools.partial(_scan_steps, mode=mode, max_loss=max_loss)
+    fn, outputs = STEP_FNS[mode], 2  # (state, metrics)
+    if loop == "compiled":  # (state, sums, divergence)
+        fn, outputs = functools.partial(_scan_steps, mode=mode, max_loss=max_loss), 3
     replicated = sharding.replicated(mesh)
     compiled = jax.jit(
         fn,
         in_shardings=(replicated, shardings),
-        out_shardings=(replicated, replicated),
+        out_shardings=(replicated,) * outputs,
         donate_argnums=0,
     )
     return TrainProgram(compiled.lower(state, abstract).compile(), shardings, loop, max_loss)
@@ -393,11 +405,11 @@ class TrainProgram:
 
     def __call__(
         self, state: TrainState, batches: dict[str, np.ndarray]
-    ) -> tuple[TrainState, dict[str, np.ndarray]]:
+    ) -> tuple[TrainState, dict[str, np.ndarray], Divergence]:
         if self.loop == "compiled":
-            state, sums = self.compiled(state, self._on_devices(batches))
-            return state, jax.device_get(sums)
-        totals, divergence = None, (-1, np.nan)
+            state, sums, (step, loss) = self.compiled(state, self._on_devices(batches))
+            return state, jax.device_get(sums), Divergence(int(step), float(loss))
+        totals, divergence = {}, Divergence(-1, np.nan)
         for t in np.flatnonzero(np.any(batches["mask"] > 0, axis=-1)):
             batch = self._on_devices({k: v[t] for k, v in batches.items()})
             state, metrics = self.compiled(state, batch)
@@ -405,14 +417,10 @@ class TrainProgram:
             first, loss = _divergence(
                 metrics["loss_sum"][None], metrics["count"][None], self.max_loss
             )
-            if divergence[0] < 0 and first == 0:
-                divergence = (int(t), loss)
-            totals = metrics if totals is None else jax.tree.map(np.add, totals, metrics)
-        return state, {
-            **totals,
-            "first_diverged_step": divergence[0],
-            "diverged_loss": divergence[1],
-        }
+            if not divergence.diverged and first == 0:
+                divergence = Divergence(int(t), float(loss))
+            totals = {k: totals.get(k, 0) + v for k, v in metrics.items()}
+        return state, totals, divergence
 
     def _on_devices(self, host_batch: dict[str, np.ndarray]) -> Batch:
         """Each process's columns -> global arrays split over the mesh."""
