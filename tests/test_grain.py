@@ -194,7 +194,7 @@ def test_a_record_of_another_size_or_class_is_named(dataset, tmp_path):
     data = input_pipeline.load_records("toy", array_record_dir=str(bad))
     with pytest.raises(array_records.RecordError, match="record 5 has 67 bytes, not 68"):
         data.train.read(np.arange(8))
-    with pytest.raises(array_records.RecordError, match=r"record 9 has label 7, outside the 3"):
+    with pytest.raises(array_records.RecordError, match=r"label 7 at record 9 is outside the 3"):
         data.train.read(np.arange(8, 12))
 
 

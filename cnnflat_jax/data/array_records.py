@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from cnnflat_jax.data import transforms
+from cnnflat_jax.data.examples import check_labels
 from cnnflat_jax.errors import Error
 
 __all__ = [
@@ -39,7 +40,6 @@ __all__ = [
     "Records",
     "read_info",
     "open_split",
-    "check_labels",
     "write",
 ]
 
@@ -170,7 +170,7 @@ def open_split(directory: str, split: str, info: dict[str, Any], ids: np.ndarray
                 )
         raw = np.frombuffer(b"".join(records), np.uint8).reshape(len(records), size)
         labels = raw[:, :_LABEL_BYTES].copy().view("<i4")[:, 0].astype(np.int32)
-        check_labels(labels, num_classes, path, record_ids)
+        check_labels(labels, num_classes, path, RecordError, record_ids, item="record")
         return raw[:, _LABEL_BYTES:].reshape(len(records), *shape), labels
 
     return Records(source, decode, ids, shape, path)
@@ -180,16 +180,6 @@ def _ids(ids: np.ndarray) -> str:
     """A few record indices, for an error message."""
     shown = ", ".join(map(str, ids[:3]))
     return f"{shown}, ... ({len(ids)} in all)" if len(ids) > 3 else shown
-
-
-def check_labels(labels: np.ndarray, num_classes: int, where: str, record_ids: np.ndarray):
-    """Raises ``RecordError`` naming the first record whose label is outside the classes."""
-    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
-    if len(bad):
-        raise RecordError(
-            f"{where}: record {int(record_ids[bad[0]])} has label {int(labels[bad[0]])}, "
-            f"outside the {num_classes} classes [0, {num_classes})"
-        )
 
 
 def write(

@@ -17,7 +17,8 @@ import jax
 import numpy as np
 
 from cnnflat_jax.data import input_pipeline, shards
-from cnnflat_jax.data.examples import Dispatch, Examples
+from cnnflat_jax.data.examples import Dispatch
+from cnnflat_jax.data.input_pipeline import Examples
 
 
 class Plan(NamedTuple):

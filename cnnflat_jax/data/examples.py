@@ -3,8 +3,9 @@
 ``Arrays`` holds examples in host memory (the memory pipeline);
 ``array_records.Records`` reads them from a random-access source as they are
 asked for (the grain pipeline). Both offer ``len``, ``take``, ``read`` and
-``stream``, so the trainer meets one kind of object; ``stream`` gives an
-iterator over an epoch's dispatches whose ``get_state()`` says where it stands.
+``stream`` (``input_pipeline.Examples``), so the trainer meets one kind of
+object; ``stream`` gives an iterator over an epoch's dispatches whose
+``get_state()`` says where it stands. ``check_labels`` checks any source's labels.
 """
 
 from __future__ import annotations
@@ -13,8 +14,6 @@ import dataclasses
 from collections.abc import Callable, Iterator
 
 import numpy as np
-
-from cnnflat_jax.data import array_records
 
 Dispatch = dict[str, np.ndarray]
 
@@ -64,4 +63,21 @@ class Arrays:
         return DispatchIterator(read_dispatch, count, start)
 
 
-Examples = Arrays | array_records.Records
+def check_labels(
+    labels: np.ndarray,
+    num_classes: int,
+    where: str,
+    error: type[Exception],
+    ids: np.ndarray | None = None,
+    item: str = "index",
+) -> None:
+    """Raises ``error`` naming the first label outside ``[0, num_classes)``, the
+    example's ``item`` (its index, or ``ids[i]``) and how many such labels there are."""
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    if len(bad):
+        at = int(bad[0] if ids is None else ids[bad[0]])
+        raise error(
+            f"{where}: label {int(labels[bad[0]])} at {item} {at} is outside the "
+            f"{num_classes} classes [0, {num_classes}) ({len(bad)} such labels); set "
+            "--config.num_classes if the dataset has more classes"
+        )

@@ -23,7 +23,7 @@ import numpy as np
 from absl import logging
 
 from cnnflat_jax.data import array_records, shards, transforms
-from cnnflat_jax.data.examples import Arrays, Examples
+from cnnflat_jax.data.examples import Arrays, check_labels
 from cnnflat_jax.data.idx import IdxError, read_idx
 from cnnflat_jax.errors import Error
 
@@ -63,6 +63,10 @@ _IDX_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
+
+
+# A split's training examples, whichever pipeline loaded them (``examples``).
+Examples = Arrays | array_records.Records
 
 
 class DatasetError(Error, RuntimeError):
@@ -316,7 +320,7 @@ def _tfds_records(name: str, data_dir: str | None):
 
         def decode(examples, record_ids):
             labels = np.array([e["label"] for e in examples], np.int32)
-            array_records.check_labels(labels, classes, where, record_ids)
+            check_labels(labels, classes, where, array_records.RecordError, record_ids, "record")
             return np.stack([e["image"] for e in examples]), labels
 
         shape = tuple(builder.info.features["image"].shape)
@@ -364,22 +368,11 @@ def _load_idx(name: str, directory: str, part: Part, num_classes: int) -> Datase
             raise IdxError(
                 f"{labels_path}: {len(labels)} labels for {len(images)} images in {images_path}"
             )
-        check_labels(labels, num_classes, labels_path)
+        check_labels(labels, num_classes, labels_path, IdxError)
         totals[split], start, stop = part.bounds(split, len(labels))
         arrays[split] = (images[start:stop, ..., None].copy(), labels[start:stop].astype(np.int32))
         paths[split] = images_path
     return _dataset(name, f"IDX files in {directory}", num_classes, arrays, totals, paths)
-
-
-def check_labels(labels: np.ndarray, num_classes: int, where: str) -> None:
-    """Raises ``IdxError`` naming the first label outside ``[0, num_classes)``."""
-    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
-    if len(bad):
-        raise IdxError(
-            f"{where}: label {int(labels[bad[0]])} at index {int(bad[0])} is outside the "
-            f"{num_classes} classes [0, {num_classes}) ({len(bad)} such labels); set "
-            "--config.num_classes if the dataset has more classes"
-        )
 
 
 def _dataset(name, source, num_classes, arrays, totals, where) -> Dataset:
@@ -456,7 +449,7 @@ def _load_tfds(
         images = np.concatenate([b["image"] for b in batches])
         labels = np.concatenate([b["label"] for b in batches]).astype(np.int32)
         selections[split] = f"TFDS {name} {selection}"
-        check_labels(labels, classes, selections[split])
+        check_labels(labels, classes, selections[split], IdxError)
         splits[split] = (images, labels)
         totals.setdefault(split, len(labels))
     source = f"TFDS {name} {info.version} in {builder.data_dir}"
