@@ -6,7 +6,7 @@
 
 The layers default to the default config's CNN written as specs (the same
 network: the same parameters and the same metrics for a seed). The specs
-are in ``cnnflat_jax/layers.py``.
+are in ``cnnflat_jax/nn/layers.py``.
 """
 
 import ml_collections

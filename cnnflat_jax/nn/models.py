@@ -1,6 +1,6 @@
 """Flax Linen models built only from the pure functions in ``ops``.
 
-``Sequential`` runs any tuple of layer specs (``cnnflat_jax.layers``), such as
+``Sequential`` runs any tuple of layer specs (``cnnflat_jax.nn.layers``), such as
 ``("conv:32:3", "relu", "max_pool:2", "flatten", "dense:10")``. ``CNN`` (conv
 -> ReLU -> pool blocks, flatten, dense layers) and ``MLP`` (raw pixels
 straight into dense layers) are presets: named fields that build a spec
@@ -135,7 +135,7 @@ SIMPLE: dict[str, Callable] = {
 class Sequential(nn.Module):
     """Any stack of ``ops`` as a model: ``layers`` is a tuple of layer specs.
 
-    See ``cnnflat_jax.layers`` for the specs, for example
+    See ``cnnflat_jax.nn.layers`` for the specs, for example
     ``("conv:32:3", "relu", "max_pool:2", "flatten", "dense:10")``. The
     output is the last layer's (logits; a final softmax or log_softmax is
     recorded, not applied). ``conv_lowering`` is how ``ops.conv2d`` computes.
