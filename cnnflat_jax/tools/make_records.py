@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 
+from cnnflat_jax import errors
 from cnnflat_jax.data import array_records, input_pipeline
 
 
@@ -32,7 +33,7 @@ def main() -> None:
                 "test": (data.test_images, data.test_labels),
             }
             array_records.write(out_dir.value, data.name, data.num_classes, splits, repeat.value)
-        except (OSError, ValueError, input_pipeline.DatasetError) as e:
+        except (OSError, errors.Error) as e:
             sys.exit(f"error: {e}")
         print(f"wrote {out_dir.value}: {len(data.train.labels) * repeat.value} train and "
               f"{len(data.test_labels)} test records from {data.source}")  # fmt: skip
