@@ -8,6 +8,8 @@ model) imports neither Flax nor the model code.
 import importlib
 
 _HOMES = {
+    "Error": "errors",
+    "load_run": "run.workdir",
     "CNN": "models",
     "MLP": "models",
     "Sequential": "models",

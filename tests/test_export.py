@@ -146,7 +146,7 @@ def test_a_population_exports_a_member_or_the_ensemble(tmp_path):
         workdir_lib.load_run(tmp_path / "run")
     whole = workdir_lib.load_run(tmp_path / "run", whole_population=True)
     one = workdir_lib.load_run(tmp_path / "run", 1)
-    assert whole.team.size == 2 and whole.member is None and one.member == 1
+    assert whole.team.size == 2 and one.team.is_population
     for stacked, alone in zip(jax.tree.leaves(whole.params), jax.tree.leaves(one.params)):
         assert stacked.shape[0] == 2
         np.testing.assert_array_equal(stacked[1], alone)
@@ -157,10 +157,12 @@ def test_a_population_exports_a_member_or_the_ensemble(tmp_path):
 def test_load_run_gives_the_run_s_config_data_info_model_and_final_params(trained):
     workdir, _, images, labels = trained
     loaded = workdir_lib.load_run(workdir)
+    config, data, model, params = loaded  # A tuple of the four, too.
+    assert model is loaded.model and params is loaded.params and data is loaded.data
     assert loaded.config.to_dict() == json.loads((workdir / "config.json").read_text())
     assert loaded.data == json.loads((workdir / "data.json").read_text())
     assert loaded.data["image_shape"] == [8, 8, 1] and loaded.data["num_classes"] == 3
-    assert not loaded.team.is_population and loaded.member is None
+    assert not loaded.team.is_population and config is loaded.config
     logits = loaded.model.apply({"params": loaded.params}, images / 255.0)
     accuracy = np.mean(np.argmax(logits, 1) == labels)
     assert accuracy == pytest.approx(last_record(workdir)["test_accuracy"], abs=1e-6)

@@ -17,10 +17,9 @@ the export's files without loading Flax or the models.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
 from cnnflat_jax.errors import Error
 
@@ -128,27 +127,28 @@ def model_fields(config: Any) -> dict[str, Any]:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in config.model.items()}
 
 
-@dataclasses.dataclass(frozen=True)
-class TrainedRun:
-    """A finished ``train.py`` run, loaded.
+class TrainedRun(NamedTuple):
+    """A finished ``train.py`` run, loaded: ``config, data, model, params = load_run(w)``.
 
     Attributes:
       config: the run's config (an ``ml_collections.ConfigDict``).
       data: ``data.json``: the dataset, image shape, class count and names.
-      team: the run's ``population.Population``.
       model: the Flax module of one model.
       params: one model's parameters, or every member's stacked on a leading
         axis when a population was loaded whole.
-      member: the member whose parameters these are (None: a single model, or
-        a whole population).
     """
 
     config: Any
     data: dict[str, Any]
-    team: Any
     model: Any
     params: Any
-    member: int | None
+
+    @property
+    def team(self) -> Any:
+        """The run's ``population.Population``: one model, or its members."""
+        from cnnflat_jax.train import population
+
+        return population.of_config(self.config)
 
 
 def load_run(
@@ -197,4 +197,4 @@ def load_run(
     params = checkpoints.load_params(path(workdir, FINAL_PARAMS), like)
     if member is not None:
         params = jax.tree.map(lambda a: a[member], params)
-    return TrainedRun(config, data, team, model, params, member)
+    return TrainedRun(config, data, model, params)
