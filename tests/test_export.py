@@ -172,11 +172,7 @@ def test_load_run_gives_the_run_s_config_data_info_model_and_final_params(traine
 
 def test_every_file_of_a_finished_run_is_named_by_the_run_directory_module(trained):
     workdir = trained[0]
-    named = {
-        getattr(workdir_lib, name)
-        for name in dir(workdir_lib)
-        if name.isupper() and isinstance(getattr(workdir_lib, name), str)
-    }
+    named = set(workdir_lib.NAMES)
     assert set(os.listdir(workdir)) <= named
     assert {os.path.join("export", n) for n in os.listdir(workdir / "export")} <= named
     assert {"config.json", "metrics.jsonl", "final_params", "data.json", "export"} <= named

@@ -63,8 +63,9 @@ def report(
         }
         for i in top
     ]
-    with open(workdir_lib.path(workdir, workdir_lib.HARDEST_LIST), "w") as f:
-        json.dump(rows, f, indent=1)
+    workdir_lib.replace_file(
+        workdir_lib.path(workdir, workdir_lib.HARDEST_LIST), json.dumps(rows, indent=1)
+    )
     titles = [
         f"#{r['index']} {r['label']}>{r['predicted']}\n"
         f"loss {r['loss']:.2f} |g| {r['grad_norm']:.1f}"

@@ -28,7 +28,8 @@ def write(
     """Writes ``final_params/`` (every process takes part), then, from the
     ``lead`` process, the figures of one model: a population's best member by
     validation, else its member 0. Logs a population's summary table."""
-    checkpoints.save_params(workdir_lib.path(workdir, workdir_lib.FINAL_PARAMS), state.params)
+    final_params = workdir_lib.not_a_link(workdir_lib.path(workdir, workdir_lib.FINAL_PARAMS))
+    checkpoints.save_params(final_params, state.params)
     if lead:
         names = input_pipeline.class_names(data.name, data.num_classes)
         workdir_lib.write_data_info(workdir, data.name, data.image_shape, data.num_classes, names)

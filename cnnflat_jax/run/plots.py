@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 import os
 
@@ -9,6 +10,13 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from cnnflat_jax.run import workdir as workdir_lib
+
+
+def save_png(fig: Figure, path: str | os.PathLike) -> None:
+    """The figure as a PNG at ``path``, whole or not at all, never through a link."""
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
+    workdir_lib.replace_file(path, png.getvalue())
 
 
 def save_image_grid(
@@ -28,7 +36,7 @@ def save_image_grid(
     # Fixed margins: tight_layout measures every title (~1.5 s for 32 images).
     fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - 0.3 / fig.get_figheight(),
                         wspace=0.1, hspace=0.35)  # fmt: skip
-    fig.savefig(path, dpi=100)
+    save_png(fig, path)
 
 
 def save_training_curves(path: str | os.PathLike, records: list[dict]) -> None:
@@ -55,7 +63,7 @@ def save_training_curves(path: str | os.PathLike, records: list[dict]) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_png(fig, path)
 
 
 def save_confusion_matrix(path: str | os.PathLike, confusion: np.ndarray) -> None:
@@ -74,7 +82,7 @@ def save_confusion_matrix(path: str | os.PathLike, confusion: np.ndarray) -> Non
     ax.set_ylabel("true label")
     ax.set_title(f"test confusion matrix ({confusion.sum()} images)")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_png(fig, path)
 
 
 def write_run_figures(

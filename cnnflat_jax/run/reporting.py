@@ -40,8 +40,7 @@ class MetricsLog:
 
     def write(self, record: dict[str, Any]) -> None:
         if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            workdir_lib.append_line(self.path, json.dumps(record) + "\n")
 
     def write_epoch(self, record: dict[str, Any]) -> None:
         """An epoch's record; a population's as one line per member, then the rest."""
@@ -69,14 +68,12 @@ class MetricsLog:
         if not self.enabled or not os.path.exists(self.path):
             return
         kept = [line for line, record in self._lines() if record["epoch"] <= last_epoch]
-        with open(self.path + ".tmp", "w") as f:
-            f.writelines(kept)
-        os.replace(self.path + ".tmp", self.path)
+        workdir_lib.replace_file(self.path, "".join(kept))
 
     def _lines(self) -> list[tuple[str, dict[str, Any]]]:
         """``(line, record)`` for every line that holds an epoch's record."""
         result = []
-        with open(self.path, errors="replace") as f:
+        with open(workdir_lib.not_a_link(self.path), errors="replace") as f:
             for number, line in enumerate(f, 1):
                 try:
                     record = json.loads(line)

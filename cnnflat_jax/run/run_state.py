@@ -44,44 +44,53 @@ class DivergedError(Error, RuntimeError):
 
 @contextlib.contextmanager
 def workdir_lock(workdir: str) -> Iterator[None]:
-    """Creates ``workdir`` and holds an exclusive OS lock on ``workdir/.lock``
-    (process 0 only).
+    """Creates ``workdir`` and holds an exclusive OS lock on the directory itself
+    (process 0 only); ``workdir/.lock`` names the holder's PID for others to read.
 
-    The kernel drops the lock when the process ends, however it ends, so a
-    crash never leaves a stale lock behind.
+    The lock belongs to the directory, not to a file in it, so deleting
+    ``.lock`` does not release it; the kernel drops it when the process ends,
+    however it ends, so a crash never leaves a stale lock behind.
 
     Raises:
-      RunError: the workdir cannot be made or written, or another process
-        holds the lock (named by its PID).
+      RunError: the workdir cannot be made or written, ``.lock`` is a symbolic
+        link, or another process holds the lock (named by its PID).
     """
     try:
         os.makedirs(workdir, exist_ok=True)
-        lock = (
-            open(workdir_lib.path(workdir, workdir_lib.LOCK), "a+")
-            if jax.process_index() == 0
-            else None
-        )
+        if jax.process_index() > 0:
+            directory = None
+        else:
+            directory = os.open(workdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as e:
         why = "it is a file" if os.path.isfile(workdir) else e.strerror
         raise RunError(f"cannot use {workdir} as the workdir: {why} ({e.filename})") from None
-    if lock is None:
+    if directory is None:
         yield
         return
-    with lock as f:
+    try:
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(directory, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "unknown"
-            raise RunError(f"{workdir} is in use by process {holder}") from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"{os.getpid()}\n")
-        f.flush()
+            raise RunError(f"{workdir} is in use by process {_lock_holder(workdir)}") from None
+        workdir_lib.check_no_links(workdir)
+        lock = workdir_lib.path(workdir, workdir_lib.LOCK)
         try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+            workdir_lib.replace_file(lock, f"{os.getpid()}\n")
+        except OSError as e:
+            raise RunError(f"cannot use {workdir} as the workdir: {e.strerror} ({lock})") from None
+        yield
+    finally:
+        os.close(directory)  # Releases the lock.
+
+
+def _lock_holder(workdir: str) -> str:
+    """The PID in ``workdir/.lock``, read without following a link; "unknown" if none."""
+    try:
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+        with os.fdopen(os.open(workdir_lib.path(workdir, workdir_lib.LOCK), flags)) as f:
+            return f.read(32).strip() or "unknown"
+    except OSError:
+        return "unknown"
 
 
 def check_same_run(workdir: str, config: ml_collections.ConfigDict) -> None:
@@ -93,7 +102,7 @@ def check_same_run(workdir: str, config: ml_collections.ConfigDict) -> None:
     Raises:
       RunError: naming every differing field as ``old -> new``.
     """
-    path = workdir_lib.path(workdir, workdir_lib.CONFIG)
+    path = workdir_lib.not_a_link(workdir_lib.path(workdir, workdir_lib.CONFIG))
     saved = workdir_lib.path(workdir, workdir_lib.CHECKPOINTS)
     if not os.path.isfile(path) or not os.path.isdir(saved) or not os.listdir(saved):
         return
@@ -172,8 +181,10 @@ class RunPosition:
             except checkpoints.IncompatibleCheckpointError:
                 raise
             except Exception as e:  # Orbax, TensorStore and JSON each fail their own way.
-                aside = workdir_lib.path(
-                    os.path.dirname(run_checkpoints.directory), workdir_lib.DAMAGED_CHECKPOINTS
+                aside = workdir_lib.not_a_link(
+                    workdir_lib.path(
+                        os.path.dirname(run_checkpoints.directory), workdir_lib.DAMAGED_CHECKPOINTS
+                    )
                 )
                 moved = run_checkpoints.set_aside(step, aside)
                 logging.warning(

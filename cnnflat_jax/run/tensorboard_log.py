@@ -59,7 +59,7 @@ class EventLog:
             from tensorboardX.event_file_writer import EventsWriter
             from tensorboardX.proto.event_pb2 import SessionLog
 
-            os.makedirs(self.directory, exist_ok=True)
+            workdir_lib.own_directory(self.directory)
             self.writer = EventsWriter(os.path.join(self.directory, "events"))
             self._write(epoch, session_log=SessionLog(status=SessionLog.START))  # The purge.
         rates = list(self.learning_rates(record["step"] - 1))  # The epoch's last update's.

@@ -68,7 +68,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str, start: float) -> dict[
     learning_rates = train_lib.learning_rates(config, steps, team.members)
     metrics_log = reporting.MetricsLog(workdir, enabled=lead, learning_rates=learning_rates)
     run_checkpoints = checkpoints.RunCheckpoints(
-        workdir_lib.path(workdir, workdir_lib.CHECKPOINTS), config.checkpoints_to_keep
+        workdir_lib.not_a_link(workdir_lib.path(workdir, workdir_lib.CHECKPOINTS)),
+        config.checkpoints_to_keep,
     )
     if lead and not run_checkpoints.all_steps():  # A new run: its config is its identity.
         workdir_lib.write_config(workdir, config)

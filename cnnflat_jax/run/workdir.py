@@ -11,12 +11,18 @@
     W/export/model.jax, W/export/classes.json   ``python -m cnnflat_jax.export``
     W/.lock                 held while a run uses the directory
 
+Every file a run writes here goes through ``replace_file`` or
+``append_line``, which never follow a symbolic link: whoever can write into a
+shared run directory cannot make a training job write anywhere else. A link
+where the run expects one of its own files is a one-line ``RunError``.
+
 Only the standard library is imported at the top, so ``predict`` can name
 the export's files without loading Flax or the models.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from typing import Any, NamedTuple
@@ -39,6 +45,12 @@ LOCK = ".lock"
 EXPORT = "export"
 EXPORT_MODEL = os.path.join(EXPORT, "model.jax")
 EXPORT_CLASSES = os.path.join(EXPORT, "classes.json")
+# Everything above: the names a run and its tools write in a workdir.
+NAMES = (
+    CONFIG, METRICS, CHECKPOINTS, DAMAGED_CHECKPOINTS, FINAL_PARAMS, DATA_INFO, TENSORBOARD,
+    CURVES, CONFUSION, MISCLASSIFIED, HARDEST_FIGURE, HARDEST_LIST, LOCK, EXPORT, EXPORT_MODEL,
+    EXPORT_CLASSES,
+)  # fmt: skip
 
 
 class RunError(Error, RuntimeError):
@@ -56,12 +68,78 @@ def explain_figure(index: int) -> str:
     return f"explain_{index}.png"
 
 
-def write_json(target: str, content: Any) -> None:
-    """Writes ``content`` as JSON to ``target`` whole or not at all (a temporary file, renamed)."""
-    with open(target + ".tmp", "w") as f:
-        json.dump(content, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(target + ".tmp", target)
+# Never through a symbolic link, and never inherited by a child process.
+_NO_FOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def not_a_link(target: str | os.PathLike) -> str:
+    """``target`` as a string, refused if it is a symbolic link: the run writes
+    only files and directories it made itself.
+
+    Raises:
+      RunError: ``target`` is a symbolic link.
+    """
+    target = os.fspath(target)
+    if os.path.islink(target):
+        raise RunError(
+            f"{target} is a symbolic link; a run writes only its own files in its workdir "
+            "(remove the link, or use another --workdir)"
+        )
+    return target
+
+
+def check_no_links(workdir: str | os.PathLike) -> None:
+    """Refuses a workdir where any of the run's own files or directories is a
+    symbolic link, before the run spends any work.
+
+    Raises:
+      RunError: naming the first such link.
+    """
+    for name in NAMES:
+        not_a_link(path(workdir, name))
+
+
+def replace_file(target: str | os.PathLike, content: bytes | str) -> None:
+    """Writes ``content`` to ``target`` whole or not at all, never through a link.
+
+    It goes to a new ``target.tmp`` (created exclusively, so a link planted
+    there is removed, not followed) and is renamed over ``target``, which
+    replaces the name itself, whatever it was.
+
+    Raises:
+      RunError: ``target`` is a symbolic link.
+    """
+    target = not_a_link(target)
+    temporary = target + ".tmp"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(temporary)  # Removes a link itself, never its target.
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NO_FOLLOW, 0o666)
+    with os.fdopen(descriptor, "wb") as f:
+        f.write(content.encode() if isinstance(content, str) else content)
+    os.replace(temporary, target)
+
+
+def append_line(target: str | os.PathLike, line: str) -> None:
+    """Appends ``line`` to ``target`` (created if missing), never through a link.
+
+    Raises:
+      RunError: ``target`` is a symbolic link.
+    """
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | _NO_FOLLOW
+    with os.fdopen(os.open(not_a_link(target), flags, 0o666), "a") as f:
+        f.write(line)
+
+
+def own_directory(target: str | os.PathLike) -> str:
+    """Creates the directory ``target`` (and its parents) unless it exists, and
+    refuses a link there: Orbax and TensorBoard then write inside it."""
+    os.makedirs(not_a_link(target), exist_ok=True)
+    return os.fspath(target)
+
+
+def write_json(target: str | os.PathLike, content: Any) -> None:
+    """Writes ``content`` as JSON to ``target`` (``replace_file``)."""
+    replace_file(target, json.dumps(content, indent=2, sort_keys=True) + "\n")
 
 
 def read_json(workdir: str | os.PathLike, name: str, what: str) -> Any:
@@ -70,7 +148,7 @@ def read_json(workdir: str | os.PathLike, name: str, what: str) -> Any:
     Raises:
       RunError: the file is missing or is not JSON.
     """
-    target = path(workdir, name)
+    target = not_a_link(path(workdir, name))
     try:
         with open(target) as f:
             return json.load(f)
@@ -93,10 +171,7 @@ def read_config(workdir: str | os.PathLike) -> dict[str, Any]:
 
 def write_config(workdir: str | os.PathLike, config: Any) -> None:
     """``config.json``: the resolved ``ml_collections`` config (atomically)."""
-    target = path(workdir, CONFIG)
-    with open(target + ".tmp", "w") as f:
-        f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
-    os.replace(target + ".tmp", target)
+    replace_file(path(workdir, CONFIG), config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
 
 
 def write_data_info(

@@ -24,6 +24,7 @@ from matplotlib.patches import ConnectionPatch, Rectangle
 from cnnflat_jax import errors
 from cnnflat_jax.data import input_pipeline
 from cnnflat_jax.nn import models
+from cnnflat_jax.run import plots
 from cnnflat_jax.run import workdir as workdir_lib
 from cnnflat_jax.train import train_lib
 
@@ -181,7 +182,7 @@ def explain(
         f"predicted {predicted} ({names[predicted]})"
     )
     path = output or workdir_lib.path(workdir, workdir_lib.explain_figure(index))
-    figure(named, title).savefig(path, dpi=100)
+    plots.save_png(figure(named, title), path)
     return path
 
 

@@ -22,7 +22,6 @@ here); ``--platforms=cpu,cuda,tpu`` lowers it for several.
 
 from __future__ import annotations
 
-import os
 import sys
 
 import jax
@@ -82,7 +81,7 @@ def export(
     (batch,) = jax.export.symbolic_shape("batch")
     images = jax.ShapeDtypeStruct((batch, *data["image_shape"]), jnp.uint8)
     exported = jax.export.export(jax.jit(infer), platforms=platforms)(images)
-    os.makedirs(workdir_lib.path(workdir, workdir_lib.EXPORT), exist_ok=True)
+    workdir_lib.own_directory(workdir_lib.path(workdir, workdir_lib.EXPORT))
     classes = {
         "class_names": data["class_names"],
         "image_shape": data["image_shape"],
@@ -90,9 +89,7 @@ def export(
         "exported": what,
     }
     model_path = workdir_lib.path(workdir, workdir_lib.EXPORT_MODEL)
-    with open(model_path + ".tmp", "wb") as f:  # Whole or not at all.
-        f.write(bytes(exported.serialize()))
-    os.replace(model_path + ".tmp", model_path)
+    workdir_lib.replace_file(model_path, bytes(exported.serialize()))
     workdir_lib.write_json(workdir_lib.path(workdir, workdir_lib.EXPORT_CLASSES), classes)
     return model_path
 
