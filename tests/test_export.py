@@ -3,8 +3,10 @@
 import json
 import os
 import shutil
+import struct
 import subprocess
 import sys
+import zlib
 
 import jax
 import numpy as np
@@ -15,6 +17,7 @@ from PIL import Image
 from cnnflat_jax.data import idx
 from cnnflat_jax.run import trainer
 from cnnflat_jax.run import workdir as workdir_lib
+from cnnflat_jax.tools import predict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -32,6 +35,18 @@ def last_record(workdir):
 
 def load_exported(workdir):
     return jax.export.deserialize(bytearray((workdir / "export" / "model.jax").read_bytes()))
+
+
+def png_header(width: int, height: int, bit_depth: int = 8) -> bytes:
+    """A PNG signature, header and end, with no pixels: what a decompression bomb shows first."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    header = struct.pack(">IIBBBBB", width, height, bit_depth, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
 
 
 @pytest.fixture(scope="module")
@@ -96,18 +111,81 @@ def test_predict_classifies_png_npy_and_idx_files(trained, tmp_path):
         ("wide.npy", np.zeros((8, 9), np.uint8), "wide.npy: images of shape (8, 9, 1), but the"),
         ("float.npy", np.zeros((8, 8), np.float32), "float.npy: pixels are float32, not uint8"),
         ("missing.png", None, "missing.png: cannot read it as an image"),
+        ("empty.npy", b"", "empty.npy: cannot read it as an image"),
+        ("huge.npy", "header only", "huge.npy: cannot read it as an image"),
+        ("none.npy", np.zeros((0, 8, 8), np.uint8), "none.npy: a stack of no images"),
+        ("bomb.png", png_header(20000, 20000), "bomb.png: "),
+        ("big.png", png_header(9000, 9000), "big.png: 9000x9000 pixels, more than the 67,108,864"),
+        ("wide.png", png_header(8, 8, bit_depth=32), "wide.png: cannot read it as an image"),
     ],
 )  # fmt: skip
 def test_a_file_predict_cannot_read_is_one_error_line(trained, tmp_path, name, content, message):
     path = tmp_path / name
     if isinstance(content, bytes):
         path.write_bytes(content)
+    elif isinstance(content, str):  # A header claiming 10^11 images, and no pixels.
+        with open(path, "wb") as f:
+            header = {"descr": "|u1", "fortran_order": False, "shape": (10**11, 8, 8)}
+            np.lib.format.write_array_header_1_0(f, header)
     elif content is not None:
         np.save(path, content)
     result = run("predict", "--workdir", trained[0], path)
     assert result.returncode == 1
     assert result.stdout == "" and result.stderr.count("\n") == 1
     assert result.stderr.startswith("error: ") and message in result.stderr, result.stderr
+
+
+def test_fifos_and_devices_are_refused_without_waiting_on_them(trained, tmp_path):
+    os.mkfifo(tmp_path / "pipe.png")
+    for path in (tmp_path / "pipe.png", "/dev/zero"):
+        result = run("predict", "--workdir", trained[0], path)
+        assert result.returncode == 1 and result.stderr == f"error: {path}: not a regular file\n"
+
+
+def test_sixteen_bit_pictures_are_scaled_to_eight_bits_not_cut(trained, tmp_path):
+    image = trained[2][0, :, :, 0]
+    Image.fromarray(image.astype(np.uint16) * 257).save(tmp_path / "deep.png")  # x -> 257 x.
+    with Image.open(tmp_path / "deep.png") as saved:
+        assert saved.mode.startswith("I;16")
+    ((_, read),) = predict.read_images(str(tmp_path / "deep.png"), (8, 8, 1))
+    np.testing.assert_array_equal(read[..., 0], image)
+    Image.fromarray(image.astype(np.int32) * 1000, mode="I").save(tmp_path / "int32.tif")
+    with pytest.raises(predict.UnreadableImageError, match="32-bit"):
+        predict.read_images(str(tmp_path / "int32.tif"), (8, 8, 1))
+
+
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        (lambda b: b[: len(b) // 2], "does not match the SHA-256"),
+        (lambda b: b"", "does not match the SHA-256"),
+        (lambda b: os.urandom(len(b)), "does not match the SHA-256"),
+        (lambda b: b[:100] + bytes([b[100] ^ 1]) + b[101:], "does not match the SHA-256"),
+        ("{}", "lacks image_shape, class_names or model_sha256"),
+        ("not json", "is not JSON"),
+    ],
+)
+def test_a_damaged_or_edited_export_is_one_line_before_it_is_loaded(
+    trained, tmp_path, damage, message
+):
+    shutil.copytree(trained[0] / "export", tmp_path / "export")
+    if isinstance(damage, str):
+        (tmp_path / "export" / "classes.json").write_text(damage)
+    else:
+        model = tmp_path / "export" / "model.jax"
+        model.write_bytes(damage(model.read_bytes()))
+    np.save(tmp_path / "one.npy", trained[2][0, :, :, 0])
+    result = run("predict", f"--workdir={tmp_path}", tmp_path / "one.npy")
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("error: ") and message in result.stderr
+
+
+def test_export_refuses_an_unknown_platform_before_writing(trained, tmp_path):
+    shutil.copytree(trained[0], tmp_path / "run", ignore=shutil.ignore_patterns("export"))
+    result = run("export", "--workdir", tmp_path / "run", "--platforms=cpu,bogus")
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert "--platforms: unknown bogus; choose from cpu, cuda, rocm, tpu" in result.stderr
+    assert not (tmp_path / "run" / "export").exists()
 
 
 def test_predict_without_an_export_says_what_to_run(tmp_path):

@@ -22,6 +22,7 @@ here); ``--platforms=cpu,cuda,tpu`` lowers it for several.
 
 from __future__ import annotations
 
+import hashlib
 import sys
 
 import jax
@@ -33,7 +34,14 @@ from cnnflat_jax.run import reporting
 from cnnflat_jax.run import workdir as workdir_lib
 from cnnflat_jax.train import train_lib
 
-__all__ = ["inference_function", "export", "main"]
+__all__ = ["ExportError", "PLATFORMS", "inference_function", "export", "main"]
+
+# The platforms jax.export lowers for.
+PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
+
+
+class ExportError(errors.Error, ValueError):
+    """An export that cannot be made as asked."""
 
 
 def inference_function(workdir: str, member: int | None = None, ensemble: bool = False):
@@ -75,21 +83,35 @@ def export(
     ensemble: bool = False,
     platforms: tuple[str, ...] | None = None,
 ) -> str:
-    """Writes ``workdir/export/model.jax`` and ``classes.json``; returns the model's path."""
+    """Writes ``workdir/export/model.jax`` and ``classes.json``; returns the model's path.
+
+    ``classes.json`` holds ``model.jax``'s SHA-256, which ``predict`` checks.
+
+    Raises:
+      ExportError: an unknown platform.
+      workdir.RunError: not a finished run; a member out of range.
+    """
+    unknown = sorted(set(platforms or ()) - set(PLATFORMS))
+    if unknown:
+        raise ExportError(
+            f"--platforms: unknown {', '.join(unknown)}; choose from {', '.join(PLATFORMS)}"
+        )
     data = workdir_lib.read_data_info(workdir)
     infer, what = inference_function(workdir, member, ensemble)
     (batch,) = jax.export.symbolic_shape("batch")
     images = jax.ShapeDtypeStruct((batch, *data["image_shape"]), jnp.uint8)
     exported = jax.export.export(jax.jit(infer), platforms=platforms)(images)
     workdir_lib.own_directory(workdir_lib.path(workdir, workdir_lib.EXPORT))
+    serialized = bytes(exported.serialize())
     classes = {
         "class_names": data["class_names"],
         "image_shape": data["image_shape"],
         "dataset": data["dataset"],
         "exported": what,
+        "model_sha256": hashlib.sha256(serialized).hexdigest(),  # predict checks it.
     }
     model_path = workdir_lib.path(workdir, workdir_lib.EXPORT_MODEL)
-    workdir_lib.replace_file(model_path, bytes(exported.serialize()))
+    workdir_lib.replace_file(model_path, serialized)
     workdir_lib.write_json(workdir_lib.path(workdir, workdir_lib.EXPORT_CLASSES), classes)
     return model_path
 

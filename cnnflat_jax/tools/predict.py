@@ -19,7 +19,10 @@ it, and nothing is classified.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import stat
 import sys
 
 import numpy as np
@@ -29,29 +32,103 @@ from cnnflat_jax.errors import Error
 from cnnflat_jax.run import workdir as workdir_lib
 
 __all__ = [
+    "DamagedExportError",
+    "read_export",
     "UnreadableImageError",
     "read_images",
     "main",
 ]
 
 _PIL_MODES = {1: "L", 3: "RGB"}
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+# The most that one file may hold: 2^28 uint8 values (256 MiB of pixels), and
+# pictures of at most 2^26 pixels (8192 x 8192); larger ones are refused before
+# they are decoded.
+MAX_VALUES = 2**28
+MAX_PICTURE_PIXELS = 2**26
 
 
 class UnreadableImageError(Error, ValueError):
     """A file that is not an image of the model's size."""
 
 
+class DamagedExportError(Error, ValueError):
+    """``W/export``'s files are incomplete, edited or damaged: export again."""
+
+
+def read_export(workdir: str) -> tuple[dict, bytes]:
+    """``classes.json`` and the bytes of ``model.jax``, checked against the
+    SHA-256 that ``export`` wrote beside them, before anything is loaded.
+
+    Raises:
+      OSError: a file is missing.
+      DamagedExportError: ``classes.json`` lacks a field, or ``model.jax`` does
+        not match its checksum.
+    """
+    classes_path = workdir_lib.path(workdir, workdir_lib.EXPORT_CLASSES)
+    model_path = workdir_lib.path(workdir, workdir_lib.EXPORT_MODEL)
+    with open(classes_path) as f:
+        try:
+            classes = json.load(f)
+        except ValueError as e:
+            raise DamagedExportError(f"{classes_path} is not JSON ({e}); export again") from None
+    with open(model_path, "rb") as f:
+        serialized = f.read()
+    shape = classes.get("image_shape") if isinstance(classes, dict) else None
+    if (
+        not isinstance(shape, list) or len(shape) != 3 or not all(isinstance(n, int) for n in shape)
+        or not isinstance(classes.get("class_names"), list)
+        or not isinstance(classes.get("model_sha256"), str)
+    ):  # fmt: skip
+        raise DamagedExportError(
+            f"{classes_path} lacks image_shape, class_names or model_sha256; export again"
+        )
+    if hashlib.sha256(serialized).hexdigest() != classes["model_sha256"]:
+        raise DamagedExportError(
+            f"{model_path} does not match the SHA-256 in {classes_path}: damaged or replaced "
+            f"({len(serialized)} bytes); export again"
+        )
+    return classes, serialized
+
+
+def _deserialize(serialized: bytes, workdir: str):
+    import jax  # After every file is read and checked: a bad file costs no start-up.
+
+    try:
+        return jax.export.deserialize(bytearray(serialized))
+    except Exception as e:  # Flatbuffers and JAX raise many kinds; the checksum passed.
+        path = workdir_lib.path(workdir, workdir_lib.EXPORT_MODEL)
+        raise DamagedExportError(
+            f"{path} cannot be loaded ({type(e).__name__}); export again"
+        ) from None
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return shifted / shifted.sum(axis=-1, keepdims=True)
+
+
 def read_images(path: str, image_shape: tuple[int, int, int]) -> list[tuple[str, np.ndarray]]:
-    """``(name, uint8 HWC image)`` for each image in ``path``."""
+    """``(name, uint8 HWC image)`` for each image in ``path``.
+
+    Raises:
+      UnreadableImageError: not a regular file; unreadable, truncated or too
+        large; pixels that are not 8-bit (16-bit pictures are scaled); no
+        image; an image of another shape.
+    """
     height, width, channels = image_shape
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # A FIFO would block, a device never end.
+            raise UnreadableImageError(f"{path}: not a regular file")
         if path.endswith(".npy"):
-            array = np.load(path, allow_pickle=False)
+            array = _read_npy(path)
         elif path.endswith(("-ubyte", "-ubyte.gz")):
             array = idx.read_idx(path, ndim=3)
         else:
             array = _read_picture(path, channels)
-    except (OSError, ValueError) as e:
+    except UnreadableImageError:
+        raise
+    except (OSError, ValueError, EOFError, MemoryError) as e:
         raise UnreadableImageError(f"{path}: cannot read it as an image: {e}") from None
     if array.dtype != np.uint8:
         raise UnreadableImageError(f"{path}: pixels are {array.dtype}, not uint8 (0-255)")
@@ -64,16 +141,44 @@ def read_images(path: str, image_shape: tuple[int, int, int]) -> list[tuple[str,
             f"{path}: images of shape {array.shape[1:] if array.ndim == 4 else array.shape}, "
             f"but the model takes {height}x{width}x{channels}"
         )
+    if not len(array):
+        raise UnreadableImageError(f"{path}: a stack of no images")
     if len(array) == 1:
         return [(path, array[0])]
     return [(f"{path}[{i}]", image) for i, image in enumerate(array)]
 
 
+def _read_npy(path: str) -> np.ndarray:
+    """The array in ``path``, its size checked against ``MAX_VALUES`` before it is read."""
+    mapped = np.load(path, mmap_mode="r", allow_pickle=False)
+    if mapped.size > MAX_VALUES:
+        raise UnreadableImageError(
+            f"{path}: holds {mapped.size:,} values, more than the {MAX_VALUES:,} predict reads "
+            "from one file; split it"
+        )
+    return np.array(mapped)
+
+
 def _read_picture(path: str, channels: int) -> np.ndarray:
     from PIL import Image  # Pillow: matplotlib's own dependency.
 
-    with Image.open(path) as image:
-        return np.asarray(image.convert(_PIL_MODES.get(channels, "RGB")))
+    try:
+        with Image.open(path) as image:
+            if image.width * image.height > MAX_PICTURE_PIXELS:
+                raise UnreadableImageError(
+                    f"{path}: {image.width}x{image.height} pixels, more than the "
+                    f"{MAX_PICTURE_PIXELS:,} predict decodes"
+                )
+            if image.mode in _SIXTEEN_BIT_MODES:  # Scaled to 0-255, not cut.
+                wide = np.asarray(image).astype(np.uint32)
+                image = Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8))
+            elif image.mode in ("I", "F"):
+                raise UnreadableImageError(
+                    f"{path}: {image.mode} pixels (32-bit) have no 0-255 scale; save 8 or 16 bits"
+                )
+            return np.asarray(image.convert(_PIL_MODES.get(channels, "RGB")))
+    except Image.DecompressionBombError as e:
+        raise UnreadableImageError(f"{path}: {e}") from None
 
 
 def main(argv: list[str]) -> int:
@@ -85,23 +190,17 @@ def main(argv: list[str]) -> int:
         return 2
     workdir, files = args[1], args[2:]
     try:
-        with open(workdir_lib.path(workdir, workdir_lib.EXPORT_CLASSES)) as f:
-            classes = json.load(f)
-        with open(workdir_lib.path(workdir, workdir_lib.EXPORT_MODEL), "rb") as f:
-            serialized = bytearray(f.read())
+        classes, serialized = read_export(workdir)
+        images = [x for path in files for x in read_images(path, tuple(classes["image_shape"]))]
+        exported = _deserialize(serialized, workdir)
     except OSError as e:
         print(f"error: {e}; run python -m cnnflat_jax.export --workdir {workdir}", file=sys.stderr)
         return 1
-    try:
-        images = [x for path in files for x in read_images(path, tuple(classes["image_shape"]))]
-    except UnreadableImageError as e:
+    except Error as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    import jax  # After the files are read: a bad file costs no start-up.
-
-    exported = jax.export.deserialize(serialized)
     logits = exported.call(np.stack([image for _, image in images]))
-    probabilities = np.asarray(jax.nn.softmax(logits, axis=-1))
+    probabilities = np.asarray(_softmax(np.asarray(logits, np.float64)))
     for (name, _), p in zip(images, probabilities):
         best = int(np.argmax(p))
         print(f"{name}\t{classes['class_names'][best]}\t{p[best]:.4f}")
