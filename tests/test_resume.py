@@ -257,6 +257,45 @@ def test_a_garbage_line_in_metrics_is_dropped(uninterrupted, tmp_path):
     assert epoch_scores(tmp_path / "run") == epoch_scores(reference)
 
 
+@pytest.mark.parametrize(
+    "line",
+    ['{"epoch": "1"}', '{"epoch": 1e999}', '{"epoch": 2, "train_loss": "low"}', "[1, 2]", "7"],
+)
+def test_a_json_line_of_the_wrong_types_is_dropped_like_a_torn_one(uninterrupted, tmp_path, line):
+    data, reference = uninterrupted
+    shutil.copytree(reference, tmp_path / "run")
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    (tmp_path / "run" / "metrics.jsonl").write_text("\n".join([line, *lines]) + "\n")
+    returncode, err = run_to_end(data, tmp_path / "run")
+    assert returncode == 0, err[-3000:]
+    assert "dropped line 1, not a record" in err and "Traceback" not in err
+    assert epoch_scores(tmp_path / "run") == epoch_scores(reference)
+
+
+def test_a_metrics_file_deleted_during_the_run_is_rebuilt(uninterrupted, tmp_path):
+    data, reference = uninterrupted
+    process = start(data, tmp_path)
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not metrics.exists() or metrics.read_text().count("\n") < 1:
+        assert time.monotonic() < deadline and process.poll() is None
+        time.sleep(0.02)
+    metrics.unlink()
+    _, err = process.communicate(timeout=600)
+    assert process.returncode == 0, err[-3000:]
+    assert "metrics.jsonl was deleted during the run; rebuilt it" in err
+    assert epoch_scores(tmp_path) == epoch_scores(reference)
+    process = start(data, tmp_path / "second")  # Deleted between runs: rebuilt on resume.
+    wait_for_checkpoint(process, tmp_path / "second", 12)
+    process.kill()
+    process.communicate()
+    (tmp_path / "second" / "metrics.jsonl").unlink()
+    returncode, err = run_to_end(data, tmp_path / "second")
+    assert returncode == 0, err[-3000:]
+    assert "record(s) from the checkpoint" in err
+    assert epoch_scores(tmp_path / "second") == epoch_scores(reference)
+
+
 def test_resuming_with_another_config_is_refused_and_config_json_kept(uninterrupted, tmp_path):
     data, reference = uninterrupted
     shutil.copytree(reference, tmp_path / "run")

@@ -22,8 +22,12 @@ from cnnflat_jax.train import population
 class MetricsLog:
     """One JSON object per line in ``workdir/metrics.jsonl`` (nothing when not ``enabled``).
 
-    Given ``learning_rates`` (``train_lib.learning_rates``), epoch records and
-    the final figures also go to TensorBoard (``tensorboard_log``).
+    ``lines`` are every line of the run's records so far; checkpoints keep a
+    copy (``RunPosition.save``), so a resumed run rebuilds a deleted, torn or
+    edited file from them, and a file deleted during the run is rebuilt at
+    the next record. Given ``learning_rates`` (``train_lib.learning_rates``),
+    epoch records and the final figures also go to TensorBoard
+    (``tensorboard_log``).
     """
 
     def __init__(
@@ -34,13 +38,46 @@ class MetricsLog:
     ):
         self.path = workdir_lib.path(workdir, workdir_lib.METRICS)
         self.enabled = enabled
+        self.lines: list[str] = []
         self.events = None
         if enabled and learning_rates is not None:
             self.events = tensorboard_log.EventLog(workdir, learning_rates)
 
     def write(self, record: dict[str, Any]) -> None:
-        if self.enabled:
-            workdir_lib.append_line(self.path, json.dumps(record) + "\n")
+        self.lines.append(json.dumps(record) + "\n")
+        if not self.enabled:
+            return
+        if len(self.lines) > 1 and not os.path.exists(self.path):
+            logging.warning(
+                "%s was deleted during the run; rebuilt it from the run's records", self.path
+            )
+            workdir_lib.replace_file(self.path, "".join(self.lines))
+        else:
+            workdir_lib.append_line(self.path, self.lines[-1])
+
+    def restore(self, lines: list[str]) -> None:
+        """Makes the file ``lines`` (a checkpoint's copy), warning of each line
+        dropped (torn, garbage, or from past the checkpoint) and of records
+        rebuilt (the file was deleted or cut)."""
+        self.lines = list(lines)
+        if not self.enabled:
+            return
+        try:
+            with open(workdir_lib.not_a_link(self.path), errors="replace") as f:
+                present = f.readlines()
+        except FileNotFoundError:
+            present = []
+        for number, line in enumerate(present, 1):
+            if line not in self.lines:
+                logging.warning(
+                    "%s: dropped line %d, not a record of the checkpoint resumed from: %.60r",
+                    self.path, number, line,
+                )  # fmt: skip
+        missing = [line for line in self.lines if line not in present]
+        if missing:
+            logging.warning("%s: rebuilt %d record(s) from the checkpoint", self.path, len(missing))
+        if present != self.lines:
+            workdir_lib.replace_file(self.path, "".join(self.lines))
 
     def write_epoch(self, record: dict[str, Any]) -> None:
         """An epoch's record; a population's as one line per member, then the rest."""
@@ -65,10 +102,11 @@ class MetricsLog:
         The checkpoint says which epochs count, so a torn or garbage line (a
         crash mid-write, a stray edit) is dropped with a warning.
         """
+        self.lines = []
         if not self.enabled or not os.path.exists(self.path):
             return
-        kept = [line for line, record in self._lines() if record["epoch"] <= last_epoch]
-        workdir_lib.replace_file(self.path, "".join(kept))
+        self.lines = [line for line, record in self._lines() if record["epoch"] <= last_epoch]
+        workdir_lib.replace_file(self.path, "".join(self.lines))
 
     def _lines(self) -> list[tuple[str, dict[str, Any]]]:
         """``(line, record)`` for every line that holds an epoch's record."""
@@ -77,14 +115,29 @@ class MetricsLog:
             for number, line in enumerate(f, 1):
                 try:
                     record = json.loads(line)
-                    int(record["epoch"])
-                except (ValueError, TypeError, KeyError):
+                except ValueError:
+                    record = None
+                if not is_record(record):
                     logging.warning(
                         "%s: dropped line %d, not a record: %.60r", self.path, number, line
                     )
                     continue
                 result.append((line.rstrip("\n") + "\n", record))
         return result
+
+
+def is_record(record: Any) -> bool:
+    """Whether ``record`` is an epoch's record as a run writes it: an object
+    whose ``epoch`` is an int >= 1 and whose scores are numbers."""
+    if not isinstance(record, dict):
+        return False
+    epoch = record.get("epoch")
+    if type(epoch) is not int or epoch < 1:
+        return False
+    scores = ["test_loss", "test_accuracy"]
+    if record.get("member") != "ensemble":
+        scores += ["train_loss", "train_accuracy"]
+    return all(type(record.get(name)) in (int, float) for name in scores)
 
 
 def progress_bar(total_steps: int, epoch: int, num_epochs: int, enabled: bool) -> tqdm.tqdm:

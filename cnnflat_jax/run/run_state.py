@@ -149,10 +149,13 @@ class RunPosition:
     stopped: bool = False
     data_state: dict[str, Any] | None = None
 
-    def save(self, run_checkpoints: checkpoints.RunCheckpoints, state: Any) -> None:
-        """Checkpoints ``state`` with this position."""
+    def save(
+        self, run_checkpoints: checkpoints.RunCheckpoints, state: Any, metrics_lines: list[str]
+    ) -> None:
+        """Checkpoints ``state`` with this position and the lines of ``metrics.jsonl``."""
         progress = dataclasses.asdict(self)
         progress["totals"] = {k: np.asarray(v).tolist() for k, v in self.totals.items()}
+        progress["metrics"] = metrics_lines
         run_checkpoints.save(global_step(state), state, progress)
 
     @classmethod
@@ -166,9 +169,10 @@ class RunPosition:
 
         A checkpoint that fails to restore is reported in one line and moved
         to ``damaged_checkpoints/`` beside ``checkpoints/``; the next older
-        one is tried. ``metrics.jsonl`` keeps only the records of epochs
-        before the position: later ones are written again as they are
-        trained again.
+        one is tried. ``metrics.jsonl`` becomes the checkpoint's copy of it
+        (rebuilt if it was deleted, torn or edited; checkpoints of earlier
+        versions keep the file's records of the epochs before the position):
+        later epochs are written again as they are trained again.
 
         Raises:
           RunError: there are checkpoints, but none is intact.
@@ -196,7 +200,10 @@ class RunPosition:
             position = cls(**{k: v for k, v in progress.items() if k in fields})
             # Checkpoints of earlier versions hold None at an epoch's start.
             position.totals = {k: np.asarray(v) for k, v in (position.totals or {}).items()}
-            metrics_log.truncate(position.epoch - 1)
+            if "metrics" in progress:
+                metrics_log.restore(progress["metrics"])
+            else:
+                metrics_log.truncate(position.epoch - 1)
             logging.info(
                 "Resuming from the checkpoint at step %d (epoch %d, dispatch %d) in %s",
                 step, position.epoch, position.dispatch, run_checkpoints.directory,

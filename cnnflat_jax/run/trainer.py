@@ -91,7 +91,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, start: float) -> dict[
 
     record = position.record
     with run_state.stop_signals() as stopping:
-        epochs = _Epochs(config, train, train_fn, run_checkpoints, stopping)
+        epochs = _Epochs(config, train, train_fn, run_checkpoints, metrics_log, stopping)
         for epoch in range(position.epoch, config.num_epochs + 1) if not position.stopped else ():
             if epoch != position.epoch:
                 position = run_state.RunPosition(epoch=epoch, record=record)
@@ -114,7 +114,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str, start: float) -> dict[
             metrics_log.write_epoch(record)
             reporting.log_epoch(record, config.num_epochs)
             stopped = 0 < config.stop_at_test_accuracy <= record["test_accuracy"]
-            run_state.RunPosition(epoch + 1, 0, {}, record, stopped).save(run_checkpoints, state)
+            finished = run_state.RunPosition(epoch + 1, 0, {}, record, stopped)
+            finished.save(run_checkpoints, state, metrics_log.lines)
             if stopped:
                 logging.info("Reached test accuracy %.4f: stopping.", config.stop_at_test_accuracy)
                 break
@@ -140,6 +141,7 @@ class _Epochs:
     data: batching.TrainData
     train_fn: Callable
     run_checkpoints: checkpoints.RunCheckpoints
+    metrics_log: reporting.MetricsLog
     stopping: Callable[[int], int]
 
     def train(self, state, plan: batching.Plan, position: run_state.RunPosition):
@@ -179,7 +181,7 @@ class _Epochs:
             if signum or (d + 1) % every == 0:
                 run_state.RunPosition(
                     position.epoch, d + 1, totals, position.record, data_state=stream.get_state()
-                ).save(self.run_checkpoints, state)
+                ).save(self.run_checkpoints, state, self.metrics_log.lines)
             if signum:
                 raise run_state.stopped_error(signum, state, self.run_checkpoints)
         bar.close()
