@@ -161,8 +161,9 @@ FIELDS: dict[str, Field] = {
     # Data: a TFDS catalog name; "auto" also finds local IDX copies (README).
     "dataset": Field("fashion_mnist", name()),
     "data_source": Field("auto", choice(*input_pipeline.SOURCES)),
-    "data_dir": Field("", directory(), identity=False),  # TFDS data directory; "" = its default.
-    "idx_dir": Field("", directory(), identity=False),  # Directory of MNIST-format IDX files.
+    # Data locations are part of the identity: other files may hold other data.
+    "data_dir": Field("", directory()),  # TFDS data directory; "" = TFDS's default.
+    "idx_dir": Field("", directory()),  # Directory of MNIST-format IDX files.
     # 0 = the dataset's own class count (TFDS's metadata; for IDX files, 10 for
     # mnist, fashion_mnist and kmnist). Every label must lie in [0, num_classes).
     "num_classes": Field(
@@ -181,7 +182,7 @@ FIELDS: dict[str, Field] = {
     "input_pipeline": Field("memory", choice(*input_pipeline.PIPELINES)),
     # grain: files from python -m cnnflat_jax.array_records; "" = TFDS's
     # ArrayRecord data source (the dataset prepared with that file format).
-    "array_record_dir": Field("", directory(), identity=False),
+    "array_record_dir": Field("", directory()),
     "optimizer": Field("adam", choice(*train_lib.OPTIMIZERS)),
     "learning_rate": Field(2e-3, number(0, low_open=True)),
     "momentum": Field(0.9, number(0, 1, high_open=True)),  # sgd only

@@ -1,6 +1,7 @@
 """The config schema: every field checked when a run starts, one error line each."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -223,3 +224,14 @@ def test_the_error_names_the_field_its_value_the_fault_and_what_is_allowed():
     with pytest.raises(config_lib.ConfigError, match=r"config.model.conv_features=\(8,16\): not"):
         config_lib.check(config)  # The MLP takes no conv layers.
     assert jax.device_count() == 8  # conftest's fake devices: the device rules see 8.
+
+
+def test_the_readme_lists_exactly_the_free_fields_of_the_schema():
+    with open(os.path.join(ROOT, "README.md")) as f:
+        row = next(line for line in f if "Only fields that change how a run is watched" in line)
+    listed = row.split("may differ:")[1].split("(")[0]
+    readme = set(re.findall(r"`([\w.]+)`", listed))
+    assert readme == {k for k, field in config_lib.FIELDS.items() if not field.identity}
+    assert {"data_dir", "idx_dir", "array_record_dir"} <= {
+        k for k, field in config_lib.FIELDS.items() if field.identity
+    }

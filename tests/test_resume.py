@@ -322,6 +322,43 @@ def test_resuming_with_another_config_is_refused_and_config_json_kept(uninterrup
     assert_one_error_line(err, "config.json is unreadable", "it describes the run to resume")
 
 
+def test_a_deleted_or_edited_config_json_cannot_switch_the_resume_checks_off(
+    uninterrupted, tmp_path
+):
+    data, reference = uninterrupted
+    shutil.copytree(reference, tmp_path / "run")
+    config_json = tmp_path / "run" / "config.json"
+    original = json.loads(config_json.read_text())
+    config_json.unlink()
+    other = ("--config.learning_rate=0.01", "--config.seed=3", "--config.augment_shift=1")
+    returncode, err = run_to_end(data, tmp_path / "run", *other)
+    assert returncode == 1
+    assert_one_error_line(
+        err, "learning_rate 0.002 -> 0.01", "seed 0 -> 3", "augment_shift 0 -> 1",
+        "saved in its checkpoints",
+    )  # fmt: skip
+    edited = {**original, "learning_rate": 0.01, "seed": 3, "augment_shift": 1}
+    config_json.write_text(json.dumps(edited))  # Edited to match the rerun: still refused.
+    returncode, err = run_to_end(data, tmp_path / "run", *other)
+    assert returncode == 1
+    assert_one_error_line(err, "learning_rate 0.002 -> 0.01", "saved in its checkpoints")
+    config_json.unlink()
+    returncode, err = run_to_end(data, tmp_path / "run")  # The run's own config: rebuilt.
+    assert returncode == 0, err[-3000:]
+    assert "config.json was missing or edited; rebuilt it from the checkpoint" in err
+    assert json.loads(config_json.read_text()) == original
+    assert epoch_scores(tmp_path / "run") == epoch_scores(reference)
+
+
+def test_other_data_at_another_location_is_another_run(uninterrupted, tmp_path):
+    data, reference = uninterrupted
+    shutil.copytree(reference, tmp_path / "run")
+    shutil.copytree(data, tmp_path / "moved")
+    returncode, err = run_to_end(data, tmp_path / "run", f"--config.idx_dir={tmp_path / 'moved'}")
+    assert returncode == 1
+    assert_one_error_line(err, f"idx_dir {data} -> {tmp_path / 'moved'}")
+
+
 def test_a_second_run_on_a_busy_workdir_is_refused_and_the_first_is_unharmed(
     uninterrupted, tmp_path
 ):

@@ -118,14 +118,17 @@ class RunCheckpoints:
 
     Each checkpoint holds the state's arrays (the PRNG key as raw key data)
     and, as JSON, ``progress``: where the data order stands (epoch, next
-    dispatch, the epoch's metric sums so far) plus the shape of every array.
-    Orbax writes each checkpoint to a temporary directory and renames it when
+    dispatch, the epoch's metric sums so far) plus the shape of every array
+    and ``run_config``, the run's whole config: its identity, kept where a
+    resume finds it. Orbax writes each checkpoint to a temporary directory and renames it when
     complete, so a run killed mid-save leaves the previous checkpoint usable.
     Every process calls every method (Orbax's multi-host rules); the primary
     process writes.
     """
 
-    def __init__(self, directory: str | os.PathLike, keep: int):
+    def __init__(
+        self, directory: str | os.PathLike, keep: int, run_config: dict[str, Any] | None = None
+    ):
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
             create=True,
@@ -135,6 +138,7 @@ class RunCheckpoints:
         with _orbax_quiet():
             self._manager = ocp.CheckpointManager(os.path.abspath(directory), options=options)
         self.directory = os.fspath(directory)
+        self.run_config = run_config
 
     def latest_step(self) -> int | None:
         with _orbax_quiet():
@@ -163,7 +167,7 @@ class RunCheckpoints:
           CheckpointWriteError: it could not be written; the older ones are intact.
         """
         arrays = _arrays(state)
-        progress = {**progress, "shapes": _shapes(arrays)}
+        progress = {**progress, "shapes": _shapes(arrays), "config": self.run_config}
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(arrays), progress=ocp.args.JsonSave(progress)
         )

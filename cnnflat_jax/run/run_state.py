@@ -108,9 +108,20 @@ def check_same_run(workdir: str, config: ml_collections.ConfigDict) -> None:
         return
     try:
         with open(path) as f:
-            old = config_lib.flat_fields(json.load(f))
-    except (OSError, ValueError, AttributeError) as e:  # AttributeError: JSON, not an object.
+            saved_config = json.load(f)
+    except (OSError, ValueError) as e:
         raise RunError(f"{path} is unreadable ({e}); it describes the run to resume") from None
+    if not isinstance(saved_config, dict):
+        raise RunError(f"{path} is unreadable (not a JSON object); it describes the run to resume")
+    _refuse_another_run(workdir, saved_config, config, path)
+
+
+def _refuse_another_run(
+    workdir: str, saved_config: dict[str, Any], config: ml_collections.ConfigDict, source: str
+) -> None:
+    """Raises ``RunError`` naming each identity field where ``config`` differs
+    from ``saved_config`` (the run's own, read from ``source``)."""
+    old = config_lib.flat_fields(saved_config)
     new = config_lib.flat_fields(json.loads(config.to_json_best_effort()))
     defaults = config_lib.default_fields()
     changed = [
@@ -121,9 +132,33 @@ def check_same_run(workdir: str, config: ml_collections.ConfigDict) -> None:
     if changed:
         raise RunError(
             f"{workdir} holds a run with another config: {'; '.join(changed)}. Rerun with its "
-            f"config ({path}) to resume it, or start a new run with another --workdir "
+            f"config ({source}) to resume it, or start a new run with another --workdir "
             "(a finished run is not extended: more epochs need a new run and schedule)"
         )
+
+
+def check_checkpoint_identity(
+    workdir: str, config: ml_collections.ConfigDict, saved_config: dict[str, Any] | None
+) -> None:
+    """Holds ``config`` to the run's identity as the checkpoint resumed from
+    saved it (``saved_config``; None in checkpoints of earlier versions), and
+    makes ``config.json`` its copy again if it was deleted or edited.
+
+    Raises:
+      RunError: ``config`` computes otherwise than the checkpoint's run.
+    """
+    if saved_config is None:
+        return
+    _refuse_another_run(workdir, saved_config, config, "saved in its checkpoints")
+    path = workdir_lib.path(workdir, workdir_lib.CONFIG)
+    try:
+        with open(workdir_lib.not_a_link(path)) as f:
+            on_disk = json.load(f)
+    except (OSError, ValueError):
+        on_disk = None
+    if on_disk != saved_config and jax.process_index() == 0:
+        logging.warning("%s was missing or edited; rebuilt it from the checkpoint", path)
+        workdir_lib.write_json(path, saved_config)
 
 
 def global_step(state: Any) -> int:
@@ -164,6 +199,7 @@ class RunPosition:
         run_checkpoints: checkpoints.RunCheckpoints,
         state: Any,
         metrics_log: reporting.MetricsLog,
+        config: ml_collections.ConfigDict,
     ) -> tuple[Any, RunPosition]:
         """The newest intact checkpoint's state and position, or ``state`` at the start.
 
@@ -174,8 +210,12 @@ class RunPosition:
         versions keep the file's records of the epochs before the position):
         later epochs are written again as they are trained again.
 
+        ``config`` is held to the run's identity that the checkpoint saved
+        (``check_checkpoint_identity``).
+
         Raises:
-          RunError: there are checkpoints, but none is intact.
+          RunError: there are checkpoints, but none is intact; or ``config``
+            computes otherwise than the run they hold.
           checkpoints.IncompatibleCheckpointError: they hold another model.
         """
         steps = run_checkpoints.all_steps()
@@ -196,6 +236,8 @@ class RunPosition:
                     "trying an older one", step, type(e).__name__, str(e).replace("\n", " "), moved,
                 )  # fmt: skip
                 continue
+            workdir = os.path.dirname(run_checkpoints.directory)
+            check_checkpoint_identity(workdir, config, progress.get("config"))
             fields = {f.name for f in dataclasses.fields(cls)}
             position = cls(**{k: v for k, v in progress.items() if k in fields})
             # Checkpoints of earlier versions hold None at an epoch's start.

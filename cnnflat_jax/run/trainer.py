@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from collections.abc import Callable
 from typing import Any
@@ -70,10 +71,11 @@ def _run(config: ml_collections.ConfigDict, workdir: str, start: float) -> dict[
     run_checkpoints = checkpoints.RunCheckpoints(
         workdir_lib.not_a_link(workdir_lib.path(workdir, workdir_lib.CHECKPOINTS)),
         config.checkpoints_to_keep,
+        run_config=json.loads(config.to_json_best_effort()),
     )
     if lead and not run_checkpoints.all_steps():  # A new run: its config is its identity.
         workdir_lib.write_config(workdir, config)
-    state, position = run_state.RunPosition.resume(run_checkpoints, state, metrics_log)
+    state, position = run_state.RunPosition.resume(run_checkpoints, state, metrics_log, config)
 
     compile_start = time.perf_counter()
     steps_per_dispatch = min(config.steps_per_dispatch, steps)
