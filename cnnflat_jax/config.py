@@ -25,7 +25,7 @@ import ml_collections
 from cnnflat_jax.data import input_pipeline
 from cnnflat_jax.errors import Error
 from cnnflat_jax.nn import layers, models, ops
-from cnnflat_jax.train import population, train_lib
+from cnnflat_jax.train import memory, population, train_lib
 
 
 class ConfigError(Error, ValueError):
@@ -117,6 +117,19 @@ def directory() -> Rule:
     return Rule('a directory path, or "" for the default', why)
 
 
+def existing_directory() -> Rule:
+    """A directory that exists, or "" for the default: where input data is read."""
+
+    def why(value):
+        if not isinstance(value, str):
+            return "not a string"
+        if value and not os.path.isdir(value):
+            return "a file, not a directory" if os.path.exists(value) else "no such directory"
+        return None
+
+    return Rule('an existing directory, or "" for the default', why)
+
+
 def name() -> Rule:
     return Rule(
         "a non-empty string",
@@ -163,7 +176,7 @@ FIELDS: dict[str, Field] = {
     "data_source": Field("auto", choice(*input_pipeline.SOURCES)),
     # Data locations are part of the identity: other files may hold other data.
     "data_dir": Field("", directory()),  # TFDS data directory; "" = TFDS's default.
-    "idx_dir": Field("", directory()),  # Directory of MNIST-format IDX files.
+    "idx_dir": Field("", existing_directory()),  # Directory of MNIST-format IDX files.
     # 0 = the dataset's own class count (TFDS's metadata; for IDX files, 10 for
     # mnist, fashion_mnist and kmnist). Every label must lie in [0, num_classes).
     "num_classes": Field(
@@ -182,7 +195,7 @@ FIELDS: dict[str, Field] = {
     "input_pipeline": Field("memory", choice(*input_pipeline.PIPELINES)),
     # grain: files from python -m cnnflat_jax.array_records; "" = TFDS's
     # ArrayRecord data source (the dataset prepared with that file format).
-    "array_record_dir": Field("", directory()),
+    "array_record_dir": Field("", existing_directory()),
     "optimizer": Field("adam", choice(*train_lib.OPTIMIZERS)),
     "learning_rate": Field(2e-3, number(0, low_open=True)),
     "momentum": Field(0.9, number(0, 1, high_open=True)),  # sgd only
@@ -436,26 +449,61 @@ def check_data(
         )  # fmt: skip
     if config.model.name == "cnn":
         _check_cnn_sizes(config.model, image_shape)
-    _check_model_shapes(config.model, image_shape, num_classes)
+    variables = _check_model_shapes(config.model, image_shape, num_classes)
+    _check_memory(config, variables, image_shape)
 
 
-def _check_model_shapes(model: Mapping[str, Any], image_shape, num_classes: int | None) -> None:
-    """The model runs on ``image_shape`` and, given ``num_classes``, outputs that many logits."""
+def _check_model_shapes(model: Mapping[str, Any], image_shape, num_classes: int | None) -> Any:
+    """The model runs on ``image_shape`` and, given ``num_classes``, outputs that many
+    logits. Returns its variables' shapes (``params``, sown ``intermediates``)."""
     module = models.from_fields(model, num_classes or 1)
     x = jax.ShapeDtypeStruct((1, *image_shape), jax.numpy.float32)
     try:
-        shape = jax.eval_shape(lambda x: module.init_with_output(jax.random.key(0), x)[0], x).shape
+        output, variables = jax.eval_shape(
+            lambda x: module.init_with_output(jax.random.key(0), x, mutable=True), x
+        )
     except layers.SpecError as e:
         raise ConfigError(
             f"model.layers[{e.position}]", e.spec, f"on {_hwc(image_shape)} images: {e.why}",
             "layers that fit the maps they get",
         ) from None  # fmt: skip
-    if num_classes and model["name"] == "sequential" and shape != (1, num_classes):
+    if num_classes and model["name"] == "sequential" and output.shape != (1, num_classes):
         raise ConfigError(
             "model.layers", model["layers"],
-            f"outputs {_hwc(shape[1:])} values per image, but the dataset has {num_classes} "
-            "classes", f"layers ending in dense:{num_classes} (or a map pooled to it)",
+            f"outputs {_hwc(output.shape[1:])} values per image, but the dataset has "
+            f"{num_classes} classes",
+            f"layers ending in dense:{num_classes} (or a map pooled to it)",
         )  # fmt: skip
+    return variables
+
+
+def _check_memory(config: ml_collections.ConfigDict, variables, image_shape) -> None:
+    """The run's memory floor (``memory.needs``) fits the memory there is. When
+    even one example per batch would not fit, the model is named; else the
+    larger of the two batch sizes."""
+
+    def needs(batch_size, eval_batch_size, steps_per_dispatch):
+        return memory.needs(
+            variables, image_shape, batch_size=batch_size, eval_batch_size=eval_batch_size,
+            steps_per_dispatch=steps_per_dispatch, members=config.population.size,
+        )  # fmt: skip
+
+    asked = needs(config.batch_size, config.eval_batch_size, config.steps_per_dispatch)
+    total, there = sum(asked.values()), memory.available()
+    if total <= there:
+        return
+    parts = ", ".join(f"{name} {size / 2**30:.1f}" for name, size in asked.items())
+    why = (
+        f"the run needs at least {total / 2**30:.1f} GiB ({parts}), more than the "
+        f"{there / 2**30:.1f} GiB of memory here"
+    )
+    if sum(needs(1, 1, 1).values()) > there:
+        count = sum(leaf.size for leaf in jax.tree.leaves(variables["params"]))
+        raise ConfigError(
+            "model", f"{config.model.name} of {count:,} parameters", why, "smaller layers"
+        )
+    largest = max(("batch_size", "eval_batch_size"), key=asked.get)
+    raise ConfigError(largest, config[largest], why, f"a smaller {largest}")
 
 
 def _hwc(shape) -> str:

@@ -235,3 +235,38 @@ def test_the_readme_lists_exactly_the_free_fields_of_the_schema():
     assert {"data_dir", "idx_dir", "array_record_dir"} <= {
         k for k, field in config_lib.FIELDS.items() if field.identity
     }
+
+
+@pytest.mark.parametrize(
+    "flags,expected",
+    [
+        (["--config.batch_size=10000000"],
+         ["config.batch_size=10000000: the run needs at least", "GiB of memory here"]),
+        (["--config.eval_batch_size=10000000"],
+         ["config.eval_batch_size=10000000: the run needs at least"]),
+        (["--config.model.conv_features=(100000000,)"],
+         ["config.model=cnn of", "parameters: the run needs at least", "allowed: smaller layers"]),
+        (["--config.idx_dir=/no/such/idx"], ["config.idx_dir=/no/such/idx: no such directory"]),
+        (["--config.learning_rate=1e308"], ["the training loss became"]),
+    ],
+)  # fmt: skip
+def test_resources_are_bounded_before_they_are_spent(tmp_path, flags, expected):
+    # Checked once the data is loaded (its image shape sets the sizes): log lines come first.
+    _, stderr = run_train(*flags, workdir=tmp_path / "run").communicate(timeout=300)
+    assert "Traceback" not in stderr and "Compiled" not in stderr or "loss" in expected[0]
+    (line,) = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert all(part in line for part in expected), line
+    assert not list((tmp_path / "run").glob("checkpoints/*/state"))  # No work was saved.
+
+
+def test_a_huge_warmup_is_capped_not_overflowed(tmp_path):
+    process = run_train("--config.warmup_epochs=1e308", workdir=tmp_path / "run")
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr[-3000:]
+    assert "warmup_epochs=1e+308 is more than half of the 1 epoch(s)" in stderr
+
+
+def test_a_workdir_path_too_long_for_the_checkpoints_is_refused_before_any_work(tmp_path):
+    workdir = tmp_path.joinpath(*["x" * 200] * 20)
+    assert_one_error_line(run_train(workdir=workdir), ["characters", "use a shorter --workdir"])
+    assert not (tmp_path / ("x" * 200)).exists()

@@ -55,6 +55,7 @@ def workdir_lock(workdir: str) -> Iterator[None]:
       RunError: the workdir cannot be made or written, ``.lock`` is a symbolic
         link, or another process holds the lock (named by its PID).
     """
+    workdir_lib.check_path_room(workdir)
     try:
         os.makedirs(workdir, exist_ok=True)
         if jax.process_index() > 0:

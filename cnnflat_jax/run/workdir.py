@@ -58,6 +58,27 @@ class RunError(Error, RuntimeError):
     checkpoint), or is not the finished run a tool needs."""
 
 
+# Characters that Orbax's deepest paths add to a workdir's (a checkpoint's
+# temporary directory, its OCDBT process directory and data files), with room.
+_DEEPEST_SUFFIX = 256
+
+
+def check_path_room(workdir: str | os.PathLike) -> None:
+    """Refuses, before any work, a workdir whose path leaves the checkpoints no room.
+
+    Raises:
+      RunError: the path plus what Orbax adds would pass the system's limit.
+    """
+    absolute = os.path.abspath(workdir)
+    limit = os.pathconf("/", "PC_PATH_MAX")
+    if len(absolute) + _DEEPEST_SUFFIX > limit:
+        raise RunError(
+            f"the workdir's path is {len(absolute)} characters; its checkpoints need about "
+            f"{_DEEPEST_SUFFIX} more, and paths here may have at most {limit}: use a shorter "
+            "--workdir"
+        )
+
+
 def path(workdir: str | os.PathLike, name: str) -> str:
     """``workdir``'s file or directory ``name`` (one of this module's names)."""
     return os.path.join(os.fspath(workdir), name)

@@ -76,7 +76,7 @@ def optimizer_factory(
     shape = schedule_shape(config, steps_per_epoch)
     total_steps = config.num_epochs * steps_per_epoch
     if config.schedule == "warmup_cosine" and (
-        int(config.warmup_epochs * steps_per_epoch) > total_steps // 2
+        int(min(config.warmup_epochs, config.num_epochs) * steps_per_epoch) > total_steps // 2
     ):
         logging.warning(
             "warmup_epochs=%g is more than half of the %d epoch(s): warming up for "
@@ -112,12 +112,14 @@ def schedule_shape(config: ml_collections.ConfigDict, steps_per_epoch: int) -> o
     """The learning rate's shape over the steps, peaking at 1: constant, or a
     linear warmup then cosine decay to 0. The warmup lasts ``warmup_epochs``,
     but at most half of training, so that any ``num_epochs`` leaves the
-    cosine decay steps to take."""
+    cosine decay steps to take (and a huge ``warmup_epochs`` overflows nothing)."""
     if config.schedule == "constant":
         return optax.constant_schedule(1.0)
     if config.schedule == "warmup_cosine":
         total_steps = config.num_epochs * steps_per_epoch
-        warmup_steps = min(int(config.warmup_epochs * steps_per_epoch), total_steps // 2)
+        warmup_steps = min(
+            int(min(config.warmup_epochs, config.num_epochs) * steps_per_epoch), total_steps // 2
+        )
         return optax.warmup_cosine_decay_schedule(
             init_value=0.0, peak_value=1.0, warmup_steps=warmup_steps, decay_steps=total_steps
         )
