@@ -13,9 +13,14 @@ import contextlib
 import logging as std_logging
 import os
 import re
-import signal
 import sys
 from collections.abc import Iterator
+
+from cnnflat_jax.run import early_signals
+
+# Before JAX loads: a signal while train.py starts up ends it in one line, never
+# a KeyboardInterrupt inside an import or an XLA callback.
+early_signals.exit_on_signals("starting up; nothing new was saved")
 
 import jax
 from absl import app, flags, logging
@@ -122,14 +127,17 @@ def main(argv):
     sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     if jax.process_index() > 0:
         logging.set_verbosity(logging.WARNING)  # Process 0 reports for all.
+    if jax.process_count() > 1:  # SIGTERM is JAX's (a preemption sync point); SIGINT stops.
+        early_signals.exit_on_signals(
+            "running with several processes; stopped without a new checkpoint (the ones "
+            "written before are intact: rerun the same command to resume)"
+        )
     try:
         trainer.train_and_evaluate(config, _WORKDIR.value)
+        early_signals.exit_on_signals("exiting; the run had ended and its outputs are complete")
     except run_state.Preempted as e:
         print(f"{e}", file=sys.stderr)
         sys.exit(e.exit_code)
-    except KeyboardInterrupt:  # Ctrl-C before training began: nothing to save yet.
-        print("interrupted (SIGINT) before training began; nothing was saved", file=sys.stderr)
-        sys.exit(128 + signal.SIGINT)
     except errors.Error as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         if isinstance(e, checkpoints.CheckpointWriteError):

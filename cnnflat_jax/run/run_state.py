@@ -262,31 +262,65 @@ class RunPosition:
         return state, cls()
 
 
+@dataclasses.dataclass(frozen=True)
+class Stopping:
+    """Which stop signal (SIGTERM or SIGINT) has arrived, or 0.
+
+    ``at_step(step)`` is asked at the training loop's step boundaries (every
+    process agrees on it; the run saves and stops); ``now()`` between the
+    phases around the loop (loading, building, compiling, writing outputs),
+    where there is nothing to save.
+    """
+
+    at_step: Callable[[int], int]
+    now: Callable[[], int]
+
+
 @contextlib.contextmanager
-def stop_signals() -> Iterator[Callable[[int], int]]:
-    """Yields ``stopping(step)``: the number of a SIGTERM or SIGINT that has
-    arrived (the run saves and stops), else 0.
+def stop_signals() -> Iterator[Stopping]:
+    """Records SIGTERM and SIGINT for the whole run instead of letting them
+    kill it or raise mid-way (a ``KeyboardInterrupt`` inside XLA's compiler
+    can crash the process): the run stops at the next boundary, in one line.
 
     With several processes JAX's preemption sync point makes every process
     agree on the step of a SIGTERM; one process catches both itself, from
     its main thread.
     """
     if jax.process_count() > 1:
-        yield lambda step: signal.SIGTERM * multihost_utils.reached_preemption_sync_point(step)
+        yield Stopping(
+            lambda step: signal.SIGTERM * multihost_utils.reached_preemption_sync_point(step),
+            lambda: 0,
+        )
         return
     if threading.current_thread() is not threading.main_thread():
-        yield lambda step: 0
+        yield Stopping(lambda step: 0, lambda: 0)
         return
     received = []
+
+    def first() -> int:
+        return received[0] if received else 0
+
     previous = {
         signum: signal.signal(signum, lambda signum, _: received.append(signum))
         for signum in (signal.SIGTERM, signal.SIGINT)
     }
     try:
-        yield lambda step: received[0] if received else 0
+        yield Stopping(lambda step: first(), first)
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def stopped_between_phases(signum: int, phase: str, after_training: bool = False) -> Preempted:
+    """The stop of a signal that arrived while ``phase`` ran, outside the training loop."""
+    what = "preempted" if signum == signal.SIGTERM else "interrupted"
+    done = (
+        "the run is finished and its outputs are complete"
+        if after_training
+        else "training had not (re)started, so nothing new was saved; rerun the same command "
+        "to go on"
+    )
+    return Preempted(f"{what} ({signal.Signals(signum).name}) while {phase}; {done}", signum)
 
 
 def stopped_error(

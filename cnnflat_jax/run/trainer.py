@@ -45,15 +45,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     """
     start = time.perf_counter()
     config_lib.check(config)
-    with run_state.workdir_lock(workdir):
+    with run_state.stop_signals() as stopping, run_state.workdir_lock(workdir):
         run_state.check_same_run(workdir, config)
-        return _run(config, workdir, start)
+        return _run(config, workdir, start, stopping)
 
 
-def _run(config: ml_collections.ConfigDict, workdir: str, start: float) -> dict[str, Any]:
+def _stop_if_asked(stopping: run_state.Stopping, phase: str, after_training: bool = False):
+    if signum := stopping.now():
+        raise run_state.stopped_between_phases(signum, phase, after_training)
+
+
+def _run(
+    config: ml_collections.ConfigDict, workdir: str, start: float, stopping: run_state.Stopping
+) -> dict[str, Any]:
     mesh = sharding.data_mesh(config.num_devices)
     data_shards = config.data_shards or jax.process_count()
     data = input_pipeline.load_data(config, data_shards)
+    _stop_if_asked(stopping, "loading the data")
     config_lib.check_data(config, data.image_shape, data.train_total, data.num_classes)
     train, validation = batching.split_validation(data, config.validation_examples, data_shards)
     reporting.log_data(data, sum(train.shard_sizes), config.validation_examples, mesh, data_shards)
@@ -64,6 +72,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, start: float) -> dict[
     state, data_keys = population.initial_state(config, team, model, data.image_shape, steps)
     state = sharding.replicate(state, mesh)
     reporting.log_model(config.model.name, state.params, team)
+    _stop_if_asked(stopping, "building the model")
 
     lead = jax.process_index() == 0
     learning_rates = train_lib.learning_rates(config, steps, team.members)
@@ -90,42 +99,43 @@ def _run(config: ml_collections.ConfigDict, workdir: str, start: float) -> dict[
     }
     compile_sec = time.perf_counter() - compile_start
     logging.info("Compiled the %s training loop and eval in %.2f s", config.loop, compile_sec)
+    _stop_if_asked(stopping, "compiling")
 
     record = position.record
-    with run_state.stop_signals() as stopping:
-        epochs = _Epochs(config, train, train_fn, run_checkpoints, metrics_log, stopping)
-        for epoch in range(position.epoch, config.num_epochs + 1) if not position.stopped else ():
-            if epoch != position.epoch:
-                position = run_state.RunPosition(epoch=epoch, record=record)
-            plan = batching.members_plan(
-                data_keys, epoch, train.shard_sizes, config.batch_size, steps_per_dispatch
-            )
-            state, totals, epoch_sec = epochs.train(state, plan, position)
-            scores = {
-                name: evaluation.evaluate(state, eval_sets[name], fn, population=team.is_population)
-                for name, fn in eval_fns.items()
-            }
-            timing = {
-                # For a population: images trained on by all members together, per second.
-                "images_per_sec": float(np.sum(totals["count"])) / epoch_sec,
-                "epoch_sec": epoch_sec,
-                "elapsed_sec": time.perf_counter() - start,
-            }
-            step = run_state.global_step(state)
-            record = reporting.epoch_record(epoch, step, team, totals, scores, timing)
-            metrics_log.write_epoch(record)
-            reporting.log_epoch(record, config.num_epochs)
-            stopped = 0 < config.stop_at_test_accuracy <= record["test_accuracy"]
-            finished = run_state.RunPosition(epoch + 1, 0, {}, record, stopped)
-            finished.save(run_checkpoints, state, metrics_log.lines)
-            if stopped:
-                logging.info("Reached test accuracy %.4f: stopping.", config.stop_at_test_accuracy)
-                break
-            if signum := stopping(step):
-                raise run_state.stopped_error(signum, state, run_checkpoints)
+    epochs = _Epochs(config, train, train_fn, run_checkpoints, metrics_log, stopping.at_step)
+    for epoch in range(position.epoch, config.num_epochs + 1) if not position.stopped else ():
+        if epoch != position.epoch:
+            position = run_state.RunPosition(epoch=epoch, record=record)
+        plan = batching.members_plan(
+            data_keys, epoch, train.shard_sizes, config.batch_size, steps_per_dispatch
+        )
+        state, totals, epoch_sec = epochs.train(state, plan, position)
+        scores = {
+            name: evaluation.evaluate(state, eval_sets[name], fn, population=team.is_population)
+            for name, fn in eval_fns.items()
+        }
+        timing = {
+            # For a population: images trained on by all members together, per second.
+            "images_per_sec": float(np.sum(totals["count"])) / epoch_sec,
+            "epoch_sec": epoch_sec,
+            "elapsed_sec": time.perf_counter() - start,
+        }
+        step = run_state.global_step(state)
+        record = reporting.epoch_record(epoch, step, team, totals, scores, timing)
+        metrics_log.write_epoch(record)
+        reporting.log_epoch(record, config.num_epochs)
+        stopped = 0 < config.stop_at_test_accuracy <= record["test_accuracy"]
+        finished = run_state.RunPosition(epoch + 1, 0, {}, record, stopped)
+        finished.save(run_checkpoints, state, metrics_log.lines)
+        if stopped:
+            logging.info("Reached test accuracy %.4f: stopping.", config.stop_at_test_accuracy)
+            break
+        if signum := stopping.at_step(step):
+            raise run_state.stopped_error(signum, state, run_checkpoints)
     run_checkpoints.close()
 
     outputs.write(config, team, workdir, state, record, data, train, metrics_log, lead)
+    _stop_if_asked(stopping, "writing the outputs", after_training=True)
     logging.info(
         "Done: %d epochs, %d steps, test accuracy %.4f, %.0f images/s, compile %.2f s,"
         " total %.1f s; outputs in %s",
