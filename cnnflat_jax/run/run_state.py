@@ -219,6 +219,7 @@ class RunPosition:
             computes otherwise than the run they hold.
           checkpoints.IncompatibleCheckpointError: they hold another model.
         """
+        workdir = os.path.dirname(run_checkpoints.directory)
         steps = run_checkpoints.all_steps()
         for step in steps:
             try:
@@ -227,9 +228,7 @@ class RunPosition:
                 raise
             except Exception as e:  # Orbax, TensorStore and JSON each fail their own way.
                 aside = workdir_lib.not_a_link(
-                    workdir_lib.path(
-                        os.path.dirname(run_checkpoints.directory), workdir_lib.DAMAGED_CHECKPOINTS
-                    )
+                    workdir_lib.path(workdir, workdir_lib.DAMAGED_CHECKPOINTS)
                 )
                 moved = run_checkpoints.set_aside(step, aside)
                 logging.warning(
@@ -237,7 +236,6 @@ class RunPosition:
                     "trying an older one", step, type(e).__name__, str(e).replace("\n", " "), moved,
                 )  # fmt: skip
                 continue
-            workdir = os.path.dirname(run_checkpoints.directory)
             check_checkpoint_identity(workdir, config, progress.get("config"))
             fields = {f.name for f in dataclasses.fields(cls)}
             position = cls(**{k: v for k, v in progress.items() if k in fields})
