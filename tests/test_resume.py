@@ -257,18 +257,17 @@ def test_a_garbage_line_in_metrics_is_dropped(uninterrupted, tmp_path):
     assert epoch_scores(tmp_path / "run") == epoch_scores(reference)
 
 
-@pytest.mark.parametrize(
-    "line",
-    ['{"epoch": "1"}', '{"epoch": 1e999}', '{"epoch": 2, "train_loss": "low"}', "[1, 2]", "7"],
-)
-def test_a_json_line_of_the_wrong_types_is_dropped_like_a_torn_one(uninterrupted, tmp_path, line):
+def test_json_lines_of_the_wrong_types_are_dropped_like_torn_ones(uninterrupted, tmp_path):
     data, reference = uninterrupted
     shutil.copytree(reference, tmp_path / "run")
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-    (tmp_path / "run" / "metrics.jsonl").write_text("\n".join([line, *lines]) + "\n")
+    wrong = ['{"epoch": "1"}', '{"epoch": 1e999}', '{"epoch": 2, "train_loss": "low"}', "[1]", "7"]
+    (tmp_path / "run" / "metrics.jsonl").write_text("\n".join([*wrong, *lines]) + "\n")
     returncode, err = run_to_end(data, tmp_path / "run")
     assert returncode == 0, err[-3000:]
-    assert "dropped line 1, not a record" in err and "Traceback" not in err
+    for number in range(1, len(wrong) + 1):
+        assert f"dropped line {number}, not a record" in err
+    assert "Traceback" not in err
     assert epoch_scores(tmp_path / "run") == epoch_scores(reference)
 
 

@@ -62,10 +62,11 @@ def test_missing_data_fails_with_a_clear_message_and_writes_nothing(tmp_path):
         tmp_path / "run", "--config.data_source=idx", f"--config.idx_dir={tmp_path / 'none'}"
     )
     assert result.returncode == 1
-    assert "error: could not load dataset 'fashion_mnist'" in result.stderr
-    assert f"IDX files in {tmp_path / 'none'}: no such directory" in result.stderr
-    assert "Traceback" not in result.stderr
-    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    assert result.stderr == (
+        f"error: config.idx_dir={tmp_path / 'none'}: no such directory; "
+        'allowed: an existing directory, or "" for the default\n'
+    )  # Never a silent fallback to another copy of the data.
+    assert not (tmp_path / "run").exists()
 
 
 def test_invalid_config_value_fails_before_any_work(tmp_path):
