@@ -6,6 +6,12 @@ model) imports neither Flax nor the model code.
 """
 
 import importlib
+import os
+
+# gs:// paths go through etils.epath's fsspec backend (gcsfs), as Orbax's own
+# do, not through TensorFlow's file system: TensorFlow is imported only to read
+# TFDS data. EPATH_USE_TF=true in the environment chooses TensorFlow's instead.
+os.environ.setdefault("EPATH_USE_TF", "false")
 
 _HOMES = {
     "Error": "errors",

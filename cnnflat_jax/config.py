@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import ml_collections
 
+from cnnflat_jax import paths
 from cnnflat_jax.data import input_pipeline
 from cnnflat_jax.errors import Error
 from cnnflat_jax.nn import layers, models, ops
@@ -110,7 +110,7 @@ def directory() -> Rule:
     def why(value):
         if not isinstance(value, str):
             return "not a string"
-        if value and os.path.exists(value) and not os.path.isdir(value):
+        if value and paths.is_file(value):
             return "a file, not a directory"
         return None
 
@@ -123,8 +123,8 @@ def existing_directory() -> Rule:
     def why(value):
         if not isinstance(value, str):
             return "not a string"
-        if value and not os.path.isdir(value):
-            return "a file, not a directory" if os.path.exists(value) else "no such directory"
+        if value and not paths.is_directory(value):
+            return "a file, not a directory" if paths.exists(value) else "no such directory"
         return None
 
     return Rule('an existing directory, or "" for the default', why)
@@ -218,6 +218,9 @@ FIELDS: dict[str, Field] = {
     # dispatches) and at each epoch end; a rerun with the same workdir resumes.
     "checkpoint_every_steps": Field(1000, integer(1), identity=False),
     "checkpoints_to_keep": Field(3, integer(1), identity=False),
+    # A gs:// workdir's lock is a lease (run/lease.py): a run that is gone holds
+    # it this many seconds after its last renewal (every quarter of it).
+    "workdir_lease_sec": Field(60.0, number(2), identity=False),
     "loop": Field("compiled", choice(*train_lib.LOOPS)),
     "steps_per_dispatch": Field(50, integer(1)),  # Steps per compiled program call.
     "progress_bar": Field(True, boolean(), identity=False),

@@ -2,7 +2,9 @@
 
 import os
 
+import gcs_emulator
 import jax
+import pytest
 
 # Keras (an interop test dependency) runs on JAX, so no TensorFlow is needed.
 os.environ.setdefault("KERAS_BACKEND", "jax")
@@ -11,3 +13,21 @@ os.environ.setdefault("KERAS_BACKEND", "jax")
 jax.config.update("jax_num_cpu_devices", 8)
 # A silent broadcast of mismatched ranks is a bug in our ops: make it raise.
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+@pytest.fixture(scope="session")
+def gcs(tmp_path_factory):
+    """A Cloud Storage emulator on 127.0.0.1 for the session, its clients
+    pointed at it in this process (``gcs.env`` for subprocesses)."""
+    if gcs_emulator.binary() is None:
+        pytest.skip("fake-gcs-server has no binary for this platform")
+    emulator = gcs_emulator.Emulator(str(tmp_path_factory.mktemp("gcs") / "server.log"))
+    saved = {key: os.environ.get(key) for key in emulator.env}
+    os.environ.update(emulator.env)
+    yield emulator
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    emulator.stop()

@@ -17,7 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(ROOT, "cnnflat_jax")
 
 # Lower layers first: a module may import its own layer and those before it.
-LAYERS = ("errors", "nn", "data", "train", "config", "run", "tools")
+LAYERS = ("errors", "paths", "nn", "data", "train", "config", "run", "tools")
 
 
 def readme_names() -> tuple[set[str], set[str]]:

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from cnnflat_jax import paths
 from cnnflat_jax.data import transforms
 from cnnflat_jax.data.examples import check_labels
 from cnnflat_jax.errors import Error
@@ -56,7 +57,7 @@ class RecordError(Error, ValueError):
 
 
 def split_path(directory: str, split: str) -> str:
-    return os.path.join(directory, f"{split}.array_record")
+    return paths.join(directory, f"{split}.array_record")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,9 +119,9 @@ def read_info(directory: str) -> dict[str, Any]:
     Raises:
       RecordError: a missing or unreadable ``dataset.json`` or split file.
     """
-    path = os.path.join(directory, INFO_FILE)
+    path = paths.join(directory, INFO_FILE)
     try:
-        with open(path) as f:
+        with paths.open_binary(path) as f:
             info = json.load(f)
         image_shape = tuple(int(n) for n in info["image_shape"])
         counts = {split: int(info["splits"][split]) for split in SPLITS}
@@ -133,7 +134,7 @@ def read_info(directory: str) -> dict[str, Any]:
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise RecordError(f"{path} is unreadable ({type(e).__name__}: {e})") from None
     for split in SPLITS:
-        if not os.path.isfile(split_path(directory, split)):
+        if not paths.is_file(split_path(directory, split)):
             raise RecordError(f"{directory}: no {split}.array_record beside {INFO_FILE}")
     return {**info, "image_shape": image_shape, "splits": counts, "num_classes": num_classes}
 
@@ -149,8 +150,8 @@ def open_split(directory: str, split: str, info: dict[str, Any], ids: np.ndarray
     import grain
 
     path = split_path(directory, split)
-    try:
-        source = grain.sources.ArrayRecordDataSource([path])
+    try:  # The ArrayRecord reader reads local files: a gs:// file is downloaded first.
+        source = grain.sources.ArrayRecordDataSource([paths.local_copy(path)])
         count = len(source)
     except Exception as e:  # The ArrayRecord reader raises bare RuntimeErrors.
         raise RecordError(f"{path} is not a readable ArrayRecord file ({e})") from None

@@ -14,6 +14,7 @@ import zlib
 
 import numpy as np
 
+from cnnflat_jax import paths
 from cnnflat_jax.errors import Error
 
 _UBYTE = 0x08
@@ -27,7 +28,7 @@ def read_idx(path: str | os.PathLike, *, ndim: int) -> np.ndarray:
     """Reads an unsigned-byte IDX file with ``ndim`` dimensions.
 
     Args:
-      path: ``*.gz`` (gzip) or a raw IDX file.
+      path: ``*.gz`` (gzip) or a raw IDX file; local or a URI (``gs://``).
       ndim: 1 for label files, 3 for image files.
 
     Returns:
@@ -39,12 +40,8 @@ def read_idx(path: str | os.PathLike, *, ndim: int) -> np.ndarray:
     """
     path = os.fspath(path)
     try:
-        if path.endswith(".gz"):
-            with gzip.open(path, "rb") as f:
-                data = f.read()
-        else:
-            with open(path, "rb") as f:
-                data = f.read()
+        with paths.open_binary(path) as raw:
+            data = gzip.decompress(raw.read()) if path.endswith(".gz") else raw.read()
     except FileNotFoundError:
         raise IdxError(f"{path}: file not found") from None
     except (OSError, EOFError, zlib.error) as e:

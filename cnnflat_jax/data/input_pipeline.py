@@ -22,6 +22,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from cnnflat_jax import paths
 from cnnflat_jax.data import array_records, shards, transforms
 from cnnflat_jax.data.examples import Arrays, check_labels
 from cnnflat_jax.data.idx import IdxError, read_idx
@@ -170,7 +171,7 @@ def load_dataset(
         plan.append(("tfds", True))
     attempts: list[str] = []
     for kind, arg in plan:
-        if kind == "idx" and not os.path.isdir(arg):
+        if kind == "idx" and not paths.is_directory(arg):
             attempts.append(f"IDX files in {arg}: no such directory")
             continue
         try:
@@ -345,8 +346,8 @@ def _not_found_message(name: str, source: str, attempts: list[str]) -> str:
 
 def _find_idx_file(directory: str, stem: str) -> str:
     for candidate in (stem + ".gz", stem):
-        path = os.path.join(directory, candidate)
-        if os.path.exists(path):
+        path = paths.join(directory, candidate)
+        if paths.exists(path):
             return path
     raise IdxError(f"{directory}: no {stem} or {stem}.gz")
 

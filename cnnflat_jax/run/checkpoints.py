@@ -6,7 +6,6 @@ import contextlib
 import gc
 import os
 import re
-import shutil
 import sys
 import tempfile
 import time
@@ -17,7 +16,9 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
+from cnnflat_jax import paths
 from cnnflat_jax.errors import Error
+from cnnflat_jax.run import workdir as workdir_lib
 
 
 @contextlib.contextmanager
@@ -39,7 +40,7 @@ def save_params(path: str | os.PathLike, params: Any) -> None:
     """
     try:
         with _orbax_quiet(), _stderr_held(), ocp.StandardCheckpointer() as checkpointer:
-            checkpointer.save(os.path.abspath(path), params, force=True)
+            checkpointer.save(workdir_lib.absolute(path), params, force=True)
             checkpointer.wait_until_finished()
     except Exception as e:
         raise CheckpointWriteError(f"could not write {os.fspath(path)}: {_cause(e)}") from None
@@ -55,13 +56,13 @@ def load_params(path: str | os.PathLike, like: Any) -> Any:
     # On this process's first device, whatever topology trained them.
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), like)
     with _orbax_quiet(), ocp.StandardCheckpointer() as checkpointer:
-        return checkpointer.restore(os.path.abspath(path), abstract)
+        return checkpointer.restore(workdir_lib.absolute(path), abstract)
 
 
 @contextlib.contextmanager
-def _stderr_held() -> Iterator[None]:
-    """Holds back what the block writes to stderr: shown if it succeeds, dropped if
-    it raises. A damaged checkpoint or a full disk makes Orbax and TensorStore
+def _stderr_held(show: bool = True) -> Iterator[None]:
+    """Holds back what the block writes to stderr: shown if it succeeds (and
+    ``show``), dropped if it raises. A damaged checkpoint or a full disk makes Orbax and TensorStore
     threads log and print tracebacks of their own; the caller reports the
     failure in one line instead."""
     sys.stderr.flush()
@@ -80,7 +81,8 @@ def _stderr_held() -> Iterator[None]:
         else:
             sys.stderr.flush()
             held.seek(0)
-            os.write(saved, held.read())
+            if show:
+                os.write(saved, held.read())
         finally:
             sys.stderr.flush()
             os.dup2(saved, 2)
@@ -136,7 +138,7 @@ class RunCheckpoints:
             cleanup_tmp_directories=True,
         )
         with _orbax_quiet():
-            self._manager = ocp.CheckpointManager(os.path.abspath(directory), options=options)
+            self._manager = ocp.CheckpointManager(workdir_lib.absolute(directory), options=options)
         self.directory = os.fspath(directory)
         self.run_config = run_config
 
@@ -151,11 +153,14 @@ class RunCheckpoints:
 
     def set_aside(self, step: int, directory: str | os.PathLike) -> str:
         """Moves the checkpoint of ``step`` into ``directory`` (a damaged one,
-        kept for a look but out of the way of new saves); returns its new path."""
-        os.makedirs(directory, exist_ok=True)
-        target = os.path.join(directory, str(step))
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(os.path.join(self.directory, str(step)), target)
+        kept for a look but out of the way of new saves); returns its new path.
+
+        Its failed restore left reads suspended; they end here, their complaints
+        dropped (collected later, at the latest at exit, each prints a traceback)."""
+        with _stderr_held(show=False):
+            gc.collect()
+        target = workdir_lib.path(directory, str(step))
+        paths.move_tree(workdir_lib.path(self.directory, str(step)), target)
         with _orbax_quiet():
             self._manager.reload()
         return target

@@ -3,8 +3,8 @@ config, log lines, a progress bar and a population's summary table."""
 
 from __future__ import annotations
 
+import io
 import json
-import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -47,7 +47,7 @@ class MetricsLog:
         self.lines.append(json.dumps(record) + "\n")
         if not self.enabled:
             return
-        if len(self.lines) > 1 and not os.path.exists(self.path):
+        if len(self.lines) > 1 and not workdir_lib.exists(self.path):
             logging.warning(
                 "%s was deleted during the run; rebuilt it from the run's records", self.path
             )
@@ -63,8 +63,7 @@ class MetricsLog:
         if not self.enabled:
             return
         try:
-            with open(workdir_lib.not_a_link(self.path), errors="replace") as f:
-                present = f.readlines()
+            present = _read_lines(self.path)
         except FileNotFoundError:
             present = []
         for number, line in enumerate(present, 1):
@@ -103,7 +102,7 @@ class MetricsLog:
         crash mid-write, a stray edit) is dropped with a warning.
         """
         self.lines = []
-        if not self.enabled or not os.path.exists(self.path):
+        if not self.enabled or not workdir_lib.exists(self.path):
             return
         self.lines = [line for line, record in self._lines() if record["epoch"] <= last_epoch]
         workdir_lib.replace_file(self.path, "".join(self.lines))
@@ -111,19 +110,21 @@ class MetricsLog:
     def _lines(self) -> list[tuple[str, dict[str, Any]]]:
         """``(line, record)`` for every line that holds an epoch's record."""
         result = []
-        with open(workdir_lib.not_a_link(self.path), errors="replace") as f:
-            for number, line in enumerate(f, 1):
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    record = None
-                if not is_record(record):
-                    logging.warning(
-                        "%s: dropped line %d, not a record: %.60r", self.path, number, line
-                    )
-                    continue
-                result.append((line.rstrip("\n") + "\n", record))
+        for number, line in enumerate(_read_lines(self.path), 1):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = None
+            if not is_record(record):
+                logging.warning("%s: dropped line %d, not a record: %.60r", self.path, number, line)
+                continue
+            result.append((line.rstrip("\n") + "\n", record))
         return result
+
+
+def _read_lines(path: str) -> list[str]:
+    """The lines of ``path`` as a text file's iteration gives them."""
+    return io.StringIO(workdir_lib.read_text(path), newline=None).readlines()
 
 
 def is_record(record: Any) -> bool:

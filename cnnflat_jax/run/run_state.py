@@ -24,7 +24,7 @@ from jax.experimental import multihost_utils
 
 from cnnflat_jax import config as config_lib
 from cnnflat_jax.errors import Error
-from cnnflat_jax.run import checkpoints, reporting
+from cnnflat_jax.run import checkpoints, lease, reporting
 from cnnflat_jax.run import workdir as workdir_lib
 from cnnflat_jax.run.workdir import RunError
 
@@ -43,7 +43,7 @@ class DivergedError(Error, RuntimeError):
 
 
 @contextlib.contextmanager
-def workdir_lock(workdir: str) -> Iterator[None]:
+def workdir_lock(workdir: str, lease_sec: float = 60.0) -> Iterator[None]:
     """Creates ``workdir`` and holds an exclusive OS lock on the directory itself
     (process 0 only); ``workdir/.lock`` names the holder's PID for others to read.
 
@@ -51,10 +51,20 @@ def workdir_lock(workdir: str) -> Iterator[None]:
     ``.lock`` does not release it; the kernel drops it when the process ends,
     however it ends, so a crash never leaves a stale lock behind.
 
+    On ``gs://`` the lock is a lease object renewed while the run lives, and
+    taken over ``lease_sec`` after a crashed run's last renewal (``lease.py``).
+
     Raises:
       RunError: the workdir cannot be made or written, ``.lock`` is a symbolic
         link, or another process holds the lock (named by its PID).
     """
+    if workdir_lib.is_remote(workdir):
+        if jax.process_index() > 0:
+            yield
+            return
+        with lease.Lease(workdir_lib.path(workdir, workdir_lib.LOCK), lease_sec, workdir):
+            yield
+        return
     workdir_lib.check_path_room(workdir)
     try:
         os.makedirs(workdir, exist_ok=True)
@@ -105,11 +115,12 @@ def check_same_run(workdir: str, config: ml_collections.ConfigDict) -> None:
     """
     path = workdir_lib.not_a_link(workdir_lib.path(workdir, workdir_lib.CONFIG))
     saved = workdir_lib.path(workdir, workdir_lib.CHECKPOINTS)
-    if not os.path.isfile(path) or not os.path.isdir(saved) or not os.listdir(saved):
+    if not workdir_lib.list_names(saved):
         return
     try:
-        with open(path) as f:
-            saved_config = json.load(f)
+        saved_config = json.loads(workdir_lib.read_bytes(path))
+    except FileNotFoundError:
+        return
     except (OSError, ValueError) as e:
         raise RunError(f"{path} is unreadable ({e}); it describes the run to resume") from None
     if not isinstance(saved_config, dict):
@@ -153,8 +164,7 @@ def check_checkpoint_identity(
     _refuse_another_run(workdir, saved_config, config, "saved in its checkpoints")
     path = workdir_lib.path(workdir, workdir_lib.CONFIG)
     try:
-        with open(workdir_lib.not_a_link(path)) as f:
-            on_disk = json.load(f)
+        on_disk = json.loads(workdir_lib.read_bytes(path))
     except (OSError, ValueError):
         on_disk = None
     if on_disk != saved_config and jax.process_index() == 0:
@@ -224,16 +234,19 @@ class RunPosition:
         for step in steps:
             try:
                 restored, progress = run_checkpoints.restore(step, state)
+                failure = None
             except checkpoints.IncompatibleCheckpointError:
                 raise
             except Exception as e:  # Orbax, TensorStore and JSON each fail their own way.
+                failure = f"{type(e).__name__}: {str(e).replace(chr(10), ' ')}"
+            if failure:  # Handled here, after its exception and the reads it holds are freed.
                 aside = workdir_lib.not_a_link(
                     workdir_lib.path(workdir, workdir_lib.DAMAGED_CHECKPOINTS)
                 )
                 moved = run_checkpoints.set_aside(step, aside)
                 logging.warning(
-                    "The checkpoint at step %d is damaged (%s: %.200s); moved it to %s and "
-                    "trying an older one", step, type(e).__name__, str(e).replace("\n", " "), moved,
+                    "The checkpoint at step %d is damaged (%.200s); moved it to %s and trying "
+                    "an older one", step, failure, moved,
                 )  # fmt: skip
                 continue
             check_checkpoint_identity(workdir, config, progress.get("config"))

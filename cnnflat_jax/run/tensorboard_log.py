@@ -22,6 +22,7 @@ queues them for a background thread, which a kill can beat).
 
 from __future__ import annotations
 
+import io
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -91,8 +92,8 @@ class EventLog:
 
         for name in FIGURES:
             path = workdir_lib.path(workdir, name)
-            if os.path.exists(path):
-                with Image.open(path) as image:
+            if workdir_lib.exists(path):
+                with Image.open(io.BytesIO(workdir_lib.read_bytes(path))) as image:
                     pixels = np.asarray(image.convert("RGB"))
                 tag = name.removesuffix(".png")
                 self._summary(epoch, summary.image(tag, pixels, dataformats="HWC"))

@@ -45,7 +45,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     """
     start = time.perf_counter()
     config_lib.check(config)
-    with run_state.stop_signals() as stopping, run_state.workdir_lock(workdir):
+    with (
+        run_state.stop_signals() as stopping,
+        run_state.workdir_lock(workdir, config.workdir_lease_sec),
+    ):
         run_state.check_same_run(workdir, config)
         return _run(config, workdir, start, stopping)
 

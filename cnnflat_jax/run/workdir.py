@@ -16,6 +16,14 @@ Every file a run writes here goes through ``replace_file`` or
 shared run directory cannot make a training job write anywhere else. A link
 where the run expects one of its own files is a one-line ``RunError``.
 
+A workdir may be a local directory or a ``gs://bucket/path`` (any URI that
+``etils.epath`` knows). Object storage has no links, no directories and no
+appends: an object is replaced whole by one upload, which is what
+``replace_file`` needs, and ``append_line`` rewrites the object. Every other
+module reads and tests the run's files through this one (``read_text``,
+``exists``, ``is_directory``, from ``cnnflat_jax.paths``), so none of them
+tells the two apart.
+
 Only the standard library is imported at the top, so ``predict`` can name
 the export's files without loading Flax or the models.
 """
@@ -27,7 +35,13 @@ import json
 import os
 from typing import Any, NamedTuple
 
+from cnnflat_jax import paths
 from cnnflat_jax.errors import Error
+from cnnflat_jax.paths import absolute as absolute  # Re-exported: the run's files' tests.
+from cnnflat_jax.paths import exists as exists
+from cnnflat_jax.paths import is_directory as is_directory
+from cnnflat_jax.paths import is_remote as is_remote
+from cnnflat_jax.paths import list_names as list_names
 
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
@@ -63,12 +77,33 @@ class RunError(Error, RuntimeError):
 _DEEPEST_SUFFIX = 256
 
 
+def read_bytes(target: str | os.PathLike) -> bytes:
+    """The content of ``target``, never read through a link.
+
+    Raises:
+      FileNotFoundError: there is no such file.
+      RunError: ``target`` is a symbolic link.
+    """
+    if is_remote(target):
+        return paths.remote(target).read_bytes()
+    descriptor = os.open(not_a_link(target), os.O_RDONLY | _NO_FOLLOW)
+    with os.fdopen(descriptor, "rb") as f:
+        return f.read()
+
+
+def read_text(target: str | os.PathLike) -> str:
+    """``read_bytes`` as UTF-8 text; undecodable bytes become U+FFFD."""
+    return read_bytes(target).decode(errors="replace")
+
+
 def check_path_room(workdir: str | os.PathLike) -> None:
     """Refuses, before any work, a workdir whose path leaves the checkpoints no room.
 
     Raises:
       RunError: the path plus what Orbax adds would pass the system's limit.
     """
+    if is_remote(workdir):
+        return  # An object name may hold 1,024 bytes; no run comes near it.
     absolute = os.path.abspath(workdir)
     limit = os.pathconf("/", "PC_PATH_MAX")
     if len(absolute) + _DEEPEST_SUFFIX > limit:
@@ -81,7 +116,7 @@ def check_path_room(workdir: str | os.PathLike) -> None:
 
 def path(workdir: str | os.PathLike, name: str) -> str:
     """``workdir``'s file or directory ``name`` (one of this module's names)."""
-    return os.path.join(os.fspath(workdir), name)
+    return paths.join(workdir, name)
 
 
 def explain_figure(index: int) -> str:
@@ -101,7 +136,7 @@ def not_a_link(target: str | os.PathLike) -> str:
       RunError: ``target`` is a symbolic link.
     """
     target = os.fspath(target)
-    if os.path.islink(target):
+    if not is_remote(target) and os.path.islink(target):
         raise RunError(
             f"{target} is a symbolic link; a run writes only its own files in its workdir "
             "(remove the link, or use another --workdir)"
@@ -127,25 +162,37 @@ def replace_file(target: str | os.PathLike, content: bytes | str) -> None:
     there is removed, not followed) and is renamed over ``target``, which
     replaces the name itself, whatever it was.
 
+    On object storage, one upload replaces the object whole or not at all.
+
     Raises:
       RunError: ``target`` is a symbolic link.
     """
+    content = content.encode() if isinstance(content, str) else content
+    if is_remote(target):
+        paths.remote(target).write_bytes(content)
+        return
     target = not_a_link(target)
     temporary = target + ".tmp"
     with contextlib.suppress(FileNotFoundError):
         os.unlink(temporary)  # Removes a link itself, never its target.
     descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NO_FOLLOW, 0o666)
     with os.fdopen(descriptor, "wb") as f:
-        f.write(content.encode() if isinstance(content, str) else content)
+        f.write(content)
     os.replace(temporary, target)
 
 
 def append_line(target: str | os.PathLike, line: str) -> None:
     """Appends ``line`` to ``target`` (created if missing), never through a link.
 
+    An object cannot be appended to: it is rewritten whole with the line added.
+
     Raises:
       RunError: ``target`` is a symbolic link.
     """
+    if is_remote(target):
+        before = read_bytes(target) if exists(target) else b""
+        replace_file(target, before + line.encode())
+        return
     flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | _NO_FOLLOW
     with os.fdopen(os.open(not_a_link(target), flags, 0o666), "a") as f:
         f.write(line)
@@ -153,8 +200,10 @@ def append_line(target: str | os.PathLike, line: str) -> None:
 
 def own_directory(target: str | os.PathLike) -> str:
     """Creates the directory ``target`` (and its parents) unless it exists, and
-    refuses a link there: Orbax and TensorBoard then write inside it."""
-    os.makedirs(not_a_link(target), exist_ok=True)
+    refuses a link there: Orbax and TensorBoard then write inside it. Object
+    storage needs none: a prefix exists once an object is written under it."""
+    if not is_remote(target):
+        os.makedirs(not_a_link(target), exist_ok=True)
     return os.fspath(target)
 
 
@@ -171,8 +220,7 @@ def read_json(workdir: str | os.PathLike, name: str, what: str) -> Any:
     """
     target = not_a_link(path(workdir, name))
     try:
-        with open(target) as f:
-            return json.load(f)
+        return json.loads(read_bytes(target))
     except FileNotFoundError:
         raise RunError(
             f"{os.fspath(workdir)!r} has no {name} ({what}): not a train.py workdir, "
@@ -288,7 +336,7 @@ def load_run(
     like = jax.eval_shape(model.init, jax.random.key(0), x)["params"]
     if team.is_population:
         like = jax.tree.map(lambda a: jax.ShapeDtypeStruct((team.size, *a.shape), a.dtype), like)
-    if not os.path.isdir(path(workdir, FINAL_PARAMS)):
+    if not is_directory(path(workdir, FINAL_PARAMS)):
         raise RunError(f"{os.fspath(workdir)!r} has no {FINAL_PARAMS}/: the run has not finished")
     params = checkpoints.load_params(path(workdir, FINAL_PARAMS), like)
     if member is not None:

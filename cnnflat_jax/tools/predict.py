@@ -27,6 +27,7 @@ import sys
 
 import numpy as np
 
+from cnnflat_jax import paths
 from cnnflat_jax.data import idx
 from cnnflat_jax.errors import Error
 from cnnflat_jax.run import workdir as workdir_lib
@@ -67,13 +68,11 @@ def read_export(workdir: str) -> tuple[dict, bytes]:
     """
     classes_path = workdir_lib.path(workdir, workdir_lib.EXPORT_CLASSES)
     model_path = workdir_lib.path(workdir, workdir_lib.EXPORT_MODEL)
-    with open(classes_path) as f:
-        try:
-            classes = json.load(f)
-        except ValueError as e:
-            raise DamagedExportError(f"{classes_path} is not JSON ({e}); export again") from None
-    with open(model_path, "rb") as f:
-        serialized = f.read()
+    try:
+        classes = json.loads(paths.read_bytes(classes_path))
+    except ValueError as e:
+        raise DamagedExportError(f"{classes_path} is not JSON ({e}); export again") from None
+    serialized = paths.read_bytes(model_path)
     shape = classes.get("image_shape") if isinstance(classes, dict) else None
     if (
         not isinstance(shape, list) or len(shape) != 3 or not all(isinstance(n, int) for n in shape)
@@ -118,14 +117,13 @@ def read_images(path: str, image_shape: tuple[int, int, int]) -> list[tuple[str,
     """
     height, width, channels = image_shape
     try:
-        if not stat.S_ISREG(os.stat(path).st_mode):  # A FIFO would block, a device never end.
-            raise UnreadableImageError(f"{path}: not a regular file")
+        local = _local_file(path)
         if path.endswith(".npy"):
-            array = _read_npy(path)
+            array = _read_npy(local, path)
         elif path.endswith(("-ubyte", "-ubyte.gz")):
             array = idx.read_idx(path, ndim=3)
         else:
-            array = _read_picture(path, channels)
+            array = _read_picture(local, path, channels)
     except UnreadableImageError:
         raise
     except (OSError, ValueError, EOFError, MemoryError) as e:
@@ -148,9 +146,28 @@ def read_images(path: str, image_shape: tuple[int, int, int]) -> list[tuple[str,
     return [(f"{path}[{i}]", image) for i, image in enumerate(array)]
 
 
-def _read_npy(path: str) -> np.ndarray:
-    """The array in ``path``, its size checked against ``MAX_VALUES`` before it is read."""
-    mapped = np.load(path, mmap_mode="r", allow_pickle=False)
+def _local_file(path: str) -> str:
+    """``path``, a regular file, on the local disk (a URI's object is downloaded first).
+
+    Raises:
+      UnreadableImageError: not a regular file, or an object too large to read.
+    """
+    if paths.is_remote(path):
+        size = paths.size(path)
+        if size > MAX_VALUES + 2**20:  # Any file of at most MAX_VALUES values, with room.
+            raise UnreadableImageError(
+                f"{path}: {size:,} bytes, more than predict reads from one file; split it"
+            )
+        return paths.local_copy(path)
+    if not stat.S_ISREG(os.stat(path).st_mode):  # A FIFO would block, a device never end.
+        raise UnreadableImageError(f"{path}: not a regular file")
+    return path
+
+
+def _read_npy(local: str, path: str) -> np.ndarray:
+    """The array in ``local`` (``path``'s content), its size checked against
+    ``MAX_VALUES`` before it is read."""
+    mapped = np.load(local, mmap_mode="r", allow_pickle=False)
     if mapped.size > MAX_VALUES:
         raise UnreadableImageError(
             f"{path}: holds {mapped.size:,} values, more than the {MAX_VALUES:,} predict reads "
@@ -159,11 +176,12 @@ def _read_npy(path: str) -> np.ndarray:
     return np.array(mapped)
 
 
-def _read_picture(path: str, channels: int) -> np.ndarray:
+def _read_picture(local: str, path: str, channels: int) -> np.ndarray:
+    """The picture in ``local`` (``path``'s content) with ``channels`` channels."""
     from PIL import Image  # Pillow: matplotlib's own dependency.
 
     try:
-        with Image.open(path) as image:
+        with Image.open(local) as image:
             if image.width * image.height > MAX_PICTURE_PIXELS:
                 raise UnreadableImageError(
                     f"{path}: {image.width}x{image.height} pixels, more than the "

@@ -1,0 +1,147 @@
+"""The workdir lock on object storage (``gs://``): a lease object at ``W/.lock``.
+
+A bucket has no ``flock``, and nothing ends with the process that held it.
+So the lock is an object that its holder keeps renewing, and every write of
+it is conditional on the object's generation, which Cloud Storage checks
+atomically:
+
+- **Taking it.** ``W/.lock`` is created only if absent (generation 0): of two
+  runs that start together, one creates it and the other is refused.
+- **Holding it.** A thread rewrites it every quarter of the lease, each time
+  on the condition that it is still the generation this run wrote last.
+- **In use.** A run that finds a lease renewed less than its lease seconds
+  ago (by the bucket's clock, the object's update time) gets the same
+  one-line ``error: W is in use by ...`` as on a local disk.
+- **Taking over.** A lease not renewed for its lease seconds belongs to a run
+  that is gone (killed, its VM preempted). It is rewritten on the condition
+  of the generation just read, so of two runs that both take over, one wins.
+- **Losing it.** A holder whose renewal fails its condition was stalled for
+  longer than its lease, and another run has taken over: it stops at once,
+  with one line, before it writes anything more.
+
+The guarantee rests on the bucket's preconditions and on the host clocks
+being within a few seconds of the bucket's (NTP, as on every Cloud VM).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import socket
+import sys
+import threading
+import time
+from typing import Any
+
+from cnnflat_jax.run.workdir import RunError
+
+
+def _blob(uri: str) -> Any:
+    from google.cloud import storage  # Only a run on gs:// needs it.
+
+    bucket, _, name = uri.removeprefix("gs://").partition("/")
+    return storage.Client().bucket(bucket).blob(name)
+
+
+class Lease:
+    """Holds ``uri`` (a ``gs://`` object) for this process while it runs.
+
+    Raises (from ``__enter__``):
+      RunError: another live run holds it, or the URI is not on Cloud Storage.
+    """
+
+    def __init__(self, uri: str, seconds: float, workdir: str):
+        if not uri.startswith("gs://"):
+            raise RunError(
+                f"cannot lock {workdir}: a workdir is a local directory or on gs:// "
+                "(Cloud Storage's preconditions make its lock)"
+            )
+        self.uri = uri
+        self.seconds = seconds
+        self.workdir = workdir
+        self.holder = f"process {os.getpid()} on {socket.gethostname()}"
+        self._generation = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._renew, name="workdir-lease", daemon=True)
+
+    def _content(self) -> bytes:
+        return json.dumps({"holder": self.holder, "lease_sec": self.seconds}).encode()
+
+    def _write(self, if_generation_match: int) -> None:
+        blob = _blob(self.uri)
+        blob.upload_from_string(self._content(), if_generation_match=if_generation_match)
+        self._generation = blob.generation
+        self._renewed_at = time.monotonic()
+
+    def __enter__(self) -> Lease:
+        from google.api_core import exceptions
+
+        try:
+            self._write(if_generation_match=0)
+        except exceptions.PreconditionFailed:
+            self._take_over_if_expired()
+        self._thread.start()
+        return self
+
+    def _take_over_if_expired(self) -> None:
+        from google.api_core import exceptions
+
+        blob = _blob(self.uri)
+        try:
+            blob.reload()
+            held = json.loads(blob.download_as_bytes(if_generation_match=blob.generation))
+        except exceptions.NotFound:  # Released meanwhile: take it as new.
+            held = {}
+        except (exceptions.PreconditionFailed, ValueError):  # Renewed meanwhile, or not ours.
+            held = {"holder": "an unknown run", "lease_sec": self.seconds}
+        holder = held.get("holder", "an unknown run")
+        lease_sec = float(held.get("lease_sec", self.seconds))
+        if blob.updated is not None:
+            age = (datetime.datetime.now(datetime.UTC) - blob.updated).total_seconds()
+            if age < lease_sec:
+                raise RunError(
+                    f"{self.workdir} is in use by {holder} (its lease on {self.uri} was renewed "
+                    f"{max(age, 0):.0f} s ago; a run that is gone leaves it {lease_sec:g} s after "
+                    "its last renewal)"
+                )
+        try:
+            self._write(if_generation_match=blob.generation or 0)
+        except exceptions.PreconditionFailed:
+            raise RunError(f"{self.workdir} is in use by another run (it took over the lease "
+                           f"{self.uri} a moment ago)") from None  # fmt: skip
+
+    def _renew(self) -> None:
+        from google.api_core import exceptions
+
+        while not self._stop.wait(self.seconds / 4):
+            try:
+                self._write(if_generation_match=self._generation)
+            except exceptions.PreconditionFailed:
+                try:  # Deleted by hand: nobody else holds it if it can be created again.
+                    self._write(if_generation_match=0)
+                except exceptions.PreconditionFailed:
+                    self._lost()
+            except Exception as e:  # A network failure: the next renewal may succeed,
+                print(f"warning: could not renew the lease {self.uri}: {e}", file=sys.stderr)
+                if time.monotonic() - self._renewed_at > self.seconds:  # unless it expired.
+                    self._lost()
+
+    def _lost(self) -> None:
+        print(
+            f"error: this run lost its lease on {self.workdir} to another run (it was stalled "
+            f"for more than {self.seconds:g} s); stopping without writing more",
+            file=sys.stderr,
+            flush=True,
+        )
+        os._exit(1)  # Any other way out could still write a checkpoint over the new holder's.
+
+    def __exit__(self, *exc: object) -> None:
+        from google.api_core import exceptions
+
+        self._stop.set()
+        self._thread.join()
+        try:
+            _blob(self.uri).delete(if_generation_match=self._generation)
+        except exceptions.GoogleAPIError:
+            pass  # Taken over or gone: either way no longer this run's.
