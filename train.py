@@ -28,7 +28,7 @@ from ml_collections import config_flags
 
 from cnnflat_jax import config as config_lib
 from cnnflat_jax import errors
-from cnnflat_jax.run import checkpoints, run_state, trainer
+from cnnflat_jax.run import checkpoints, lost_peer, run_state, trainer
 from cnnflat_jax.train import sharding
 
 
@@ -128,6 +128,7 @@ def main(argv):
     if jax.process_index() > 0:
         logging.set_verbosity(logging.WARNING)  # Process 0 reports for all.
     if jax.process_count() > 1:  # SIGTERM is JAX's (a preemption sync point); SIGINT stops.
+        lost_peer.filter_stderr()
         early_signals.exit_on_signals(
             "running with several processes; stopped without a new checkpoint (the ones "
             "written before are intact: rerun the same command to resume)"
@@ -147,6 +148,14 @@ def main(argv):
         sys.exit(1)
     except OSError as e:  # A full disk, a read-only or unusable workdir, a permission.
         sys.exit(f"error: {os_error(e)}")
+    except jax.errors.JaxRuntimeError as e:
+        if jax.process_count() == 1:
+            raise
+        # A collective failed: a peer is gone. Leave at once: JAX's shutdown at exit
+        # would wait for it.
+        print(f"error: {lost_peer.LOST_PEER} ({str(e).splitlines()[0]})", file=sys.stderr)
+        sys.stderr.flush()
+        os._exit(1)
 
 
 def os_error(error: OSError) -> str:

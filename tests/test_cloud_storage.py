@@ -7,6 +7,7 @@ Each run is ``train.py`` in a subprocess pointed at the emulator (the
 import json
 import os
 import random
+import socket
 import subprocess
 import sys
 import time
@@ -225,9 +226,7 @@ def lease_generation(workdir):
     return blob and blob.generation
 
 
-def test_a_second_run_is_refused_while_the_lease_is_live_and_takes_over_once_it_expires(
-    gcs, data
-):
+def test_a_second_run_is_refused_while_the_lease_is_live_and_takes_over_once_it_expires(gcs, data):
     workdir = gcs.bucket() + "/run"
     env = {**os.environ, **gcs.env}
     flags = ["--config.workdir_lease_sec=15", "--config.num_epochs=200"]
@@ -262,3 +261,73 @@ def test_a_second_run_is_refused_while_the_lease_is_live_and_takes_over_once_it_
     result = second_run("--config.stop_at_test_accuracy=0.01")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Resuming from the checkpoint" in result.stderr
+
+
+def start_processes(data, workdir, env, count, *flags):
+    """``count`` processes of one run (gloo over localhost), 2 CPU devices each."""
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        address = f"localhost:{s.getsockname()[1]}"
+    env = {**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    return [
+        start(data, workdir, env, f"--coordinator_address={address}",
+              f"--num_processes={count}", f"--process_id={i}", *flags)
+        for i in range(count)
+    ]  # fmt: skip
+
+
+def finish_all(processes):
+    return [finish(p) for p in processes]
+
+
+def assert_written_by_process_0_and_saved_by_all(workdir, count, errs):
+    assert "epoch 3/3" in errs[0] and not any("epoch 3/3" in err for err in errs[1:])
+    assert len(workdir_lib.list_names(workdir + "/tensorboard")) == 1  # One writer.
+    assert [r[0] for r in epoch_scores(workdir)] == [1, 2, 3]  # Each epoch once.
+    state = workdir_lib.list_names(f"{workdir}/checkpoints/{saved_steps(workdir)[0]}/state")
+    assert {f"ocdbt.process_{i}" for i in range(count)} <= set(state)
+
+
+def kill_one_mid_run(processes, workdir, victim):
+    """Kills process ``victim`` after two checkpoints; the others must stop on
+    their own, soon, each in one line."""
+    deadline = time.monotonic() + 300
+    while len(saved_steps(workdir)) < 2:
+        assert time.monotonic() < deadline and all(p.poll() is None for p in processes)
+        time.sleep(0.05)
+    processes[victim].kill()
+    killed_at = time.monotonic()
+    for i, process in enumerate(processes):
+        _, err = process.communicate(timeout=150)
+        if i == victim:
+            continue
+        assert time.monotonic() - killed_at < 150
+        assert process.returncode != 0
+        errors = [line for line in err.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1, err[-3000:]
+        assert "Traceback" not in err and "Check failure" not in err, err[-3000:]
+
+
+def test_two_hosts_on_gs_stop_together_when_one_dies_and_resume_exactly(gcs, data):
+    env = {**os.environ, **gcs.env}
+    reference = gcs.bucket() + "/run"
+    errs = finish_all(start_processes(data, reference, env, 2))
+    assert_written_by_process_0_and_saved_by_all(reference, 2, errs)
+    workdir = gcs.bucket() + "/run"
+    kill_one_mid_run(start_processes(data, workdir, env, 2), workdir, victim=1)
+    assert max(saved_steps(workdir)) < LAST_STEP
+    errs = finish_all(start_processes(data, workdir, env, 2))
+    assert "Resuming from the checkpoint" in errs[0]
+    assert epoch_scores(workdir) == epoch_scores(reference)
+    assert_bit_identical(final_params(workdir), final_params(reference))
+
+
+def test_four_hosts_on_gs_stop_when_process_0_dies_then_resume(gcs, data):
+    env = {**os.environ, **gcs.env}
+    workdir = gcs.bucket() + "/run"
+    lease = "--config.workdir_lease_sec=2"  # Process 0's lease lapses before the rerun.
+    kill_one_mid_run(start_processes(data, workdir, env, 4, lease), workdir, victim=0)
+    time.sleep(2)
+    errs = finish_all(start_processes(data, workdir, env, 4, lease))
+    assert "Resuming from the checkpoint" in errs[0]
+    assert_written_by_process_0_and_saved_by_all(workdir, 4, errs)

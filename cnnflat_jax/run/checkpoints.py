@@ -18,6 +18,7 @@ from absl import logging
 
 from cnnflat_jax import paths
 from cnnflat_jax.errors import Error
+from cnnflat_jax.run import lost_peer
 from cnnflat_jax.run import workdir as workdir_lib
 
 
@@ -64,7 +65,11 @@ def _stderr_held(show: bool = True) -> Iterator[None]:
     """Holds back what the block writes to stderr: shown if it succeeds (and
     ``show``), dropped if it raises. A damaged checkpoint or a full disk makes Orbax and TensorStore
     threads log and print tracebacks of their own; the caller reports the
-    failure in one line instead."""
+    failure in one line instead. Not in a multi-process run, whose stderr goes
+    through ``lost_peer``'s filter: there a lost peer's fatal line must pass."""
+    if lost_peer.filtering():
+        yield
+        return
     sys.stderr.flush()
     saved = os.dup(2)
     with tempfile.TemporaryFile() as held:
