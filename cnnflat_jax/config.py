@@ -205,6 +205,9 @@ FIELDS: dict[str, Field] = {
     # Every training image moves by a random shift of up to N pixels each step
     # (zero fill; 0 = off).
     "augment_shift": Field(0, integer(0)),
+    # The model's arithmetic; parameters, optimizer state and sums stay float32.
+    # bfloat16 is for TPUs (and GPUs); on CPUs it is slower than float32.
+    "compute_dtype": Field("float32", choice(*train_lib.COMPUTE_DTYPES)),
     "batch_size": Field(128, integer(1)),
     "eval_batch_size": Field(1000, integer(1)),
     "num_epochs": Field(10, integer(1)),

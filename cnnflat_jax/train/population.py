@@ -87,6 +87,7 @@ def create_population(
     member_list: Sequence[dict[str, Any]],
     clip_per_example: bool = False,
     max_shift: int = 0,
+    compute_dtype: str = "float32",
 ) -> train_lib.TrainState:
     """A stacked TrainState: every leaf gains a leading member axis ``K``.
 
@@ -100,7 +101,7 @@ def create_population(
 
     def create(key, hparams):
         return train_lib.create_train_state(
-            model, image_shape, make_tx, hparams, key, clip_per_example, max_shift
+            model, image_shape, make_tx, hparams, key, clip_per_example, max_shift, compute_dtype
         )
 
     return jax.vmap(create)(keys, hparams)
@@ -121,8 +122,11 @@ def initial_state(
     """A run's initial state (stacked for a population) and its data-order keys:
     one, or one per member for the "independent" mode."""
     make_tx = train_lib.optimizer_factory(config, steps_per_epoch)
-    options = {"clip_per_example": config.per_example.clip_norm > 0,
-               "max_shift": config.augment_shift}  # fmt: skip
+    options = {
+        "clip_per_example": config.per_example.clip_norm > 0,
+        "max_shift": config.augment_shift,
+        "compute_dtype": config.compute_dtype,
+    }
     if team.is_population:
         state = create_population(model, image_shape, make_tx, team.members, **options)
     else:

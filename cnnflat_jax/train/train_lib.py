@@ -145,11 +145,13 @@ def create_train_state(
     key: jax.Array,
     clip_per_example: bool = False,
     max_shift: int = 0,
+    compute_dtype: str = "float32",
 ) -> TrainState:
     """Initialises parameters for ``(1, *image_shape)`` inputs and the optimizer.
 
     ``key`` is split into the initialisation key and the state's own key.
     Works under ``jax.vmap`` over ``hparams`` and ``key`` (a population).
+    The model computes in ``compute_dtype`` (``ComputeIn``).
     """
 
     # The initialisation runs once, so XLA need not optimise it: on CPU that
@@ -169,13 +171,35 @@ def create_train_state(
             opt_state=make_tx(**hparams).init(params),
             hparams=hparams,
             key=state_key,
-            apply_fn=model.apply,
+            apply_fn=ComputeIn(model.apply, compute_dtype),
             make_tx=make_tx,
             clip_per_example=clip_per_example,
             max_shift=max_shift,
         )
 
     return init(key, hparams)
+
+
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class ComputeIn:
+    """``apply_fn`` computing in ``dtype``: the parameters and inputs are cast to
+    it on the way in, the logits back to float32 on the way out. Parameters,
+    gradients (the cast's transpose casts them back), optimizer state, the
+    loss and every metric sum stay float32: mixed precision as TPUs want it
+    (their matrix units take bfloat16 and accumulate in float32)."""
+
+    apply_fn: Callable
+    dtype: str = "float32"
+
+    def __call__(self, variables: Any, images: jax.Array, **kwargs) -> jax.Array:
+        if self.dtype == "float32":
+            return self.apply_fn(variables, images, **kwargs)
+        variables = jax.tree.map(lambda x: x.astype(self.dtype), variables)
+        logits = self.apply_fn(variables, images.astype(self.dtype), **kwargs)
+        return logits.astype(jnp.float32)
 
 
 def normalize_images(images: jax.Array) -> jax.Array:

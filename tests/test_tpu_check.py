@@ -1,0 +1,86 @@
+"""The TPU pre-flight check: train.py's programs compiled for Cloud TPU slices, here.
+
+It needs the TPU compiler (``pip install -e '.[tpu]'``), which needs jax >=
+0.11 and so Python >= 3.12: CI runs these on the newest stack only.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip(
+    "libtpu", reason="no TPU compiler: pip install -e '.[tpu]' (Python >= 3.12, the newest stack)"
+)
+
+from cnnflat_jax.tools import tpu_check  # noqa: E402
+from configs import tpu  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def cnn_training_flops_per_image():
+    """The default CNN's multiply-adds, counted by hand (2 FLOPs each), times 3
+    for training (the forward pass, and two as large backward: inputs and weights)."""
+    conv1 = 28 * 28 * (3 * 3 * 1) * 32
+    conv2 = 14 * 14 * (3 * 3 * 32) * 64
+    dense = 7 * 7 * 64 * 256 + 256 * 10
+    return 3 * 2 * (conv1 + conv2 + dense)
+
+
+@pytest.mark.parametrize(
+    "topology, chips, processes",
+    [("v5e:2x2", 4, 1), ("v5e:4x4", 16, 4), ("v5p:2x2x2", 8, 2), ("v6e:2x2", 4, 1)],
+)
+def test_the_tpu_config_compiles_for_each_slice(topology, chips, processes):
+    report = tpu_check.check(tpu.get_config(), topology)
+    assert (report.chips, report.processes) == (chips, processes)
+    # The compiled step's FLOPs are the model's (plus a few percent: softmax, Adam, sums).
+    per_image = report.step_flops / report.images_per_step
+    assert 1.0 <= per_image / cnn_training_flops_per_image() < 1.06
+    assert report.collectives == {"all-reduce": 1}  # The gradient's (and the metrics').
+    hbm = tpu_check.CHIPS[topology.split(":")[0]].hbm_gib * 2**30
+    for sizes in report.memory.values():
+        assert 0 < tpu_check._resident(sizes) < hbm
+        assert sizes["argument"] > 0 and sizes["code"] > 0
+    assert f"{topology}: {chips} chips, {processes} host process(es)" in str(report)
+
+
+def test_a_population_and_bfloat16_compile_and_are_reported():
+    config = tpu.get_config()
+    config.population.size = 4
+    config.compute_dtype = "bfloat16"
+    report = tpu_check.check(config, "v5e:2x2")
+    assert report.images_per_step == 4 * config.batch_size
+    assert report.compute_dtype == "bfloat16" and "compute bfloat16" in str(report)
+    per_image = report.step_flops / report.images_per_step
+    assert 1.0 <= per_image / cnn_training_flops_per_image() < 1.06
+
+
+def test_a_batch_that_does_not_split_is_refused():
+    config = tpu.get_config()
+    config.batch_size = 1000
+    with pytest.raises(tpu_check.PreflightError, match="does not split over 16 chips"):
+        tpu_check.check(config, "v5e:4x4")
+
+
+def test_a_model_too_large_for_a_chip_is_one_error_line():
+    # An eval batch of 2^24 images: a quarter of it on each chip, whose first
+    # convolution's output alone (28 x 28 x 32 float32 per image) is 400 GiB.
+    result = subprocess.run(
+        [sys.executable, "-m", "cnnflat_jax.tpu_check", "--config", "configs/tpu.py",
+         "--topology", "v5e:2x2", f"--config.eval_batch_size={2**24}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"},  # This process loaded it too.
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "the eval program needs" in errors[0]
+    assert "more than a v5e chip's 16.000 GiB of HBM" in errors[0]
+
+
+def test_an_unknown_topology_is_named():
+    with pytest.raises(tpu_check.PreflightError, match="v9z:2x2"):
+        tpu_check.check(tpu.get_config(), "v9z:2x2")
