@@ -193,6 +193,15 @@ def test_grain_streams_array_records_from_gs(gcs, data, on_disk, tmp_path):
     assert epoch_scores(workdir) == epoch_scores(on_disk)  # The same batches as in memory.
 
 
+def test_idx_files_are_read_from_gs(gcs, data, on_disk, tmp_path):
+    idx_dir = gcs.bucket() + "/idx"
+    for name in os.listdir(data):
+        remote(f"{idx_dir}/{name}").write_bytes((data / name).read_bytes())
+    err = finish(start(idx_dir, tmp_path / "run", {**os.environ, **gcs.env}))
+    assert f"from IDX files in {idx_dir}" in err
+    assert epoch_scores(tmp_path / "run") == epoch_scores(on_disk)
+
+
 def run_command(env, *args):
     return subprocess.run(
         [sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True, text=True,

@@ -15,8 +15,9 @@ from configs import smoke
 
 
 def small_state(
-    optimizer="adam", num_classes=3, seed=0, shape=(8, 8, 1), max_shift=0, **per_example
-):
+    optimizer="adam", num_classes=3, seed=0, shape=(8, 8, 1), max_shift=0,
+    compute_dtype="float32", **per_example,
+):  # fmt: skip
     config = smoke.get_config()
     config.optimizer = optimizer
     config.schedule = "constant"
@@ -27,6 +28,7 @@ def small_state(
     return train_lib.create_train_state(
         model, shape, make_tx, train_lib.config_hparams(config), jax.random.key(seed),
         clip_per_example=config.per_example.clip_norm > 0, max_shift=max_shift,
+        compute_dtype=compute_dtype,
     )  # fmt: skip
 
 
@@ -234,3 +236,25 @@ def test_train_and_evaluate_learns_tiny_idx_data_in_both_loops(tmp_path):
     assert results["compiled"]["train_loss"] == pytest.approx(
         results["per_step"]["train_loss"], rel=1e-4
     )
+
+
+def test_bfloat16_compute_keeps_float32_parameters_state_and_sums():
+    batch = full_batch(*toy_data(32))
+    exact = small_state()
+    state = small_state(compute_dtype="bfloat16")
+    # The same float32 parameters; the model's arithmetic in bfloat16 (8 bits of
+    # mantissa: about 2 significant digits), the logits handed back as float32.
+    images = train_lib.normalize_images(batch["image"])
+    logits = state.apply_fn({"params": state.params}, images)
+    reference = np.asarray(exact.apply_fn({"params": exact.params}, images))
+    assert logits.dtype == jnp.float32
+    np.testing.assert_allclose(logits, reference, rtol=0.05, atol=0.02)
+    assert not np.array_equal(np.asarray(logits), reference)  # It did compute in bfloat16.
+    program = step_program(state, 32)
+    losses = []
+    for _ in range(40):
+        state, metrics = one_step(program, state, batch)
+        losses.append(float(metrics["loss_sum"] / metrics["count"]))
+    for leaf in jax.tree.leaves((state.params, state.opt_state)):
+        assert leaf.dtype in (jnp.float32, jnp.int32), leaf.dtype
+    assert metrics["loss_sum"].dtype == np.float32 and losses[-1] < 0.5 * losses[0]

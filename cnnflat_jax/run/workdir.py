@@ -16,10 +16,11 @@ Every file a run writes here goes through ``replace_file`` or
 shared run directory cannot make a training job write anywhere else. A link
 where the run expects one of its own files is a one-line ``RunError``.
 
-A workdir may be a local directory or a ``gs://bucket/path`` (any URI that
-``etils.epath`` knows). Object storage has no links, no directories and no
-appends: an object is replaced whole by one upload, which is what
-``replace_file`` needs, and ``append_line`` rewrites the object. Every other
+A workdir may be a local directory or a ``gs://bucket/path`` (read and
+written through ``etils.epath``; its lock is ``lease.py``'s). Object storage
+has no links, no directories and no appends: an object is replaced whole by
+one upload, which is what ``replace_file`` needs, and ``append_line``
+rewrites the object. Every other
 module reads and tests the run's files through this one (``read_text``,
 ``exists``, ``is_directory``, from ``cnnflat_jax.paths``), so none of them
 tells the two apart.
