@@ -2,9 +2,15 @@
 
 import os
 
-import gcs_emulator
-import jax
-import pytest
+# The suite runs on CPUs. Where libtpu is installed (the newest stack, for the TPU
+# pre-flight tests), JAX would otherwise try a TPU backend in every process and
+# print libtpu's start-up complaints on stderr; compiling for a TPU topology
+# (tests/test_tpu_check.py) works either way.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import gcs_emulator  # noqa: E402
+import jax  # noqa: E402
+import pytest  # noqa: E402
 
 # Keras (an interop test dependency) runs on JAX, so no TensorFlow is needed.
 os.environ.setdefault("KERAS_BACKEND", "jax")
