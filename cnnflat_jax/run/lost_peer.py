@@ -26,21 +26,27 @@ LOST_PEER = (
 _FATAL = b"Terminating process because the JAX distributed service detected fatal errors"
 
 # The filter: copies its input to its output as it arrives (a progress bar's
-# partial lines too) until JAX's fatal line, which becomes one error line.
+# partial lines too) until JAX's fatal line, which becomes one error line, or
+# nothing if the run said why it stops first (a save or a collective that failed
+# as the peer went).
 _FILTER = """
 import os, sys
 fatal, error = sys.argv[1].encode(), b"error: " + sys.argv[2].encode() + b"\\n"
 tail = b""  # The end of what was written, from its last line's start.
+said = False  # Whether the run has already written its own error line.
 while chunk := os.read(0, 65536):
     text = tail + chunk
     found = text.find(fatal)
     if found < 0:
         os.write(1, chunk)
+        said = said or text.startswith(b"error: ") or b"\\nerror: " in text
         tail = text[text.rfind(b"\\n") + 1 :][-4096:]
         continue
     line_start = text.rfind(b"\\n", 0, found) + 1
+    said = said or text.startswith(b"error: ") or b"\\nerror: " in text[:line_start]
     os.write(1, text[len(tail) : max(line_start, len(tail))])
-    os.write(1, (b"\\n" if line_start < len(tail) else b"") + error)
+    if not said:
+        os.write(1, (b"\\n" if line_start < len(tail) else b"") + error)
     while os.read(0, 65536):  # The dump that follows, until the process is gone.
         pass
 """
