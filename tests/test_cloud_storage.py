@@ -235,7 +235,9 @@ def lease_generation(workdir):
     return blob and blob.generation
 
 
-def test_a_second_run_is_refused_while_the_lease_is_live_and_takes_over_once_it_expires(gcs, data):
+def test_a_second_run_is_refused_while_the_lease_is_live_and_takes_over_once_its_holder_died(
+    gcs, data
+):
     workdir = gcs.bucket() + "/run"
     env = {**os.environ, **gcs.env}
     flags = ["--config.workdir_lease_sec=15", "--config.num_epochs=200"]
@@ -244,32 +246,52 @@ def test_a_second_run_is_refused_while_the_lease_is_live_and_takes_over_once_it_
     while not saved_steps(workdir):
         assert time.monotonic() < deadline and first.poll() is None
         time.sleep(0.05)
-
-    def second_run(*more):
-        return subprocess.run(
-            [*first.args, *more], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
-        )
-
-    def assert_in_use(result, holder):
-        errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-        assert result.returncode == 1 and len(errors) == 1, result.stderr[-3000:]
-        assert f"error: {workdir} is in use by {holder}" in errors[0], errors[0]
-
-    assert_in_use(second_run(), f"process {first.pid} on ")
+    assert_in_use(second_run(first.args, env), workdir, f"process {first.pid} on ")
     generation = lease_generation(workdir)
     time.sleep(6)  # Renewed every quarter of the lease while the run lives.
     assert first.poll() is None and lease_generation(workdir) != generation
     first.kill()
     first.communicate()
     killed_at = time.monotonic()
-    assert_in_use(second_run(), f"process {first.pid} on ")  # Its lease has not lapsed yet.
-    assert time.monotonic() - killed_at < 11  # Else the refusal proved nothing (a slow start).
-    time.sleep(max(0.0, killed_at + 16 - time.monotonic()))
-    # Past the lease: taken over. It stops after its first epoch (a field that is not
-    # part of the run's identity, so the run is the killed one's).
-    result = second_run("--config.stop_at_test_accuracy=0.01")
+    # Its lease has not lapsed, but its holder ran here and is gone: taken over at once,
+    # as a disk's flock dies with its process. The rerun stops after its first epoch (a
+    # field that is not part of the run's identity, so the run is the killed one's).
+    result = second_run(first.args, env, "--config.stop_at_test_accuracy=0.01")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Resuming from the checkpoint" in result.stderr
+    assert time.monotonic() - killed_at < 15  # Else the lease had lapsed anyway.
+
+
+def test_a_lease_held_from_another_machine_is_taken_over_only_once_it_lapses(gcs, data):
+    from google.cloud import storage
+
+    workdir = gcs.bucket() + "/run"
+    env = {**os.environ, **gcs.env}
+    bucket, _, name = workdir.removeprefix("gs://").partition("/")
+    held = {"holder": "process 7 on another-vm", "lease_sec": 12, "machine": "another-vm/b/1",
+            "pid": os.getpid(), "started": "1"}  # fmt: skip
+    storage.Client().bucket(bucket).blob(f"{name}/.lock").upload_from_string(json.dumps(held))
+    written_at = time.monotonic()
+    command = [sys.executable, "train.py", *idx_flags(data, **RUN), "--workdir", workdir]
+    assert_in_use(second_run(command, env), workdir, "process 7 on another-vm")
+    assert time.monotonic() - written_at < 12  # Else the refusal proved nothing.
+    assert not workdir_lib.exists(workdir + "/config.json")  # Refused before writing.
+    time.sleep(max(0.0, written_at + 13 - time.monotonic()))
+    result = second_run(command, env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert epoch_scores(workdir)[-1][0] == RUN["num_epochs"]
+
+
+def second_run(command, env, *more):
+    return subprocess.run(
+        [*command, *more], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
+
+
+def assert_in_use(result, workdir, holder):
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert result.returncode == 1 and len(errors) == 1, result.stderr[-3000:]
+    assert f"error: {workdir} is in use by {holder}" in errors[0], errors[0]
 
 
 def start_processes(data, workdir, env, count, *flags):
@@ -286,7 +308,18 @@ def start_processes(data, workdir, env, count, *flags):
 
 
 def finish_all(processes):
-    return [finish(p) for p in processes]
+    try:
+        return [finish(p) for p in processes]
+    finally:
+        finish_all_killed(processes)
+
+
+def finish_all_killed(processes):
+    """A failed test leaves none of its processes running into the next one."""
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+        process.communicate()
 
 
 def assert_written_by_process_0_and_saved_by_all(workdir, count, errs):
@@ -300,21 +333,24 @@ def assert_written_by_process_0_and_saved_by_all(workdir, count, errs):
 def kill_one_mid_run(processes, workdir, victim):
     """Kills process ``victim`` after two checkpoints; the others must stop on
     their own, soon, each in one line."""
-    deadline = time.monotonic() + 300
-    while len(saved_steps(workdir)) < 2:
-        assert time.monotonic() < deadline and all(p.poll() is None for p in processes)
-        time.sleep(0.05)
-    processes[victim].kill()
-    killed_at = time.monotonic()
-    for i, process in enumerate(processes):
-        _, err = process.communicate(timeout=150)
-        if i == victim:
-            continue
-        assert time.monotonic() - killed_at < 150
-        assert process.returncode != 0
-        errors = [line for line in err.splitlines() if line.startswith("error: ")]
-        assert len(errors) == 1, err[-3000:]
-        assert "Traceback" not in err and "Check failure" not in err, err[-3000:]
+    try:
+        deadline = time.monotonic() + 300
+        while len(saved_steps(workdir)) < 2:
+            assert time.monotonic() < deadline and all(p.poll() is None for p in processes)
+            time.sleep(0.05)
+        processes[victim].kill()
+        killed_at = time.monotonic()
+        for i, process in enumerate(processes):
+            _, err = process.communicate(timeout=150)
+            if i == victim:
+                continue
+            assert time.monotonic() - killed_at < 150
+            assert process.returncode != 0
+            errors = [line for line in err.splitlines() if line.startswith("error: ")]
+            assert len(errors) == 1, err[-3000:]
+            assert "Traceback" not in err and "Check failure" not in err, err[-3000:]
+    finally:
+        finish_all_killed(processes)
 
 
 def test_two_hosts_on_gs_stop_together_when_one_dies_and_resume_exactly(gcs, data):
@@ -334,9 +370,8 @@ def test_two_hosts_on_gs_stop_together_when_one_dies_and_resume_exactly(gcs, dat
 def test_four_hosts_on_gs_stop_when_process_0_dies_then_resume(gcs, data):
     env = {**os.environ, **gcs.env}
     workdir = gcs.bucket() + "/run"
-    lease = "--config.workdir_lease_sec=2"  # Process 0's lease lapses before the rerun.
-    kill_one_mid_run(start_processes(data, workdir, env, 4, lease), workdir, victim=0)
-    time.sleep(2)
-    errs = finish_all(start_processes(data, workdir, env, 4, lease))
+    # Killed, process 0 holds the lease no more: the rerun on this machine takes it at once.
+    kill_one_mid_run(start_processes(data, workdir, env, 4), workdir, victim=0)
+    errs = finish_all(start_processes(data, workdir, env, 4))
     assert "Resuming from the checkpoint" in errs[0]
     assert_written_by_process_0_and_saved_by_all(workdir, 4, errs)

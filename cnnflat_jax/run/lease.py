@@ -13,8 +13,11 @@ atomically:
   ago (by the bucket's clock, the object's update time) gets the same
   one-line ``error: W is in use by ...`` as on a local disk.
 - **Taking over.** A lease not renewed for its lease seconds belongs to a run
-  that is gone (killed, its VM preempted). It is rewritten on the condition
-  of the generation just read, so of two runs that both take over, one wins.
+  that is gone (killed, its VM preempted); so does one whose holder was a
+  process on this same machine that no longer exists (a rerun after a crash
+  need not wait, as a ``flock`` on a disk dies with its process). It is
+  rewritten on the condition of the generation just read, so of two runs
+  that both take over, one wins.
 - **Losing it.** A holder whose renewal fails its condition was stalled for
   longer than its lease, and another run has taken over: it stops at once,
   with one line, before it writes anything more.
@@ -32,6 +35,7 @@ import socket
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from cnnflat_jax.run.workdir import RunError
@@ -42,6 +46,40 @@ def _blob(uri: str) -> Any:
 
     bucket, _, name = uri.removeprefix("gs://").partition("/")
     return storage.Client().bucket(bucket).blob(name)
+
+
+def _this_machine() -> str | None:
+    """Where a PID names one process: this host, boot and PID namespace (Linux
+    only; ``None`` elsewhere, and then only the lease's age counts)."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return f"{socket.gethostname()}/{boot}/{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return None
+
+
+def _start_time(pid: int) -> str | None:
+    """When process ``pid`` started (clock ticks since boot), ``None`` if there is
+    no such process: with the PID, one process, even once the PID is reused."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        try:
+            os.kill(pid, 0)  # Hidden from /proc (hidepid) but alive?
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass
+        return "unknown"
+    return stat.rsplit(")", 1)[1].split()[19]  # Field 22; the name before ")" may hold spaces.
+
+
+def _holder_gone(held: dict) -> bool:
+    """Whether the lease's holder ran on this machine and has ended."""
+    machine = _this_machine()
+    if machine is None or held.get("machine") != machine or not isinstance(held.get("pid"), int):
+        return False
+    return _start_time(held["pid"]) != held.get("started")
 
 
 class Lease:
@@ -61,16 +99,18 @@ class Lease:
         self.seconds = seconds
         self.workdir = workdir
         self.holder = f"process {os.getpid()} on {socket.gethostname()}"
+        machine = _this_machine()
+        self._content = json.dumps({
+            "holder": self.holder, "lease_sec": seconds, "machine": machine,
+            "pid": os.getpid(), "started": machine and _start_time(os.getpid()),
+        }).encode()  # fmt: skip
         self._generation = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._renew, name="workdir-lease", daemon=True)
 
-    def _content(self) -> bytes:
-        return json.dumps({"holder": self.holder, "lease_sec": self.seconds}).encode()
-
     def _write(self, if_generation_match: int) -> None:
         blob = _blob(self.uri)
-        blob.upload_from_string(self._content(), if_generation_match=if_generation_match)
+        blob.upload_from_string(self._content, if_generation_match=if_generation_match)
         self._generation = blob.generation
         self._renewed_at = time.monotonic()
 
@@ -95,15 +135,17 @@ class Lease:
             held = {}
         except (exceptions.PreconditionFailed, ValueError):  # Renewed meanwhile, or not ours.
             held = {"holder": "an unknown run", "lease_sec": self.seconds}
+        if not isinstance(held, dict):
+            held = {}
         holder = held.get("holder", "an unknown run")
         lease_sec = float(held.get("lease_sec", self.seconds))
         if blob.updated is not None:
             age = (datetime.datetime.now(datetime.UTC) - blob.updated).total_seconds()
-            if age < lease_sec:
+            if age < lease_sec and not _holder_gone(held):
                 raise RunError(
                     f"{self.workdir} is in use by {holder} (its lease on {self.uri} was renewed "
                     f"{max(age, 0):.0f} s ago; a run that is gone leaves it {lease_sec:g} s after "
-                    "its last renewal)"
+                    "its last renewal, or at once to a run on its own machine)"
                 )
         try:
             self._write(if_generation_match=blob.generation or 0)

@@ -52,7 +52,8 @@ def workdir_lock(workdir: str, lease_sec: float = 60.0) -> Iterator[None]:
     however it ends, so a crash never leaves a stale lock behind.
 
     On ``gs://`` the lock is a lease object renewed while the run lives, and
-    taken over ``lease_sec`` after a crashed run's last renewal (``lease.py``).
+    taken over ``lease_sec`` after a crashed run's last renewal, or at once by
+    a run on the machine where its holder ran and ended (``lease.py``).
 
     Raises:
       RunError: the workdir cannot be made or written, ``.lock`` is a symbolic
