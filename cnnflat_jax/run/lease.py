@@ -38,6 +38,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from absl import logging
+
 from cnnflat_jax.run.workdir import RunError
 
 
@@ -139,19 +141,24 @@ class Lease:
             held = {}
         holder = held.get("holder", "an unknown run")
         lease_sec = float(held.get("lease_sec", self.seconds))
+        why = "released meanwhile"
         if blob.updated is not None:
-            age = (datetime.datetime.now(datetime.UTC) - blob.updated).total_seconds()
-            if age < lease_sec and not _holder_gone(held):
-                raise RunError(
-                    f"{self.workdir} is in use by {holder} (its lease on {self.uri} was renewed "
-                    f"{max(age, 0):.0f} s ago; a run that is gone leaves it {lease_sec:g} s after "
-                    "its last renewal, or at once to a run on its own machine)"
-                )
+            age = max((datetime.datetime.now(datetime.UTC) - blob.updated).total_seconds(), 0)
+            why = f"not renewed for {age:.0f} s"
+            if age < lease_sec:
+                if not _holder_gone(held):
+                    raise RunError(
+                        f"{self.workdir} is in use by {holder} (its lease on {self.uri} was "
+                        f"renewed {age:.0f} s ago; a run that is gone leaves it {lease_sec:g} s "
+                        "after its last renewal, or at once to a run on its own machine)"
+                    )
+                why = f"{why}; it ran on this machine and has ended"
         try:
             self._write(if_generation_match=blob.generation or 0)
         except exceptions.PreconditionFailed:
             raise RunError(f"{self.workdir} is in use by another run (it took over the lease "
                            f"{self.uri} a moment ago)") from None  # fmt: skip
+        logging.info("Took over the lease %s from %s (%s)", self.uri, holder, why)
 
     def _renew(self) -> None:
         from google.api_core import exceptions
