@@ -22,7 +22,7 @@ import jax
 import ml_collections
 
 from cnnflat_jax import paths
-from cnnflat_jax.data import input_pipeline
+from cnnflat_jax.data import folders, input_pipeline
 from cnnflat_jax.errors import Error
 from cnnflat_jax.nn import layers, models, ops
 from cnnflat_jax.train import memory, population, train_lib
@@ -130,11 +130,24 @@ def existing_directory() -> Rule:
     return Rule('an existing directory, or "" for the default', why)
 
 
-def name() -> Rule:
-    return Rule(
-        "a non-empty string",
-        lambda v: None if isinstance(v, str) and v else "not a non-empty string",
-    )
+def dataset_name() -> Rule:
+    """A dataset's name, or ``folder:PATH`` naming an existing folder."""
+
+    def why(value):
+        if not isinstance(value, str) or not value:
+            return "not a non-empty string"
+        if folders.is_folder(value) and not paths.is_directory(folders.root(value)):
+            return f"{folders.root(value) or 'the path'} is not a directory"
+        return None
+
+    return Rule("a TFDS catalog name, or folder:PATH (a folder of class folders)", why)
+
+
+def image_size() -> Rule:
+    def why(value):
+        return sequence(integer(1)).why(value) or (len(value) != 2 and "not two items") or None
+
+    return Rule("a pair (height, width) of ints >= 1", why)
 
 
 def sequence(item: Rule, *, non_empty: bool = False) -> Rule:
@@ -171,8 +184,9 @@ _SEED = integer(-(2**63), 2**63 - 1)
 # Every field but config.model's: one row each. ``defaults()`` builds the
 # default config from it (configs/default.py); ``check`` holds a config to it.
 FIELDS: dict[str, Field] = {
-    # Data: a TFDS catalog name; "auto" also finds local IDX copies (README).
-    "dataset": Field("fashion_mnist", name()),
+    # Data: a TFDS catalog name ("auto" also finds local IDX copies), or
+    # folder:PATH, a folder of class folders of pictures (README).
+    "dataset": Field("fashion_mnist", dataset_name()),
     "data_source": Field("auto", choice(*input_pipeline.SOURCES)),
     # Data locations are part of the identity: other files may hold other data.
     "data_dir": Field("", directory()),  # TFDS data directory; "" = TFDS's default.
@@ -189,6 +203,10 @@ FIELDS: dict[str, Field] = {
     "num_train_examples": Field(0, integer(0)),  # 0 = all; else the first N.
     "num_test_examples": Field(0, integer(0)),
     "validation_examples": Field(0, integer(0)),  # Held out from the end of the training set.
+    # folder:PATH datasets: every picture is converted to this many channels
+    # (1 grayscale, 3 RGB) and resized to this (height, width).
+    "image_channels": Field(1, Rule("1 or 3", lambda v: None if v in (1, 3) else "not 1 or 3")),
+    "image_size": Field((28, 28), image_size()),
     "permute_pixels": Field(False, boolean()),  # Every image's pixels by one fixed permutation.
     # memory: whole splits in host memory. grain: training batches streamed from
     # ArrayRecord files through Grain (README, "Streaming with Grain").

@@ -21,7 +21,7 @@ SHIPPED = [default, fast, mnist, cifar10, population_config, smoke, tpu, sequent
 
 # One bad value per field, as a user would type it, and what the error must say.
 BAD_VALUES = {
-    "dataset": ("", "not a non-empty string"),
+    "dataset": ("folder:/etc/hostname", "/etc/hostname is not a directory"),
     "data_source": ("web", "not a known choice; allowed: auto, tfds, idx"),
     "data_dir": ("/etc/hostname", "a file, not a directory"),
     "idx_dir": ("/etc/hostname", "a file, not a directory"),
@@ -29,6 +29,8 @@ BAD_VALUES = {
     "num_train_examples": ("-5", "less than 0; allowed: an int >= 0"),
     "num_test_examples": ("-1", "less than 0"),
     "validation_examples": ("-1", "less than 0"),
+    "image_channels": ("2", "not 1 or 3; allowed: 1 or 3"),
+    "image_size": ("(28,28,3)", "not two items; allowed: a pair (height, width) of ints >= 1"),
     "permute_pixels": ("maybe", "allowed: True or False"),
     "input_pipeline": ("disk", "not a known choice; allowed: memory, grain"),
     "array_record_dir": ("/etc/hostname", "a file, not a directory"),

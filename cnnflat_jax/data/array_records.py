@@ -189,9 +189,11 @@ def write(
     num_classes: int,
     splits: dict[str, tuple[np.ndarray, np.ndarray]],
     repeat: int = 1,
+    class_names: list[str] | None = None,
 ) -> None:
     """Writes ``splits`` (``{split: (images NHWC uint8, labels)}``) to ``out_dir``,
-    the training split ``repeat`` times over.
+    the training split ``repeat`` times over; ``class_names``, when given, go
+    into ``dataset.json`` (a folder dataset's, which only its folders name).
 
     Everything is written to a temporary directory beside ``out_dir`` and
     renamed into place at the end, so a failed or interrupted write leaves
@@ -232,6 +234,7 @@ def write(
             "splits": counts,
             "record": RECORD_FORMAT,
             "train_repeat": repeat,
+            **({"class_names": list(class_names)} if class_names else {}),
         }
         with open(os.path.join(staging, INFO_FILE), "w") as f:
             json.dump(info, f, indent=2)

@@ -1,12 +1,13 @@
 """Datasets -> uint8 arrays and record sources; the only module that knows about TFDS.
 
 The memory pipeline loads whole splits into host memory, from a TFDS catalog
-dataset (prepared in ``data_dir``, or downloaded when online) or a local
+dataset (prepared in ``data_dir``, or downloaded when online), a local
 directory of MNIST-format IDX files, such as Debian's
-``dataset-fashion-mnist`` package. The grain pipeline leaves the training
-split in a random-access source, read batch by batch as Grain streams it:
-ArrayRecord files written by ``array_records``, or TFDS's ArrayRecord data
-source. TensorFlow is imported only for TFDS, and is kept off accelerators.
+``dataset-fashion-mnist`` package, or a folder of pictures (``folders``).
+The grain pipeline leaves the training split in a random-access source, read
+batch by batch as Grain streams it: ArrayRecord files written by
+``array_records``, or TFDS's ArrayRecord data source. TensorFlow is imported
+only for TFDS, and is kept off accelerators.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import numpy as np
 from absl import logging
 
 from cnnflat_jax import paths
-from cnnflat_jax.data import array_records, shards, transforms
+from cnnflat_jax.data import array_records, folders, shards, transforms
 from cnnflat_jax.data.examples import Arrays, check_labels
 from cnnflat_jax.data.idx import IdxError, read_idx
 from cnnflat_jax.errors import Error
@@ -116,10 +117,16 @@ class Dataset:
     test_labels: np.ndarray
     train_total: int
     test_total: int
+    # A folder dataset's class folders, in label order (its pictures were resized).
+    folder_classes: tuple[str, ...] = ()
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
         return tuple(self.test_images.shape[1:])
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.folder_classes) or class_names(self.name, self.num_classes)
 
 
 def load_dataset(
@@ -130,12 +137,16 @@ def load_dataset(
     idx_dir: str | None = None,
     part: Part = Part(),
     num_classes: int = 0,
+    image_size: tuple[int, int] = (28, 28),
+    image_channels: int = 1,
+    held_out: int = 0,
 ) -> Dataset:
     """Loads ``part`` of the train and test splits of ``name``.
 
     Args:
       name: a TFDS catalog name, e.g. "fashion_mnist", "mnist", "kmnist",
-        "cifar10".
+        "cifar10"; or ``folder:PATH``, a folder of pictures (``folders``),
+        whatever ``source`` says.
       source: "tfds", "idx", or "auto", which tries in turn: IDX files in
         ``idx_dir``; TFDS data already prepared in ``data_dir``; the Debian
         IDX copy of the dataset; a TFDS download into ``data_dir``.
@@ -145,11 +156,15 @@ def load_dataset(
         ``t10k-labels-idx1-ubyte[.gz]``.
       part: which examples to keep (default: all).
       num_classes: the class count; 0 takes the dataset's (TFDS's metadata,
-        or ``IDX_NUM_CLASSES`` for IDX files). Every label must lie in
-        ``[0, num_classes)``.
+        ``IDX_NUM_CLASSES`` for IDX files, a folder's class folders). Every
+        label must lie in ``[0, num_classes)``.
+      image_size, image_channels: a folder's pictures are converted to these.
+      held_out: the test pictures held out of a folder without ``test/``.
 
     Raises:
       ValueError: an unknown ``source``.
+      folders.FolderError: a folder that is not a dataset, or an unreadable
+        picture (named).
       IdxError: an IDX file that exists but is truncated or corrupt, or holds
         a label outside the classes.
       DatasetError: no source could provide the data (lists what was tried),
@@ -158,6 +173,8 @@ def load_dataset(
     """
     if source not in SOURCES:
         raise ValueError(f"unknown data source {source!r}; choose one of {SOURCES}")
+    if folders.is_folder(name):
+        return _load_folder(name, part, num_classes, image_size, image_channels, held_out)
     debian_dir = DEBIAN_IDX_DIRS.get(name)
     if source == "idx":
         plan = [("idx", idx_dir or debian_dir)] if idx_dir or debian_dir else []
@@ -206,6 +223,7 @@ def load_data(config: ml_collections.ConfigDict, data_shards: int) -> Dataset:
             part=part,
             num_classes=config.num_classes,
             permute_pixels=config.permute_pixels,
+            image_shape=(*config.image_size, config.image_channels),
         )
     data = load_dataset(
         config.dataset,
@@ -214,6 +232,9 @@ def load_data(config: ml_collections.ConfigDict, data_shards: int) -> Dataset:
         idx_dir=config.idx_dir or None,
         part=part,
         num_classes=config.num_classes,
+        image_size=tuple(config.image_size),
+        image_channels=config.image_channels,
+        held_out=config.validation_examples,
     )
     if not config.permute_pixels:
         return data
@@ -231,6 +252,7 @@ def load_records(
     part: Part = Part(),
     num_classes: int = 0,
     permute_pixels: bool = False,
+    image_shape: tuple[int, int, int] = (28, 28, 1),
 ) -> Dataset:
     """``part`` of ``name``, its training split left in its random-access source.
 
@@ -245,14 +267,27 @@ def load_records(
       part: which examples to keep (default: all).
       num_classes: the class count; 0 takes the dataset's.
       permute_pixels: shuffle every image's pixels by one fixed permutation.
+      image_shape: a folder dataset's records must hold pictures of this shape
+        (the config's size and channels).
 
     Raises:
       DatasetError: no such files or prepared copy (says how to make one), or
         they hold another dataset or class count.
       array_records.RecordError: a damaged ArrayRecord file.
     """
+    folder_classes = ()
     if array_record_dir:
-        open_split, counts, classes, source = _array_record_files(name, array_record_dir)
+        info = array_records.read_info(array_record_dir)
+        open_split, counts, classes, source = _array_record_files(name, array_record_dir, info)
+        if folders.is_folder(name):
+            folder_classes = _folder_records(name, array_record_dir, info, image_shape)
+    elif folders.is_folder(name):
+        raise DatasetError(
+            f"the grain pipeline streams a folder's pictures from ArrayRecord files: "
+            f"python -m cnnflat_jax.array_records --dataset {name} --out_dir DIR "
+            "(with the config's --image_size, --image_channels and --validation_examples), "
+            "then --config.array_record_dir=DIR"
+        )
     else:
         open_split, counts, classes, source = _tfds_records(name, data_dir)
     if num_classes not in (0, classes):
@@ -271,14 +306,13 @@ def load_records(
     return Dataset(
         name=name, source=source, num_classes=classes, train=records["train"],
         test_images=test_images, test_labels=test_labels,
-        train_total=totals["train"], test_total=totals["test"],
+        train_total=totals["train"], test_total=totals["test"], folder_classes=folder_classes,
     )  # fmt: skip
 
 
-def _array_record_files(name: str, directory: str):
+def _array_record_files(name: str, directory: str, info: dict):
     """``(open_split, counts, num_classes, source)`` of an ``array_records`` directory."""
-    info = array_records.read_info(directory)
-    if info.get("dataset") != name:
+    if not _same_dataset(info.get("dataset"), name):
         raise DatasetError(
             f"{directory} holds {info.get('dataset')!r}, not {name!r} "
             f"({array_records.INFO_FILE}); set --config.dataset or --config.array_record_dir"
@@ -329,6 +363,47 @@ def _tfds_records(name: str, data_dir: str | None):
 
     counts = {split: builder.info.splits[split].num_examples for split in ("train", "test")}
     return open_split, counts, classes, f"TFDS {name} {builder.info.version} (ArrayRecord)"
+
+
+def _same_dataset(written: object, name: str) -> bool:
+    """Whether records written for ``written`` hold ``name`` (a folder by its absolute path)."""
+    if not isinstance(written, str) or not (folders.is_folder(written) and folders.is_folder(name)):
+        return written == name
+    return paths.absolute(folders.root(written)) == paths.absolute(folders.root(name))
+
+
+def _folder_records(name: str, directory: str, info: dict, image_shape) -> tuple[str, ...]:
+    """The class names of a folder's records, checked to hold ``image_shape`` pictures."""
+    if tuple(info["image_shape"]) != tuple(image_shape):
+        raise DatasetError(
+            f"{directory} holds {_hwc(info['image_shape'])} pictures of {name}, but the config "
+            f"asks for {_hwc(image_shape)} (image_size, image_channels); write the records "
+            "again with those, or set the config to match"
+        )
+    return tuple(info.get("class_names", ()))
+
+
+def _hwc(shape) -> str:
+    return "x".join(map(str, shape))
+
+
+def _load_folder(name, part, num_classes, image_size, channels, held_out) -> Dataset:
+    listing = folders.list_pictures(name, held_out)
+    classes = len(listing.class_names)
+    if num_classes not in (0, classes):
+        raise DatasetError(
+            f"config.num_classes={num_classes}, but {name} has {classes} class folders; "
+            "leave it 0 to take the folder's count"
+        )
+    arrays, totals = {}, {}
+    for split in folders.SPLITS:
+        totals[split], start, stop = part.bounds(split, len(listing.files[split]))
+        images = listing.read(split, start, stop, channels, image_size)
+        arrays[split] = (images, listing.labels[split][start:stop])
+    where = {split: f"{name} {split}" for split in folders.SPLITS}
+    source = f"pictures in {folders.root(name)} ({_hwc((*image_size, channels))})"
+    dataset = _dataset(name, source, classes, arrays, totals, where)
+    return dataclasses.replace(dataset, folder_classes=tuple(listing.class_names))
 
 
 def _not_found_message(name: str, source: str, attempts: list[str]) -> str:

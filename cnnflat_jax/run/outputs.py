@@ -31,8 +31,10 @@ def write(
     final_params = workdir_lib.not_a_link(workdir_lib.path(workdir, workdir_lib.FINAL_PARAMS))
     checkpoints.save_params(final_params, state.params)
     if lead:
-        names = input_pipeline.class_names(data.name, data.num_classes)
-        workdir_lib.write_data_info(workdir, data.name, data.image_shape, data.num_classes, names)
+        workdir_lib.write_data_info(
+            workdir, data.name, data.image_shape, data.num_classes, data.class_names,
+            resize_pictures=bool(data.folder_classes),
+        )  # fmt: skip
     shown = state
     if team.is_population:
         shown = population.member_state(state, record.get("best_member", 0))

@@ -245,14 +245,22 @@ def write_config(workdir: str | os.PathLike, config: Any) -> None:
 
 
 def write_data_info(
-    workdir: str | os.PathLike, dataset: str, image_shape, num_classes: int, class_names
+    workdir: str | os.PathLike,
+    dataset: str,
+    image_shape,
+    num_classes: int,
+    class_names,
+    resize_pictures: bool = False,
 ) -> None:
-    """``data.json``: what the model takes and gives, for ``export``, ``predict`` and tools."""
+    """``data.json``: what the model takes and gives, for ``export``, ``predict`` and
+    tools; ``resize_pictures``: the training pictures were resized to
+    ``image_shape`` (a folder dataset), so new ones may be too."""
     info = {
         "dataset": dataset,
         "image_shape": list(image_shape),
         "num_classes": num_classes,
         "class_names": list(class_names),
+        "resize_pictures": resize_pictures,
     }
     write_json(path(workdir, DATA_INFO), info)
 

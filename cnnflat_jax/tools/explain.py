@@ -167,6 +167,9 @@ def explain(
         idx_dir=config.idx_dir or None,
         part=input_pipeline.Part(num_train=1),
         num_classes=config.get("num_classes", 0),  # Workdirs from before the field: 0.
+        image_size=tuple(config.get("image_size", (28, 28))),
+        image_channels=config.get("image_channels", 1),
+        held_out=config.get("validation_examples", 0),
     )
     if not 0 <= index < len(data.test_labels):
         raise ValueError(f"--index={index}: the test split has {len(data.test_labels)} images")
@@ -175,7 +178,7 @@ def explain(
     named = stages(model, params, image)
     logits = model.apply({"params": params}, train_lib.normalize_images(image[None]))
     predicted = int(np.asarray(jax.numpy.argmax(logits[0])))
-    names = input_pipeline.class_names(data.name, data.num_classes)
+    names = data.class_names
     label = int(data.test_labels[index])
     title = (
         f"{data.name} test image {index}: label {label} ({names[label]}), "

@@ -107,6 +107,8 @@ def export(
         "class_names": data["class_names"],
         "image_shape": data["image_shape"],
         "dataset": data["dataset"],
+        # predict resizes pictures as a folder dataset's training pictures were.
+        "resize_pictures": bool(data.get("resize_pictures", False)),
         "exported": what,
         "model_sha256": hashlib.sha256(serialized).hexdigest(),  # predict checks it.
     }

@@ -11,7 +11,9 @@ neither the config nor the model code is used. Files:
   uint8 pixels.
 - IDX (``*-ubyte``, optionally ``.gz``): a stack of images, as MNIST ships them.
 
-Each image must have the model's height and width (no resizing happens).
+Each image must have the model's height and width, except a picture when the
+run trained on a folder of pictures (``folder:PATH``): those were resized to
+the model's size, and so is each picture here, the same way (``pictures``).
 Prints ``FILE<TAB>CLASS NAME<TAB>PROBABILITY`` per image (``FILE[i]`` for an
 image of a stack). A file that cannot be read is one ``error:`` line naming
 it, and nothing is classified.
@@ -28,7 +30,8 @@ import sys
 import numpy as np
 
 from cnnflat_jax import paths
-from cnnflat_jax.data import idx
+from cnnflat_jax.data import idx, pictures
+from cnnflat_jax.data.pictures import UnreadableImageError
 from cnnflat_jax.errors import Error
 from cnnflat_jax.run import workdir as workdir_lib
 
@@ -40,17 +43,10 @@ __all__ = [
     "main",
 ]
 
-_PIL_MODES = {1: "L", 3: "RGB"}
-_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
-# The most that one file may hold: 2^28 uint8 values (256 MiB of pixels), and
-# pictures of at most 2^26 pixels (8192 x 8192); larger ones are refused before
-# they are decoded.
+# The most that one file may hold: 2^28 uint8 values (256 MiB of pixels); larger
+# ones (and pictures of more than ``pictures.MAX_PICTURE_PIXELS``) are refused
+# before they are decoded.
 MAX_VALUES = 2**28
-MAX_PICTURE_PIXELS = 2**26
-
-
-class UnreadableImageError(Error, ValueError):
-    """A file that is not an image of the model's size."""
 
 
 class DamagedExportError(Error, ValueError):
@@ -107,8 +103,12 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     return shifted / shifted.sum(axis=-1, keepdims=True)
 
 
-def read_images(path: str, image_shape: tuple[int, int, int]) -> list[tuple[str, np.ndarray]]:
-    """``(name, uint8 HWC image)`` for each image in ``path``.
+def read_images(
+    path: str, image_shape: tuple[int, int, int], resize: bool = False
+) -> list[tuple[str, np.ndarray]]:
+    """``(name, uint8 HWC image)`` for each image in ``path``; a picture (PNG,
+    JPEG) is resized to ``image_shape`` when ``resize`` (a folder dataset's
+    run resized its training pictures the same way), never an array.
 
     Raises:
       UnreadableImageError: not a regular file; unreadable, truncated or too
@@ -116,6 +116,7 @@ def read_images(path: str, image_shape: tuple[int, int, int]) -> list[tuple[str,
         image; an image of another shape.
     """
     height, width, channels = image_shape
+    resize = (height, width) if resize else None
     try:
         local = _local_file(path)
         if path.endswith(".npy"):
@@ -123,7 +124,7 @@ def read_images(path: str, image_shape: tuple[int, int, int]) -> list[tuple[str,
         elif path.endswith(("-ubyte", "-ubyte.gz")):
             array = idx.read_idx(path, ndim=3)
         else:
-            array = _read_picture(local, path, channels)
+            array = pictures.read_picture(local, channels, resize, name=path)
     except UnreadableImageError:
         raise
     except (OSError, ValueError, EOFError, MemoryError) as e:
@@ -176,29 +177,6 @@ def _read_npy(local: str, path: str) -> np.ndarray:
     return np.array(mapped)
 
 
-def _read_picture(local: str, path: str, channels: int) -> np.ndarray:
-    """The picture in ``local`` (``path``'s content) with ``channels`` channels."""
-    from PIL import Image  # Pillow: matplotlib's own dependency.
-
-    try:
-        with Image.open(local) as image:
-            if image.width * image.height > MAX_PICTURE_PIXELS:
-                raise UnreadableImageError(
-                    f"{path}: {image.width}x{image.height} pixels, more than the "
-                    f"{MAX_PICTURE_PIXELS:,} predict decodes"
-                )
-            if image.mode in _SIXTEEN_BIT_MODES:  # Scaled to 0-255, not cut.
-                wide = np.asarray(image).astype(np.uint32)
-                image = Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8))
-            elif image.mode in ("I", "F"):
-                raise UnreadableImageError(
-                    f"{path}: {image.mode} pixels (32-bit) have no 0-255 scale; save 8 or 16 bits"
-                )
-            return np.asarray(image.convert(_PIL_MODES.get(channels, "RGB")))
-    except Image.DecompressionBombError as e:
-        raise UnreadableImageError(f"{path}: {e}") from None
-
-
 def main(argv: list[str]) -> int:
     args = argv[1:]
     if args and args[0].startswith("--workdir="):
@@ -209,7 +187,8 @@ def main(argv: list[str]) -> int:
     workdir, files = args[1], args[2:]
     try:
         classes, serialized = read_export(workdir)
-        images = [x for path in files for x in read_images(path, tuple(classes["image_shape"]))]
+        shape, resize = tuple(classes["image_shape"]), bool(classes.get("resize_pictures"))
+        images = [x for path in files for x in read_images(path, shape, resize)]
         exported = _deserialize(serialized, workdir)
     except OSError as e:
         print(f"error: {e}; run python -m cnnflat_jax.export --workdir {workdir}", file=sys.stderr)
