@@ -36,13 +36,13 @@ from absl import app, flags, logging
 
 from benchmarks import flatten_equivariance
 from benchmarks import flatten_figures as figures
+from cnnflat_jax.configs import default
 from cnnflat_jax.data import idx, input_pipeline, transforms
 from cnnflat_jax.nn import layers, models
 from cnnflat_jax.run import trainer
 from cnnflat_jax.run import workdir as workdir_lib
 from cnnflat_jax.tools import explain
 from cnnflat_jax.train import evaluation
-from configs import default
 
 _OUT = flags.DEFINE_string("out", "docs/flatten", "Where tables, figures and runs go.")
 _SEEDS = flags.DEFINE_integer("seeds", 3, "Models per variant (seeds 0, 1, ...).")

@@ -17,11 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cnnflat_jax.configs import smoke
 from cnnflat_jax.nn import models
 from cnnflat_jax.run import checkpoints
 from cnnflat_jax.run import workdir as workdir_lib
 from cnnflat_jax.train import sharding, train_lib
-from configs import smoke
 
 
 def same_pads(size: int, window: int, stride: int) -> tuple[int, int]:

@@ -11,10 +11,10 @@ import pytest
 from helpers import idx_config, write_idx_dataset
 
 from cnnflat_jax import config as config_lib
+from cnnflat_jax.configs import cifar10, default, fast, mnist, pytorch_net, sequential, smoke, tpu
+from cnnflat_jax.configs import population as population_config
 from cnnflat_jax.nn import models
 from cnnflat_jax.train import train_lib
-from configs import cifar10, default, fast, mnist, pytorch_net, sequential, smoke, tpu
-from configs import population as population_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIPPED = [default, fast, mnist, cifar10, population_config, smoke, tpu, sequential, pytorch_net]

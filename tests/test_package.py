@@ -9,15 +9,18 @@ import subprocess
 import sys
 import zipfile
 
+import numpy as np
 import pytest
+from helpers import idx_flags, write_idx_dataset
 
 import cnnflat_jax
+from cnnflat_jax.data import idx
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(ROOT, "cnnflat_jax")
 
 # Lower layers first: a module may import its own layer and those before it.
-LAYERS = ("errors", "paths", "nn", "data", "train", "config", "run", "tools")
+LAYERS = ("errors", "paths", "nn", "data", "train", "config", "configs", "run", "tools")
 
 
 def readme_names() -> tuple[set[str], set[str]]:
@@ -103,18 +106,26 @@ def test_nn_imports_nothing_of_ours_but_nn():
             assert all(m.startswith("cnnflat_jax.nn") for m in imports), (name, imports)
 
 
-def test_a_wheel_installs_only_cnnflat_jax_and_works_outside_the_repository(tmp_path):
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory):
+    """The wheel built from the repository."""
+    dist = tmp_path_factory.mktemp("dist")
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-         "-w", str(tmp_path / "dist"), ROOT],
+         "-w", str(dist), ROOT],
         check=True, capture_output=True, timeout=600,
     )  # fmt: skip
-    (wheel,) = (tmp_path / "dist").glob("cnnflat_jax-*.whl")
+    (built,) = dist.glob("cnnflat_jax-*.whl")
+    return built
+
+
+def test_a_wheel_installs_only_cnnflat_jax_and_works_outside_the_repository(wheel, tmp_path):
     with zipfile.ZipFile(wheel) as archive:
         archive.extractall(tmp_path / "site")
         tops = {name.split("/")[0] for name in archive.namelist()}
     assert {top for top in tops if not top.endswith(".dist-info")} == {"cnnflat_jax"}
     assert "cnnflat_jax/nn/ops.py" in archive.namelist()
+    assert "cnnflat_jax/configs/default.py" in archive.namelist()  # The shipped configs.
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     code = (
@@ -131,3 +142,55 @@ def test_a_wheel_installs_only_cnnflat_jax_and_works_outside_the_repository(tmp_
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.startswith(str(tmp_path / "site" / "cnnflat_jax"))
     assert result.stdout.split()[1:] == ["cnn", "CNN"]
+
+
+def test_the_installed_commands_train_export_and_predict_outside_the_repository(wheel, tmp_path):
+    """The wheel in a fresh venv (its dependencies seen from this one's site-packages, where
+    cnnflat_jax is only an editable link that the venv does not follow), used from a
+    directory outside the repository by its console scripts and a shipped config's name."""
+    fresh = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(fresh)], check=True)
+    (site,) = fresh.glob("lib/python*/site-packages")
+    (site / "dependencies.pth").write_text("\n".join(sysconfig_paths()) + "\n")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "--python", str(fresh / "bin" / "python"), "install",
+         "--no-deps", "--no-index", "-q", str(wheel)],
+        check=True, capture_output=True, timeout=600,
+    )  # fmt: skip
+    elsewhere = tmp_path / "elsewhere"
+    data = write_idx_dataset(elsewhere / "data")
+
+    def command(name, *args):
+        return subprocess.run(
+            [str(fresh / "bin" / name), *map(str, args)],
+            cwd=elsewhere, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+
+    flags = idx_flags(data)
+    assert flags[:2] == ["--config", "configs/smoke.py"]  # Which file, here by its name:
+    result = command("cnnflat-train", "--config", "smoke", *flags[2:], "--workdir", "run")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "outputs in run" in result.stderr
+    located = subprocess.run(
+        [str(fresh / "bin" / "python"), "-c", "import cnnflat_jax; print(cnnflat_jax.__file__)"],
+        cwd=elsewhere, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert located.stdout.startswith(str(site))  # The installed copy, not the repository's.
+    assert command("cnnflat-export", "--workdir", "run").returncode == 0
+    images = idx.read_idx(str(data / "t10k-images-idx3-ubyte"), ndim=3)[:4]
+    np.save(elsewhere / "four.npy", images)
+    result = command("cnnflat-predict", "--workdir", "run", "four.npy")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [line.split("\t")[0] for line in result.stdout.splitlines()] == [
+        f"four.npy[{i}]" for i in range(4)
+    ]
+    for name in ("cnnflat-array-records", "cnnflat-explain", "cnnflat-tpu-check"):
+        result = command(name, "--help")  # absl's help: the usage, then exit 1.
+        assert "Traceback" not in result.stderr and "USAGE:" in result.stdout, name
+
+
+def sysconfig_paths() -> list[str]:
+    """This interpreter's site-packages folders."""
+    import site
+
+    return [p for p in site.getsitepackages() if os.path.isdir(p)]

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from helpers import one_step, step_program
 
+from cnnflat_jax.configs import smoke
 from cnnflat_jax.data.examples import Arrays
 from cnnflat_jax.nn import models
 from cnnflat_jax.run import hardest
 from cnnflat_jax.train import per_example, train_lib
-from configs import smoke
 
 
 def setup(num=6, seed=0):

@@ -8,11 +8,11 @@ import pytest
 from helpers import final_params, idx_config, write_idx_dataset
 
 from cnnflat_jax import config as config_lib
+from cnnflat_jax.configs import smoke
 from cnnflat_jax.data import batching
 from cnnflat_jax.nn import models
 from cnnflat_jax.run import trainer
 from cnnflat_jax.train import evaluation, population, train_lib
-from configs import smoke
 
 
 def tiny_config(data_dir, **population_fields):

@@ -119,7 +119,7 @@ def train_py(config_text, data, workdir, *flags):
 
 CONFIG = """
 import ml_collections
-from configs import smoke
+from cnnflat_jax.configs import smoke
 
 def get_config():
     config = smoke.get_config()

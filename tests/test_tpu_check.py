@@ -14,8 +14,8 @@ pytest.importorskip(
     "libtpu", reason="no TPU compiler: pip install -e '.[tpu]' (Python >= 3.12, the newest stack)"
 )
 
+from cnnflat_jax.configs import tpu  # noqa: E402
 from cnnflat_jax.tools import tpu_check  # noqa: E402
-from configs import tpu  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

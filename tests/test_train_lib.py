@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 from helpers import idx_config, one_step, step_program, write_idx_dataset
 
+from cnnflat_jax.configs import smoke
 from cnnflat_jax.data import batching, transforms
 from cnnflat_jax.nn import models
 from cnnflat_jax.run import checkpoints, trainer
 from cnnflat_jax.train import evaluation, train_lib
 from cnnflat_jax.train.train_lib import LOOPS
-from configs import smoke
 
 
 def small_state(

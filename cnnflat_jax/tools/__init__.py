@@ -1,1 +1,2 @@
-"""What works on a finished run: export, predict, explain, Keras/PyTorch interop."""
+"""The commands: train (``train_command``), and what works on a finished run: export,
+predict, explain, Keras/PyTorch interop."""

@@ -202,3 +202,8 @@ def main(argv: list[str]) -> int:
         best = int(np.argmax(p))
         print(f"{name}\t{classes['class_names'][best]}\t{p[best]:.4f}")
     return 0
+
+
+def console() -> None:
+    """The ``cnnflat-predict`` command."""
+    sys.exit(main(sys.argv))

@@ -30,6 +30,7 @@ import ml_collections
 import numpy as np
 
 from cnnflat_jax import config as config_lib
+from cnnflat_jax import configs
 from cnnflat_jax.data import batching
 from cnnflat_jax.errors import Error
 from cnnflat_jax.nn import models
@@ -286,7 +287,9 @@ def main() -> None:
     from absl import app, flags
     from ml_collections import config_flags
 
-    config_flag = config_flags.DEFINE_config_file("config", "configs/tpu.py", "A train.py config.")
+    config_flag = config_flags.DEFINE_config_file(
+        "config", configs.path("tpu"), "A train.py config: a file, or a shipped config's name."
+    )
     topology = flags.DEFINE_string("topology", "v5e:2x2", "A Cloud TPU slice, e.g. v5e:4x4.")
     image_shape = flags.DEFINE_list("image_shape", None, "H,W,C for a dataset not on record.")
     num_classes = flags.DEFINE_integer("num_classes", 10, "Its classes.")
@@ -304,4 +307,4 @@ def main() -> None:
         except Error as e:
             sys.exit(f"error: {e}")
 
-    app.run(run)
+    app.run(run, flags_parser=lambda argv: flags.FLAGS(configs.resolve_flags(argv)))

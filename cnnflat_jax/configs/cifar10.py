@@ -3,7 +3,7 @@
 python train.py --config configs/cifar10.py --workdir runs/cifar10
 """
 
-from configs import default
+from cnnflat_jax.configs import default
 
 
 def get_config():

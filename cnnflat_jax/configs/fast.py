@@ -10,7 +10,7 @@ reaches 91%. Same model, same data. On this project's 2-core VM it reached
 (README, Results).
 """
 
-from configs import default
+from cnnflat_jax.configs import default
 
 
 def get_config():

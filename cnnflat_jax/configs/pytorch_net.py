@@ -12,7 +12,7 @@ config's (Adam, warmup then cosine decay), for 5 epochs.
 
 import ml_collections
 
-from configs import default
+from cnnflat_jax.configs import default
 
 NET = (
     "conv:32:3:padding=valid", "relu", "conv:64:3:padding=valid", "relu", "max_pool:2",

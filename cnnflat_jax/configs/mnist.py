@@ -3,7 +3,7 @@
 python train.py --config configs/mnist.py --workdir runs/mnist
 """
 
-from configs import default
+from cnnflat_jax.configs import default
 
 
 def get_config():

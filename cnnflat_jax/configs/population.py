@@ -6,7 +6,7 @@ member is chosen on validation, not test, data.
     python train.py --config configs/population.py --workdir runs/population
 """
 
-from configs import default
+from cnnflat_jax.configs import default
 
 
 def get_config():

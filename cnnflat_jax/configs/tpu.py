@@ -24,7 +24,7 @@ The choices, from the check's numbers (configs/tpu.py on a v5e-16 and a v5p-8):
   images in 5 calls of a 6 MiB program.
 """
 
-from configs import default
+from cnnflat_jax.configs import default
 
 
 def get_config():

@@ -11,7 +11,7 @@ are in ``cnnflat_jax/nn/layers.py``.
 
 import ml_collections
 
-from configs import default
+from cnnflat_jax.configs import default
 
 CNN = (
     "conv:32:3", "relu", "max_pool:2", "conv:64:3", "relu", "max_pool:2",

@@ -5,7 +5,7 @@ The last of its 16 batches is partial (80 images).
     python train.py --config configs/smoke.py --workdir /tmp/smoke
 """
 
-from configs import default
+from cnnflat_jax.configs import default
 
 
 def get_config():

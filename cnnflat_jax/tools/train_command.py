@@ -1,0 +1,181 @@
+"""The train command: ``python train.py`` in a clone, ``cnnflat-train`` once installed.
+
+    python train.py --config configs/default.py --workdir runs/x
+    cnnflat-train --config default --workdir runs/x
+
+``--config`` takes a config file's path, or a shipped config's name
+(``cnnflat_jax/configs``: default, fast, mnist, cifar10, smoke, ...); the
+default is the shipped ``default``. Override any config field with
+``--config.FIELD=VALUE``; unknown fields and bad values are rejected with one
+``error:`` line before any work. Rerunning with the same ``--workdir``
+resumes from its latest checkpoint. Several processes (hosts):
+``--coordinator_address=HOST:PORT --num_processes=N --process_id=I`` on each
+(or the ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``,
+``JAX_PROCESS_ID`` variables); on a Cloud TPU slice,
+``--coordinator_address=auto`` finds the others itself.
+"""
+
+import contextlib
+import logging as std_logging
+import os
+import re
+import sys
+from collections.abc import Iterator
+
+from cnnflat_jax.run import early_signals
+
+# Before JAX loads: a signal while train.py starts up ends it in one line, never
+# a KeyboardInterrupt inside an import or an XLA callback.
+early_signals.exit_on_signals("starting up; nothing new was saved")
+
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from cnnflat_jax import config as config_lib
+from cnnflat_jax import configs, errors
+from cnnflat_jax.run import checkpoints, lost_peer, run_state, trainer
+from cnnflat_jax.train import sharding
+
+
+@contextlib.contextmanager
+def one_line_errors(argv: list[str]) -> Iterator[None]:
+    """Exits with one ``error:`` line if the block fails loading the config.
+
+    Wrap the definition, parsing and first use of a ``config_flags`` flag:
+    any exception there comes from the config file (missing, or raising as
+    it runs), from a ``--config.FIELD`` override naming no field, or from a
+    value that does not parse as its field's type.
+    """
+    try:
+        yield
+    except flags.Error as e:
+        match = re.match(r"flag --config\.([\w.]+)=(.*?): (.*)", str(e))
+        if not match:
+            sys.exit(f"error: {e}")
+        key, value, why = match.groups()
+        field = config_lib.FIELDS.get(key) or config_lib.MODEL_FIELDS.get(
+            key.removeprefix("model.")
+        )
+        allowed = f"; allowed: {field.rule.allowed}" if field else ""
+        sys.exit(f"error: config.{key}={value}: {why}{allowed}")
+    except (AttributeError, KeyError) as e:
+        sys.exit(f"error: {_unknown_override(e, argv)}")
+    except Exception as e:  # Whatever the config file's own code raised.
+        reason = [line.strip() for line in str(e).splitlines() if line.strip()]
+        detail = f"{type(e).__name__}: {reason[-1]}" if reason else type(e).__name__
+        spec = _flag_value(argv, "config")
+        if spec and not os.path.exists(configs.resolve(spec).partition(":")[0]):
+            detail += f"; a config is a file's path or a shipped one: {', '.join(configs.NAMES)}"
+        sys.exit(f"error: config file {spec or 'default'}: {detail}")
+
+
+def _flag_value(argv: list[str], flag: str) -> str | None:
+    """The value of the last ``--flag=V`` or ``--flag V`` in ``argv``, if given."""
+    for i, arg in reversed(list(enumerate(argv))):
+        if arg.startswith(f"--{flag}="):
+            return arg.split("=", 1)[1]
+        if arg == f"--{flag}" and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+def _unknown_override(error: BaseException, argv: list[str]) -> str:
+    """``config.FIELD=VALUE: unknown field ...`` for ml_collections' KeyError."""
+    while error.args and isinstance(error.args[0], BaseException):
+        error = error.args[0]
+    detail = str(error.args[0] if error.args else error)
+    key = re.match(r"'?([^'\n]+)", detail)[1]
+    hint = re.search(r'Did you mean "([^"]+)"', detail)
+    why = "unknown field" + (f" (did you mean {hint[1]}?)" if hint else "")
+    for arg in argv:
+        path = arg.removeprefix("--").split("=", 1)[0]
+        if not (path.startswith("config.") and key in path.split(".")[1:]):
+            continue
+        value = arg.split("=", 1)[1] if "=" in arg else _flag_value(argv, path)
+        group = path.removeprefix("config.").rpartition(".")[0]
+        if group == "model":
+            known = sorted(config_lib.MODEL_FIELDS)
+        else:
+            prefix = f"{group}." if group else ""
+            known = sorted(
+                k.removeprefix(prefix) for k in config_lib.default_fields() if k.startswith(prefix)
+            )
+        return f"{path}={value}: {why}; allowed: {', '.join(known)}"
+    return f"config.{key}: {why}"
+
+
+# A broken default config file or an unknown --config.FIELD fails while the
+# flag is defined or parsed: say so in one line, not a traceback.
+with one_line_errors(sys.argv):
+    _CONFIG = config_flags.DEFINE_config_file(
+        "config", configs.path("default"), "A config file, or a shipped config's name.",
+        lock_config=True,
+    )  # fmt: skip
+_WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Directory for metrics and params.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", "", "HOST:PORT of process 0 in a multi-process run; 'auto' on TPU."
+)
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Processes in a multi-process run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's index, 0 .. N - 1.")
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's parser, with one ``error:`` line for a bad flag or config file; a
+    shipped config's name in ``--config`` stands for its file."""
+    argv = configs.resolve_flags(argv)
+    with one_line_errors(argv):
+        return flags.FLAGS(argv)
+
+
+def main() -> None:
+    """The command line (``train.py``, ``cnnflat-train``)."""
+    app.run(run, flags_parser=parse_flags)
+
+
+def run(argv):
+    if len(argv) > 1:
+        sys.exit(f"error: unexpected arguments: {' '.join(argv[1:])}")
+    # JAX logs, at INFO, each backend it finds missing (libtpu on every CPU run).
+    std_logging.getLogger("jax._src.xla_bridge").setLevel(std_logging.WARNING)
+    with one_line_errors(sys.argv):
+        config = _CONFIG.value
+        config.keys()  # A config file that failed to load raises on first use.
+    sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    if jax.process_index() > 0:
+        logging.set_verbosity(logging.WARNING)  # Process 0 reports for all.
+    if jax.process_count() > 1:  # SIGTERM is JAX's (a preemption sync point); SIGINT stops.
+        lost_peer.filter_stderr()
+        early_signals.exit_on_signals(
+            "running with several processes; stopped without a new checkpoint (the ones "
+            "written before are intact: rerun the same command to resume)"
+        )
+    try:
+        trainer.train_and_evaluate(config, _WORKDIR.value)
+        early_signals.exit_on_signals("exiting; the run had ended and its outputs are complete")
+    except run_state.Preempted as e:
+        print(f"{e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except errors.Error as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        if isinstance(e, checkpoints.CheckpointWriteError):
+            # Orbax's failed writes leave tasks that complain when the
+            # interpreter finalises them: the error is said, so leave without.
+            os._exit(1)
+        sys.exit(1)
+    except OSError as e:  # A full disk, a read-only or unusable workdir, a permission.
+        sys.exit(f"error: {os_error(e)}")
+    except jax.errors.JaxRuntimeError as e:
+        if jax.process_count() == 1:
+            raise
+        # A collective failed: a peer is gone. Leave at once: JAX's shutdown at exit
+        # would wait for it.
+        print(f"error: {lost_peer.LOST_PEER} ({str(e).splitlines()[0]})", file=sys.stderr)
+        sys.stderr.flush()
+        os._exit(1)
+
+
+def os_error(error: OSError) -> str:
+    """One line for an OS error: what failed, on which path."""
+    path = f" ({error.filename})" if error.filename else ""
+    return f"{error.strerror or error}{path}; the last finished checkpoint, if any, is intact"
