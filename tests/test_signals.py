@@ -79,6 +79,47 @@ def test_a_signal_at_each_phase_gives_its_exit_code_and_one_true_line(
     assert_one_true_line(process, signum, tmp_path, log)
 
 
+def test_signals_while_the_process_exits_never_end_it_without_a_line(data, tmp_path):
+    """From the run's last log line until the process is gone (outputs written, the
+    interpreter finalising), a signal every few milliseconds: it ends with 0, or with
+    128 + the signal and the line saying that the outputs are complete."""
+    signum = signal.SIGTERM
+    process = start(data, tmp_path)
+    log = ""
+    while "Done: " not in log:
+        line = process.stderr.readline()
+        assert line, log[-3000:]
+        log += line
+    while process.poll() is None:
+        process.send_signal(signum)
+        time.sleep(0.003)
+    assert_one_true_line(process, signum, tmp_path, log)
+
+
+# A process whose last object, torn down with the interpreter's modules (after
+# Python stops running signal handlers), receives SIGTERM.
+SIGNAL_AS_THE_INTERPRETER_ENDS = """
+import os, signal, time
+from cnnflat_jax.run import early_signals
+early_signals.exit_on_signals("exiting; the run had ended and its outputs are complete")
+class Last:
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.2)
+last = Last()
+"""
+
+
+def test_a_signal_as_the_interpreter_finalises_is_ignored_not_a_silent_kill():
+    result = subprocess.run(
+        [sys.executable, "-c", SIGNAL_AS_THE_INTERPRETER_ENDS],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    # Python resets the handlers it set to the default there: killed by SIGTERM (-15),
+    # without a line, unless the signals are ignored by then.
+    assert result.returncode == 0, (result.returncode, result.stderr)
+
+
 @pytest.mark.parametrize("trial", range(2))
 def test_a_signal_at_a_random_moment_gives_its_exit_code_and_one_true_line(data, tmp_path, trial):
     rng = random.Random(trial)
