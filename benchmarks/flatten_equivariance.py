@@ -153,6 +153,8 @@ def write(out: str, data: input_pipeline.Dataset, run_dir) -> None:
     cnn, gap_cnn = trained(run_dir("CNN")), trained(run_dir("GAP CNN"))
     rows = measure(cnn, gap_cnn, data.test_images)
     lines = [
+        "# Equivariance: shifted test images through flatten and GAP",
+        "",
         "| shift (px right) | flatten: cosine to unshifted | flatten: active positions "
         "still active | GAP of the CNN's own maps: cosine | GAP CNN: cosine |",
         "|---|---|---|---|---|",

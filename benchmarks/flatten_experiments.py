@@ -328,8 +328,18 @@ def mean_std(values, scale: float = 100) -> str:
     return f"{values.mean():.2f} +- {values.std(ddof=1) if len(values) > 1 else 0:.2f}"
 
 
+TITLES = {
+    "accuracy": "Accuracy of every variant",
+    "invariance": "Shifts and rotations",
+    "shift_controls": "Shift controls: a padded canvas, shift augmentation",
+    "data_efficiency": "Accuracy against the training-set size",
+    "full_budget": "The full budget: 10 epochs",
+}
+
+
 def write_table(name: str, header: list[str], rows: list[list[str]], note: str) -> None:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    """``NAME.md`` in ``--out``: a title (the documentation site needs one), the table, a note."""
+    lines = [f"# {TITLES[name]}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     text = "\n".join(lines) + f"\n\n{note}\n"
     with open(os.path.join(_OUT.value, f"{name}.md"), "w") as f:

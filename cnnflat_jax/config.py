@@ -185,7 +185,7 @@ _SEED = integer(-(2**63), 2**63 - 1)
 # default config from it (configs/default.py); ``check`` holds a config to it.
 FIELDS: dict[str, Field] = {
     # Data: a TFDS catalog name ("auto" also finds local IDX copies), or
-    # folder:PATH, a folder of class folders of pictures (README).
+    # folder:PATH, a folder of class folders of pictures (docs/guide/pictures.md).
     "dataset": Field("fashion_mnist", dataset_name()),
     "data_source": Field("auto", choice(*input_pipeline.SOURCES)),
     # Data locations are part of the identity: other files may hold other data.
@@ -209,7 +209,7 @@ FIELDS: dict[str, Field] = {
     "image_size": Field((28, 28), image_size()),
     "permute_pixels": Field(False, boolean()),  # Every image's pixels by one fixed permutation.
     # memory: whole splits in host memory. grain: training batches streamed from
-    # ArrayRecord files through Grain (README, "Streaming with Grain").
+    # ArrayRecord files through Grain (docs/guide/grain.md).
     "input_pipeline": Field("memory", choice(*input_pipeline.PIPELINES)),
     # grain: files from python -m cnnflat_jax.array_records; "" = TFDS's
     # ArrayRecord data source (the dataset prepared with that file format).

@@ -230,8 +230,8 @@ def test_the_error_names_the_field_its_value_the_fault_and_what_is_allowed():
     assert jax.device_count() == 8  # conftest's fake devices: the device rules see 8.
 
 
-def test_the_readme_lists_exactly_the_free_fields_of_the_schema():
-    with open(os.path.join(ROOT, "README.md")) as f:
+def test_the_docs_list_exactly_the_free_fields_of_the_schema():
+    with open(os.path.join(ROOT, "docs", "guide", "reliability.md")) as f:
         row = next(line for line in f if "Only fields that change how a run is watched" in line)
     listed = row.split("may differ:")[1].split("(")[0]
     readme = set(re.findall(r"`([\w.]+)`", listed))

@@ -1,7 +1,8 @@
-"""The package as its users meet it: the names the README teaches, imports that
+"""The package as its users meet it: the names the README and docs teach, imports that
 only go down the layers, and a wheel that works outside the repository."""
 
 import ast
+import glob
 import importlib
 import os
 import re
@@ -24,9 +25,13 @@ LAYERS = ("errors", "paths", "nn", "data", "train", "config", "configs", "run", 
 
 
 def readme_names() -> tuple[set[str], set[str]]:
-    """``(names imported from cnnflat_jax, dotted cnnflat_jax.X[.Y] references)`` in the README."""
-    with open(os.path.join(ROOT, "README.md")) as f:
-        text = f.read()
+    """``(names imported from cnnflat_jax, dotted cnnflat_jax.X[.Y] references)`` in the README
+    and the documentation's pages."""
+    pages = glob.glob(os.path.join(ROOT, "docs", "**", "*.md"), recursive=True)
+    text = ""
+    for page in [os.path.join(ROOT, "README.md"), *pages]:
+        with open(page) as f:
+            text += f.read()
     imported = {
         name.strip()
         for names in re.findall(r"from cnnflat_jax import ([\w, ]+)", text)

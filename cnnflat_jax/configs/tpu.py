@@ -1,6 +1,6 @@
 """The default CNN on a Cloud TPU slice, one host or many, with a gs:// workdir.
 
-Check it for a slice first, on any machine (README, "Cloud TPU"):
+Check it for a slice first, on any machine (docs/guide/cloud_tpu.md):
 
     python -m cnnflat_jax.tpu_check --config configs/tpu.py --topology v5e:4x4
 

@@ -28,7 +28,7 @@ Array = jnp.ndarray
 IntOrPair = int | tuple[int, int]
 Padding = str | Sequence[tuple[int, int]]
 
-# The names ``conv2d(lowering=...)`` accepts.
+#: The names ``conv2d(lowering=...)`` accepts.
 CONV_LOWERINGS = ("auto", *conv.LOWERINGS)
 
 __all__ = [
@@ -504,6 +504,8 @@ def flatten(x: ArrayLike, *, batch_dims: int = 1) -> Array:
     return x.reshape(*keep, math.prod(x.shape[batch_dims:]))
 
 
+#: The orders ``reorder_flat_kernel`` converts between, row-major ``hwc`` (this project's and
+#: Keras') and channels-first ``chw`` (``torch.flatten`` of PyTorch's NCHW maps).
 FLAT_ORDERS = ("hwc", "chw")
 
 
