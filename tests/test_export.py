@@ -154,6 +154,14 @@ def test_sixteen_bit_pictures_are_scaled_to_eight_bits_not_cut(trained, tmp_path
         predict.read_images(str(tmp_path / "int32.tif"), (8, 8, 1))
 
 
+def test_a_picture_as_tall_as_its_channels_is_one_image_not_a_stack(tmp_path):
+    rgb = np.arange(3 * 5 * 3, dtype=np.uint8).reshape(3, 5, 3)  # H == C == 3.
+    Image.fromarray(rgb).save(tmp_path / "strip.png")
+    ((name, read),) = predict.read_images(str(tmp_path / "strip.png"), (3, 5, 3))
+    assert name == str(tmp_path / "strip.png")
+    np.testing.assert_array_equal(read, rgb)
+
+
 @pytest.mark.parametrize(
     "damage,message",
     [

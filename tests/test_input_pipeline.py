@@ -209,6 +209,16 @@ def test_tfds_class_count_comes_from_its_metadata_and_must_agree(tmp_path):
             )
 
 
+def test_a_name_not_in_the_tfds_catalog_is_one_line_naming_the_closest(tmp_path):
+    with pytest.raises(input_pipeline.DatasetError) as error:
+        input_pipeline.load_dataset("fashion_mnis", source="tfds", data_dir=str(tmp_path))
+    assert str(error.value) == (
+        "config.dataset=fashion_mnis: not in the TFDS catalog (did you mean fashion_mnist?); "
+        "allowed: a TFDS catalog name or folder:PATH"
+    )
+    assert not any(tmp_path.iterdir())  # Nothing was written.
+
+
 def test_unknown_source_is_rejected():
     with pytest.raises(ValueError, match=r"unknown data source 'ftp'"):
         input_pipeline.load_dataset("mnist", source="ftp")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import glob
 import os
 import shutil
@@ -503,8 +504,16 @@ def _load_tfds(
             builder = tfds.builder(name, data_dir=data_dir)
             if not builder.is_prepared():
                 builder.download_and_prepare()
-    except tfds.core.registered.DatasetNotFoundError as e:
-        raise DatasetError(f"{name!r} is not in the TFDS catalog: {e}") from None
+    except tfds.core.registered.DatasetNotFoundError:
+        # TFDS's own message lists all ~1,500 datasets of the catalog: name the closest.
+        close = difflib.get_close_matches(
+            name, tfds.list_builders(with_community_datasets=False), n=3
+        )
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise DatasetError(
+            f"config.dataset={name}: not in the TFDS catalog{hint}; allowed: a TFDS catalog "
+            "name or folder:PATH"
+        ) from None
     except Exception as e:  # Network, disk, checksum: report and go on to the next source.
         raise _NotAvailable(f"download failed: {type(e).__name__}: {e}") from e
     info = builder.info

@@ -124,7 +124,7 @@ def read_images(
         elif path.endswith(("-ubyte", "-ubyte.gz")):
             array = idx.read_idx(path, ndim=3)
         else:
-            array = pictures.read_picture(local, channels, resize, name=path)
+            array = pictures.read_picture(local, channels, resize, name=path)[None]  # One image.
     except UnreadableImageError:
         raise
     except (OSError, ValueError, EOFError, MemoryError) as e:
