@@ -35,8 +35,8 @@ SMOKE = ["--config", "configs/smoke.py", "--rounds", "1", "--steps", "2"]
         ),
         (
             "speed_comparison",
-            [*SMOKE, "--calls", "1", "--notorch"],
-            "| ours, compiled step |",
+            [*SMOKE, "--calls", "1", "--notorch", "--pools", "avg"],
+            "### CNN, avg pool (config.model.pool=avg)",
         ),
         ("population_throughput", [*SMOKE, "--sizes", "1,2"], "| 2 |"),
         ("grain_pipeline", ["--config", "configs/smoke.py", "--rounds", "1"], "| grain |"),

@@ -244,6 +244,7 @@ GRAD_CASES = [
     lambda x, k, low: ops.avg_pool(
         ops.relu(ops.conv2d(x, k, lowering=low)), 3, stride=2, padding="SAME"
     ),
+    lambda x, k, low: ops.avg_pool(ops.conv2d(x, k, lowering=low), 2),  # Tiling windows.
     lambda x, k, low: ops.dense(ops.flatten(ops.conv2d(x, k, lowering=low)), jnp.ones((60, 3))),
 ]
 

