@@ -63,29 +63,55 @@ def one_cell_right(maps: np.ndarray) -> np.ndarray:
     return moved
 
 
-def measure(cnn, gap_cnn, images: np.ndarray, batch: int = 1000) -> list[dict[str, float]]:
-    """Per shift, means over ``images``: see ``write``'s table."""
-    rows = []
-    for s in SHIFTS:
+def still_active(base: np.ndarray, other: np.ndarray) -> np.ndarray:
+    """Per row: the share of ``base``'s active positions (> 0) that are active in
+    ``other`` too. The one definition the table and the figure use."""
+    active = base > 0
+    return np.sum(active & (other > 0), axis=1) / np.maximum(active.sum(1), 1)
+
+
+def similarities(cnn, gap_cnn, first: np.ndarray, second: np.ndarray) -> dict[str, np.ndarray]:
+    """Per image pair (row i of ``first`` and of ``second``): how alike their vectors are."""
+    a, b = cnn(first), cnn(second)
+    return {
+        "flatten": cosine(a["flatten"], b["flatten"]),
+        "still_active": still_active(a["flatten"], b["flatten"]),
+        "cnn_gap": cosine(a["pool2"].mean((1, 2)), b["pool2"].mean((1, 2))),
+        "gap": cosine(gap_cnn(first)["global_avg_pool"], gap_cnn(second)["global_avg_pool"]),
+    }
+
+
+def partners(labels: np.ndarray, same_class: bool, seed: int = 0) -> np.ndarray:
+    """For each image, another image's index: of the same class, or of another."""
+    rng = np.random.default_rng(seed)
+    chosen = np.empty(len(labels), np.int64)
+    for i, label in enumerate(labels):
+        pool = np.flatnonzero((labels == label) if same_class else (labels != label))
+        pool = pool[pool != i]
+        chosen[i] = pool[rng.integers(len(pool))]
+    return chosen
+
+
+def measure(cnn, gap_cnn, images, labels, batch: int = 1000) -> dict[str, dict[str, float]]:
+    """Means over ``images``: per shift of each image, and the chance baselines (an
+    image against another test image of its class, and of another class)."""
+    pairs = {f"{s} px": lambda x, i, s=s: transforms.shift(x, 0, s) for s in SHIFTS}
+    for name, same in (("same class", True), ("other class", False)):
+        partner = partners(labels, same)
+        pairs[f"another image, {name}"] = lambda x, i, p=partner: images[p[i]]
+    rows = {}
+    for name, second in pairs.items():
         sums = {}
         for start in range(0, len(images), batch):
-            x = images[start : start + batch]
-            base, moved = cnn(x), cnn(transforms.shift(x, 0, s))
-            gap_base, gap_moved = gap_cnn(x)["global_avg_pool"], gap_cnn(transforms.shift(x, 0, s))
-            active = base["flatten"] > 0
-            still = np.sum(active & (moved["flatten"] > 0), axis=1) / np.maximum(active.sum(1), 1)
-            values = {
-                "flatten": cosine(base["flatten"], moved["flatten"]),
-                "still_active": still,
-                "cnn_gap": cosine(base["pool2"].mean((1, 2)), moved["pool2"].mean((1, 2))),
-                "gap": cosine(gap_base, gap_moved["global_avg_pool"]),
-            }
-            if s == 4:
-                expected = one_cell_right(base["pool2"]).reshape(len(x), -1)
-                values["one_cell"] = cosine(expected, moved["pool2"].reshape(len(x), -1))
+            i = np.arange(start, min(start + batch, len(images)))
+            values = similarities(cnn, gap_cnn, images[i], second(images[i], i))
+            if name == "4 px":
+                expected = one_cell_right(cnn(images[i])["pool2"]).reshape(len(i), -1)
+                moved = cnn(second(images[i], i))["pool2"].reshape(len(i), -1)
+                values["one_cell"] = cosine(expected, moved)
             for key, v in values.items():
                 sums[key] = sums.get(key, 0.0) + float(np.sum(v))
-        rows.append({key: total / len(images) for key, total in sums.items()})
+        rows[name] = {key: total / len(images) for key, total in sums.items()}
     return rows
 
 
@@ -123,12 +149,12 @@ def figure(path: str, cnn, gap_cnn, image: np.ndarray, title: str) -> None:
         ax.bar(cells, flat[0][cells], width=30, fill=False, edgecolor="gray", label="unshifted")
         for h in range(maps_hwc[0]):  # Row h of the map starts a block of W * C positions.
             ax.axvline(explain.flat_position(maps_hwc, h, 0, 0), color="gray", lw=0.6, ls=":")
-        active = flat[row] > 0
-        overlap = 100 * np.mean(flat[0][active] > 0) if active.any() else 0.0
+        overlap = 100 * still_active(flat[:1], flat[row : row + 1])[0]
         ax.set_xlim(0, flat.shape[1])
         ax.set_title(
             f"flattened vector, channel {c2}'s {len(cells)} positions (all channels: "
-            f"{active.sum()} of {flat.shape[1]} active, {overlap:.0f}% also active unshifted)",
+            f"{np.sum(flat[row] > 0)} of {flat.shape[1]} active; {overlap:.0f}% of the "
+            "unshifted vector's active positions still active)",
             fontsize=8,
         )  # fmt: skip
         ax.set_xlabel("position in the vector (dotted: where map row h = 0..6 starts)", fontsize=7)
@@ -151,26 +177,29 @@ def write(out: str, data: input_pipeline.Dataset, run_dir) -> None:
     """``equivariance.md`` and ``equivariance.png`` in ``out``; ``run_dir(name)`` is a
     variant's trained run."""
     cnn, gap_cnn = trained(run_dir("CNN")), trained(run_dir("GAP CNN"))
-    rows = measure(cnn, gap_cnn, data.test_images)
+    rows = measure(cnn, gap_cnn, data.test_images, data.test_labels)
     lines = [
         "# Equivariance: shifted test images through flatten and GAP",
         "",
-        "| shift (px right) | flatten: cosine to unshifted | flatten: active positions "
-        "still active | GAP of the CNN's own maps: cosine | GAP CNN: cosine |",
+        "| the image against | flatten: cosine | flatten: active positions still active "
+        "| GAP of the CNN's own maps: cosine | GAP CNN: cosine |",
         "|---|---|---|---|---|",
     ]
-    for s, r in zip(SHIFTS, rows):
+    for name, r in rows.items():
+        against = f"itself shifted {name} right" if name.endswith("px") else name
         lines.append(
-            f"| {s} | {r['flatten']:.3f} | {100 * r['still_active']:.1f}% | {r['cnn_gap']:.3f} "
-            f"| {r['gap']:.3f} |"
+            f"| {against} | {r['flatten']:.3f} | {100 * r['still_active']:.1f}% "
+            f"| {r['cnn_gap']:.3f} | {r['gap']:.3f} |"
         )
-    one_cell = rows[SHIFTS.index(4)]["one_cell"]
     note = (
         f"Means over all {len(data.test_images):,} test images, seed 0 of the CNN and of the "
-        "GAP CNN. Cosine: between the vector of the shifted image and that of the unshifted "
-        "one (1 = same direction). Active: positions > 0 after the ReLU and pools. A 4 px "
-        "shift moves the CNN's 7x7x64 pool2 maps by one cell: they match the unshifted maps "
-        f"moved one cell right with cosine {one_cell:.3f}."
+        "GAP CNN. Cosine: between the two images' vectors (1 = same direction). Still "
+        "active: the share of the first image's active positions (> 0 after the ReLU and "
+        "pools) that are active for the second too. The last two rows are the chance "
+        "baselines: each test image against another test image (a fixed random pick) of its "
+        "class, and of another class. A 4 px shift moves the CNN's 7x7x64 pool2 maps by one "
+        "cell: they match the unshifted maps moved one cell right with cosine "
+        f"{rows['4 px']['one_cell']:.3f}."
     )
     text = "\n".join(lines) + f"\n\n{note}\n"
     with open(os.path.join(out, "equivariance.md"), "w") as f:

@@ -1,10 +1,10 @@
-"""The flatten write-up's statistics against hand-computed values and analytic ones."""
+"""The flatten write-up's statistics and measures against hand-computed and analytic values."""
 
 import numpy as np
 import pytest
 from scipy import stats
 
-from benchmarks import flatten_stats
+from benchmarks import flatten_equivariance, flatten_stats
 
 
 def test_mean_interval_is_students_t_worked_by_hand():
@@ -66,3 +66,20 @@ def test_seed_noise_widens_the_interval_and_the_same_model_never_differs():
 def test_different_test_sets_are_refused():
     with pytest.raises(ValueError, match="different test sets: 3 and 4 images"):
         flatten_stats.difference(np.ones((2, 3), bool), np.ones((2, 4), bool))
+
+
+def test_still_active_counts_the_first_vectors_active_positions_only():
+    base = np.array([[1.0, 2.0, 0.0, 3.0], [0.0, 0.0, 0.0, 0.0]])
+    other = np.array([[0.5, 0.0, 7.0, 1.0], [1.0, 1.0, 1.0, 1.0]])
+    # Row 0: 2 of base's 3 active positions stay active (other's extra one does not count).
+    np.testing.assert_allclose(flatten_equivariance.still_active(base, other), [2 / 3, 0.0])
+    np.testing.assert_allclose(flatten_equivariance.still_active(other, base), [2 / 3, 0.0])
+
+
+@pytest.mark.parametrize("same_class", [True, False])
+def test_baseline_partners_are_other_images_of_the_same_or_another_class(same_class):
+    labels = np.array([0, 0, 1, 1, 1, 2, 0, 2])
+    chosen = flatten_equivariance.partners(labels, same_class)
+    assert np.all(chosen != np.arange(len(labels)))
+    assert np.all((labels[chosen] == labels) == same_class)
+    np.testing.assert_array_equal(chosen, flatten_equivariance.partners(labels, same_class))
