@@ -158,6 +158,7 @@ def figure(path: str, cnn, gap_cnn, image: np.ndarray, title: str) -> None:
             fontsize=8,
         )  # fmt: skip
         ax.set_xlabel("position in the vector (dotted: where map row h = 0..6 starts)", fontsize=7)
+        ax.set_ylabel("value after ReLU + pool", fontsize=7)
         if row == 0:
             ax.legend(fontsize=7)
         ax = fig.add_subplot(grid[row, 4])
@@ -167,7 +168,9 @@ def figure(path: str, cnn, gap_cnn, image: np.ndarray, title: str) -> None:
         ax.set_ylim(0, gap_vectors.max() * 1.05)
         similarity = cosine(gap_vectors[:1], gap_vectors[row : row + 1])[0]
         ax.set_title(f"GAP CNN's 64-vector; cosine to unshifted {similarity:.3f}", fontsize=8)
-        ax.set_xticks([])
+        ax.set_xticks(np.arange(0, len(channels) + 1, 16))
+        ax.set_xlabel("channel", fontsize=7)
+        ax.set_ylabel("channel mean", fontsize=7)
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -210,5 +213,6 @@ def write(out: str, data: input_pipeline.Dataset, run_dir) -> None:
     figure(
         os.path.join(out, "equivariance.png"), cnn, gap_cnn, data.test_images[INDEX],
         f"Test image {INDEX} ({label}) shifted right: the maps move with it, the flattened "
-        "vector's active positions move to other indices, the GAP vector stays put",
+        "vector's active positions move to other indices, the GAP vector stays put (seed 0 "
+        "of each model, one image: no error bars)",
     )  # fmt: skip

@@ -108,6 +108,7 @@ for _name in EFFICIENCY:
     for _size in SMALLER:
         VARIANTS[f"{_name}, {_size} images"] = dataclasses.replace(VARIANTS[_name], data=_size)
 MAIN = [name for name, v in VARIANTS.items() if v.data == "fashion"]
+COLORS = figures.palette(MAIN)  # A variant keeps its colour in every figure.
 INVARIANCE = ("CNN", "CNN, avg pool", "CNN, no pool (stride-2 convs)", "GAP CNN", "MLP")
 CONTROLS = (
     "CNN", "GAP CNN", "MLP", "CNN, padded canvas", "GAP CNN, padded canvas",
@@ -386,6 +387,7 @@ def accuracy_table(summaries: dict) -> None:
         os.path.join(_OUT.value, "accuracy.png"),
         {name: summaries[name]["test_accuracy"] for name in MAIN if name in summaries},
         "Test accuracy of every variant (same budget)",
+        COLORS,
     )
 
 
@@ -412,7 +414,7 @@ def invariance_tables(sweeps: dict) -> None:
         write_table(name_, header, rows, sweep_note)
         figures.sweeps(
             os.path.join(_OUT.value, f"{name_}.png"), {n: sweeps[n] for n in names}, SHIFTS,
-            ROTATIONS, shifts_only=name_ == "shift_controls",
+            ROTATIONS, COLORS, shifts_only=name_ == "shift_controls",
         )  # fmt: skip
 
 
@@ -433,7 +435,7 @@ def efficiency_table(summaries: dict) -> None:
     )
     header = ["model", "training images", "train accuracy %", "test accuracy %", "train - test"]
     write_table("data_efficiency", header, rows, note)
-    figures.data_efficiency(os.path.join(_OUT.value, "data_efficiency.png"), curves)
+    figures.data_efficiency(os.path.join(_OUT.value, "data_efficiency.png"), curves, COLORS)
 
 
 def full_budget_table(data) -> None:
