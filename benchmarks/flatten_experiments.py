@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
-from benchmarks import flatten_equivariance
+from benchmarks import flatten_equivariance, flatten_stats
 from benchmarks import flatten_figures as figures
 from cnnflat_jax.configs import default
 from cnnflat_jax.data import idx, input_pipeline, transforms
@@ -110,6 +110,19 @@ for _name in EFFICIENCY:
 MAIN = [name for name, v in VARIANTS.items() if v.data == "fashion"]
 COLORS = figures.palette(MAIN)  # A variant keeps its colour in every figure.
 INVARIANCE = ("CNN", "CNN, avg pool", "CNN, no pool (stride-2 convs)", "GAP CNN", "MLP")
+# The pairs the write-up compares, each tested on the same test images.
+COMPARISONS = (
+    ("CNN", "MLP"),
+    ("CNN", "GAP CNN"),
+    ("CNN", "CNN, avg pool"),
+    ("CNN", "CNN, no pool (stride-2 convs)"),
+    ("CNN, no downsampling", "CNN"),
+    ("CNN", "CNN, permuted flatten"),
+    ("CNN", "CNN, shuffled pixels"),
+    ("MLP", "MLP, shuffled pixels"),
+    ("CNN, max pool 3", "CNN, avg pool 3"),
+    ("CNN, padded canvas", "CNN"),
+)
 CONTROLS = (
     "CNN", "GAP CNN", "MLP", "CNN, padded canvas", "GAP CNN, padded canvas",
     "MLP, padded canvas", "CNN, shift-augmented",
@@ -324,6 +337,46 @@ def sweep_accuracy(name: str, data: input_pipeline.Dataset) -> dict[str, list[li
     return sweeps
 
 
+def test_correct(name: str, data: input_pipeline.Dataset) -> np.ndarray:
+    """Bool ``(seeds, test images)``: which test images each seed's model gets right;
+    cached in the run's ``correct.npy``, the input of the paired comparisons."""
+    workdir = run_dir(name)
+    path = os.path.join(workdir, "correct.npy")
+    if os.path.exists(path) and os.path.getmtime(path) > os.path.getmtime(
+        os.path.join(workdir, "summary.json")
+    ):
+        return np.load(path)
+    images = pad(data.test_images) if VARIANTS[name].data == "padded" else data.test_images
+    correct = np.stack(
+        [classify(images) == data.test_labels for classify in seed_classifiers(workdir)]
+    )
+    np.save(path, correct)
+    return correct
+
+
+def comparisons_table(data: input_pipeline.Dataset, summaries: dict) -> None:
+    """Each pair of ``COMPARISONS`` on the same test images: the accuracy difference with
+    its two-level paired bootstrap interval (seeds and images), and the verdict."""
+    rows = []
+    for a, b in COMPARISONS:
+        if a not in summaries or b not in summaries:
+            continue
+        correct_a, correct_b = test_correct(a, data), test_correct(b, data)
+        interval = flatten_stats.difference(correct_a, correct_b)
+        p = flatten_stats.mcnemar(correct_a[0], correct_b[0])
+        verdict = "different" if interval.excludes_zero() else "not shown to differ"
+        rows.append([a, b, interval.text(), f"{p:.2g}", verdict])
+    note = (
+        "Difference: test accuracy of the first minus the second, in points, with its 95% "
+        "interval from a two-level paired bootstrap (2,000 rounds: the test images resampled "
+        "together for both, each variant's seeds on their own). The rule: two variants differ "
+        "when that interval excludes 0. McNemar: the exact test of the two seed-0 models on "
+        f"the same images. {budget()}"
+    )
+    header = ["variant A", "variant B", "A - B, points [95% CI]", "McNemar p (seed 0)", "verdict"]
+    write_table("comparisons", header, rows, note)
+
+
 def mean_std(values, scale: float = 100) -> str:
     values = scale * np.asarray(values)
     return f"{values.mean():.2f} +- {values.std(ddof=1) if len(values) > 1 else 0:.2f}"
@@ -335,6 +388,7 @@ TITLES = {
     "shift_controls": "Shift controls: a padded canvas, shift augmentation",
     "data_efficiency": "Accuracy against the training-set size",
     "full_budget": "The full budget: 10 epochs",
+    "comparisons": "Paired comparisons on the shared test set",
 }
 
 
@@ -457,6 +511,7 @@ def main(_):
         return
     summaries = {name: train_variant(name, data) for name in selected()}
     accuracy_table(summaries)
+    comparisons_table(data, summaries)
     efficiency_table(summaries)
     swept = [n for n in dict.fromkeys(INVARIANCE + CONTROLS) if n in summaries]
     invariance_tables({name: sweep_accuracy(name, data) for name in swept})
