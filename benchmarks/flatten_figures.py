@@ -62,39 +62,32 @@ def _dodged(sweep, i: int, count: int) -> np.ndarray:
     return np.asarray(sweep, dtype=float) + step * 0.06 * (i - (count - 1) / 2)
 
 
-def sweeps(path, results, shifts, rotations, colors: dict, shifts_only: bool = False) -> None:
-    """Accuracy under shifts (and rotations) with a chance line, and the drop from
-    each model's clean accuracy (which may be negative: the axis is not clipped)."""
-    panels = [("shift", shifts, "shift, pixels")]
-    if not shifts_only:
-        panels.append(("rotation", rotations, "rotation, degrees"))
-    columns = len(panels)
-    n = min(np.asarray(r["shift"]).shape[1] for r in results.values())
-    fig = Figure(figsize=(6 * columns, 8))
-    for i, (key, sweep, label) in enumerate(panels):  # Accuracy above, its drop below.
-        accuracy = fig.add_subplot(2, columns, i + 1)
-        drop = fig.add_subplot(2, columns, columns + i + 1)
+def sweeps(path, results: dict, panels, colors: dict, marks=()) -> None:
+    """One panel per ``(key, x label, levels)`` of ``panels``: each model's accuracy at each
+    level of ``results[model][key]`` (levels x seeds), mean and 95% interval, with a chance
+    line; ``marks``: x values to draw a dotted line at (the total stride's multiples)."""
+    n = min(len(r[panels[0][0]][0]) for r in results.values())
+    columns = min(len(panels), 3)
+    rows = -(-len(panels) // columns)
+    fig = Figure(figsize=(5.5 * columns, 4.6 * rows))
+    for i, (key, label, levels) in enumerate(panels):
+        ax = fig.add_subplot(rows, columns, i + 1)
         for j, (name, result) in enumerate(results.items()):
-            acc = 100 * np.asarray(result[key]).T  # (seeds, sweep)
-            x, style = _dodged(sweep, j, len(results)), {
-                "marker": MARKERS[j % len(MARKERS)], "capsize": 3, "color": colors[name],
-                "markerfacecolor": "none" if j % 2 else colors[name],
-            }  # fmt: skip
-            mean_ci = np.array([_mean_ci(column / 100) for column in acc.T])
-            accuracy.errorbar(x, mean_ci[:, 0], yerr=mean_ci[:, 1], label=name, **style)
-            lost = np.array([_mean_ci(column / 100) for column in (acc[:, :1] - acc).T])
-            drop.errorbar(x, lost[:, 0], yerr=lost[:, 1], **style)
-        accuracy.axhline(CHANCE, color="gray", linestyle=":", label="chance (10%)")
-        accuracy.set_ylim(0, 100)
-        accuracy.set_ylabel(f"test accuracy, % ({_error_label(n)})")
-        accuracy.set_title(f"accuracy under {key}", fontsize=10)
-        drop.axhline(0, color="gray", lw=0.8)
-        drop.set_ylabel(f"points lost from the clean accuracy ({_error_label(n)})")
-        drop.set_title(f"drop from the clean accuracy, {key}", fontsize=10)
-        for ax in (accuracy, drop):
-            ax.set_xlabel(f"{label} (series nudged apart so that none hides another)")
-            ax.grid(alpha=0.3)
-        accuracy.legend(fontsize=7)
+            mean_ci = np.array([_mean_ci(seeds) for seeds in result[key]])
+            ax.errorbar(_dodged(levels, j, len(results)), mean_ci[:, 0], yerr=mean_ci[:, 1],
+                        label=name, marker=MARKERS[j % len(MARKERS)], capsize=3,
+                        color=colors[name],
+                        markerfacecolor="none" if j % 2 else colors[name])  # fmt: skip
+        for x in marks:
+            ax.axvline(x, color="gray", lw=0.8, ls=":")
+        ax.axhline(CHANCE, color="gray", linestyle="--", lw=0.8, label="chance (10%)")
+        ax.set_ylim(0, 100)
+        ax.set_ylabel(f"test accuracy, % ({_error_label(n)})")
+        ax.set_xlabel(f"{label} (series nudged apart so that none hides another)", fontsize=8)
+        ax.set_title(f"accuracy under {key}", fontsize=10)
+        ax.grid(alpha=0.3)
+        if i == 0:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 

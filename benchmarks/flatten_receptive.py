@@ -1,0 +1,85 @@
+"""Effective receptive fields (Luo et al., 2016) for docs/flatten.md.
+
+How strongly each input pixel moves the unit at the centre of the last map before
+the flatten or global pool (the gradient's magnitude, summed over that position's
+channels and over the input's channels, averaged over test images and seeds),
+beside the theoretical receptive field that ``layers.receptive_field`` counts.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+
+from cnnflat_jax.nn import layers, models
+from cnnflat_jax.run import workdir as workdir_lib
+from cnnflat_jax.train import train_lib
+
+MODELS = ("CNN", "GAP CNN", "GAP CNN, deeper")
+IMAGES = 1000  # The first test images.
+COLLAPSING = ("flatten", "global_avg_pool")  # The layers that end the maps.
+
+
+def last_map_position(specs) -> int:
+    """The index of the layer whose output is the last map (the one before a collapse)."""
+    kinds = [layer.kind for layer in layers.parse(specs)]
+    return next(i for i, kind in enumerate(kinds) if kind in COLLAPSING) - 1
+
+
+def field(workdir: str, images: np.ndarray) -> np.ndarray:
+    """(H, W): mean over ``images`` of |d centre unit / d input pixel|, for one trained run."""
+    run = workdir_lib.load_run(workdir)
+    model, params = run.model, run.params
+    specs = model.layers if isinstance(model, models.Sequential) else model.specs()
+    position = last_map_position(specs)
+
+    def centre(x):
+        _, state = model.apply({"params": params}, x, mutable=["intermediates"])
+        maps = models.sown_layers(state["intermediates"])[position][1][0]
+        return jnp.sum(maps[:, maps.shape[1] // 2, maps.shape[2] // 2, :])
+
+    gradient = jax.jit(jax.grad(centre))(train_lib.normalize_images(images))
+    return np.asarray(jnp.abs(gradient).sum(-1).mean(0))
+
+
+def theoretical(workdir: str) -> int:
+    model = workdir_lib.load_run(workdir).model
+    specs = model.layers if isinstance(model, models.Sequential) else model.specs()
+    return layers.receptive_field(specs[: last_map_position(specs) + 1])[0]
+
+
+def figure(path: str, run_dirs: dict[str, str], images: np.ndarray, seeds: dict[str, int]):
+    """One panel per model: its effective field, normalised to its maximum, with a box of
+    its theoretical receptive field around the field's centre of mass."""
+    images = images[:IMAGES]
+    fig = Figure(figsize=(4.2 * len(run_dirs), 4.4))
+    for i, (name, run_dir) in enumerate(run_dirs.items()):
+        seed_dirs = [os.path.join(run_dir, f"seed_{k}") for k in range(seeds[name])]
+        mean = np.mean([field(d, images) for d in seed_dirs], axis=0)
+        mean /= mean.max()
+        ax = fig.add_subplot(1, len(run_dirs), i + 1)
+        shown = ax.imshow(mean, cmap="magma", vmin=0, vmax=1)
+        fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04)
+        rows, cols = np.indices(mean.shape)
+        cy, cx = (np.sum(rows * mean) / mean.sum(), np.sum(cols * mean) / mean.sum())
+        size = theoretical(seed_dirs[0])
+        ax.add_patch(Rectangle((cx - size / 2, cy - size / 2), size, size, fill=False,
+                               edgecolor="cyan", lw=1.2, ls="--"))  # fmt: skip
+        share = mean[mean > 0.05].size / mean.size
+        ax.set_title(f"{name}\ntheoretical field {size} px (dashed); "
+                     f"{100 * share:.0f}% of pixels above 5% of the peak", fontsize=8)  # fmt: skip
+        ax.set_xlabel("input column (of 28)", fontsize=8)
+        ax.set_ylabel("input row (of 28)", fontsize=8)
+    n = min(seeds.values())
+    fig.suptitle(
+        "Effective receptive field of the last map's centre unit: mean |input gradient| over "
+        f"{len(images):,} test images and {n} seeds, normalised to its peak",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)

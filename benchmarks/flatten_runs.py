@@ -1,0 +1,381 @@
+"""The trained models behind docs/flatten.md: the variants, their learning rates, their runs.
+
+Every variant is a config of ``train.py``'s own trainer (``configs/default.py`` plus a
+few overrides). Its learning rate is chosen per variant from ``LEARNING_RATES`` by
+validation accuracy (seed 0, the last ``1/6`` of the training images held out, the
+test set untouched); then ``Plan.seeds`` models (``Plan.more_seeds`` for the
+``MORE_SEEDS`` variants) train on all training images with it. A variant with a
+smaller training set uses its full-set variant's learning rate.
+
+Each model trains alone on one CPU core, ``Plan.workers`` at a time (on the 2-core
+machine two one-core runs do 1.6x the work of one two-core run in the same time),
+so a model's numbers do not depend on how many run beside it: the same seed gives
+the same model bit for bit. Runs are kept under ``Plan.out`` and reused.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import json
+import multiprocessing
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cnnflat_jax.configs import default
+from cnnflat_jax.data import idx, input_pipeline, transforms
+from cnnflat_jax.nn import layers, models
+from cnnflat_jax.run import trainer
+from cnnflat_jax.run import workdir as workdir_lib
+from cnnflat_jax.train import evaluation
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """How much to train: where, how many seeds and epochs, which images, how many at once."""
+
+    out: str
+    seeds: int = 5
+    more_seeds: int = 10  # For the MORE_SEEDS variants.
+    epochs: int = 1
+    train_images: int = 60_000
+    test_images: int = 0  # 0: all 10,000.
+    workers: int = 2  # Models training at once, one core each.
+
+    def seed_count(self, name: str, full: bool = False) -> int:
+        if full:
+            return 1
+        return self.more_seeds if name in MORE_SEEDS else self.seeds
+
+
+CANVAS = 36  # The padded canvas: 4 pixels of zeros round each 28x28 image.
+SMALLER = (500, 2_000, 10_000)  # Training-set sizes below the full one.
+LEARNING_RATES = (1e-3, 2e-3, 4e-3)  # Adam's peak rate; default.py has 2e-3.
+MLP = {"name": "mlp", "dense_features": (1024,)}  # About the CNN's parameter count.
+# configs/default.py's CNN as layer specs, and variants of it.
+CNN = ("conv:32:3", "relu", "max_pool:2", "conv:64:3", "relu", "max_pool:2")
+HEAD = ("dense:256", "relu", "dense:10")
+# Zhang (2019)'s MaxBlurPool: a max over 2x2 windows at stride 1, then a [1, 2, 1]/4
+# blur (two 2x2 means at stride 1 and 2) before keeping every other position.
+BLUR_POOL = ("max_pool:2:stride=1:padding=0x1x0x1", "avg_pool:2:stride=1:padding=1x0x1x0",
+             "avg_pool:2")  # fmt: skip
+
+
+def sequential(*specs: str) -> dict:
+    return {"name": "sequential", "layers": specs}
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """Overrides of ``configs/default.py``, and the training images: "fashion"
+    (Fashion-MNIST), "padded" (on a CANVAS x CANVAS canvas) or a size N."""
+
+    overrides: dict
+    data: str | int = "fashion"
+
+
+VARIANTS = {
+    "CNN": Variant({}),
+    "CNN, avg pool": Variant({"model.pool": "avg"}),
+    "CNN, anti-aliased max pool": Variant(
+        {"model": sequential(*CNN[:2], *BLUR_POOL, *CNN[3:5], *BLUR_POOL, "flatten", *HEAD)}
+    ),
+    "CNN, no pool (stride-2 convs)": Variant({"model.pool": "stride"}),
+    "CNN, max pool 3": Variant({"model.pool_window": 3}),
+    "CNN, avg pool 3": Variant({"model.pool": "avg", "model.pool_window": 3}),
+    "CNN, no ReLU": Variant(
+        {"model": sequential(*(s for s in (*CNN, "flatten", *HEAD) if s != "relu"))}
+    ),
+    "GAP CNN": Variant({"model": sequential(*CNN, "global_avg_pool", *HEAD)}),
+    "GMP CNN (global max pool)": Variant({"model": sequential(*CNN, "global_max_pool", *HEAD)}),
+    "GAP CNN, deeper": Variant(
+        {"model": sequential(*CNN, "conv:128:3", "relu", "max_pool:2", "global_avg_pool", *HEAD)}
+    ),
+    "CNN, no downsampling": Variant(
+        {"model": sequential("conv:32:3", "relu", "conv:64:3", "relu", "flatten", *HEAD)}
+    ),
+    "CNN, no downsampling, dilated": Variant(
+        {
+            "model": sequential(
+                "conv:32:3:padding=valid",
+                "relu",
+                "conv:64:3:padding=valid:dilation=4",
+                "relu",
+                "flatten",
+                *HEAD,
+            )
+        }
+    ),  # fmt: skip
+    "MLP": Variant({"model": MLP}),
+    "CNN, shuffled pixels": Variant({"permute_pixels": True}),
+    "MLP, shuffled pixels": Variant({"permute_pixels": True, "model": MLP}),
+    "CNN, permuted flatten": Variant({"model.permute_flat": True}),
+    "CNN, shift-augmented": Variant({"augment_shift": 4}),
+    "CNN, padded canvas": Variant({}, "padded"),
+    "GAP CNN, padded canvas": Variant(
+        {"model": sequential(*CNN, "global_avg_pool", *HEAD)}, "padded"
+    ),
+    "MLP, padded canvas": Variant({"model": MLP}, "padded"),
+}
+EFFICIENCY = ("CNN", "CNN, no pool (stride-2 convs)", "GAP CNN", "MLP")
+for _name in EFFICIENCY:
+    for _size in SMALLER:
+        VARIANTS[f"{_name}, {_size} images"] = dataclasses.replace(VARIANTS[_name], data=_size)
+MAIN = [name for name, v in VARIANTS.items() if not isinstance(v.data, int)]
+# The pooling variants differ by under a point: they get more seeds.
+MORE_SEEDS = ("CNN", "CNN, avg pool", "CNN, anti-aliased max pool", "CNN, no pool (stride-2 convs)",
+              "CNN, max pool 3", "CNN, avg pool 3")  # fmt: skip
+
+
+def base_variant(name: str) -> str:
+    """The full-set variant that a smaller-set variant shrinks (else ``name``)."""
+    data = VARIANTS[name].data
+    return name.removesuffix(f", {data} images") if isinstance(data, int) else name
+
+
+def slug(name: str) -> str:
+    return "".join(ch if ch.isalnum() else "_" for ch in name.lower()).strip("_")
+
+
+def run_dir(plan: Plan, name: str, full: bool = False) -> str:
+    """Where variant ``name``'s seeds are trained and kept."""
+    return os.path.join(plan.out, "runs_full" if full else "runs", slug(name))
+
+
+def fashion(plan: Plan) -> input_pipeline.Dataset:
+    part = input_pipeline.Part(num_train=plan.train_images, num_test=plan.test_images)
+    return input_pipeline.load_dataset("fashion_mnist", part=part)
+
+
+def pad(images: np.ndarray) -> np.ndarray:
+    """Centres 28x28 images on the CANVAS x CANVAS canvas."""
+    border = (CANVAS - images.shape[1]) // 2
+    return np.pad(images, ((0, 0), (border, border), (border, border), (0, 0)))
+
+
+def test_images(name: str, data: input_pipeline.Dataset) -> np.ndarray:
+    """The test images as variant ``name`` sees them."""
+    return pad(data.test_images) if VARIANTS[name].data == "padded" else data.test_images
+
+
+def data_dir(plan: Plan, kind: str | int, data: input_pipeline.Dataset) -> str:
+    """An IDX directory for ``kind`` under ``plan.out/data``, written on first use."""
+    directory = os.path.join(plan.out, "data", str(kind))
+    if os.path.isdir(directory):
+        return directory
+    train, test = (data.train.images, data.train.labels), (data.test_images, data.test_labels)
+    if kind == "padded":
+        train, test = (pad(train[0]), train[1]), (pad(test[0]), test[1])
+    else:
+        repeat = plan.train_images // kind
+        train = (np.tile(train[0][:kind], (repeat, 1, 1, 1)), np.tile(train[1][:kind], repeat))
+    partial = directory + ".partial"
+    os.makedirs(partial, exist_ok=True)
+    for prefix, (images, labels) in (("train", train), ("t10k", test)):
+        idx.write_idx(os.path.join(partial, f"{prefix}-images-idx3-ubyte"), images[..., 0])
+        idx.write_idx(os.path.join(partial, f"{prefix}-labels-idx1-ubyte"), labels)
+    os.rename(partial, directory)
+    return directory
+
+
+def variant_config(name, data, plan: Plan, learning_rate: float, full: bool = False):
+    variant = VARIANTS[name]
+    config = default.get_config()
+    config.num_epochs = 10 if full else plan.epochs
+    config.warmup_epochs = min(config.warmup_epochs, config.num_epochs / 4)
+    config.learning_rate = learning_rate
+    config.progress_bar = False
+    if variant.data != "fashion":
+        config.data_source, config.idx_dir = "idx", data_dir(plan, variant.data, data)
+    elif plan.train_images != 60_000:
+        config.num_train_examples = plan.train_images
+    config.num_test_examples = plan.test_images
+    for key, value in variant.overrides.items():
+        if key == "model":
+            config.model = type(config.model)(value)
+        elif key.startswith("model."):
+            config.model[key.removeprefix("model.")] = value
+        else:
+            config[key] = value
+    return config
+
+
+def _pin(cores) -> None:
+    """A pool worker's start: this process runs on one core from ``cores`` (so XLA
+    sizes its thread pool to one), before JAX first touches the CPU."""
+    os.sched_setaffinity(0, {cores.get()})
+
+
+def _train(config, workdir: str) -> dict:
+    start = time.perf_counter()
+    record = trainer.train_and_evaluate(config, workdir)
+    return {**record, "run_sec": time.perf_counter() - start}
+
+
+def finished(workdir: str, config) -> dict | None:
+    """The last record of a run that completed ``config`` in ``workdir``, or None."""
+    try:
+        if workdir_lib.read_config(workdir) != json.loads(config.to_json_best_effort()):
+            return None
+        records = read_metrics(workdir)
+    except (OSError, workdir_lib.RunError):
+        return None
+    last = records[-1] if records else {}
+    return last if last.get("epoch") == config.num_epochs and "run_sec" in last else None
+
+
+def train_all(jobs: dict[str, object], workers: int) -> dict[str, dict]:
+    """Trains each ``workdir -> config`` (one core each, ``workers`` at once; a run that
+    already finished is read back), and returns each run's last record with its
+    ``run_sec``: the seconds it took, evaluation included."""
+    results = {w: r for w, c in jobs.items() if (r := finished(w, c)) is not None}
+    todo = {w: c for w, c in jobs.items() if w not in results}
+    if not todo:
+        return results
+    context = multiprocessing.get_context("spawn")
+    cores = context.Queue()
+    allowed = sorted(os.sched_getaffinity(0))
+    for i in range(workers):
+        cores.put(allowed[i % len(allowed)])
+    with concurrent.futures.ProcessPoolExecutor(
+        workers, mp_context=context, initializer=_pin, initargs=(cores,)
+    ) as pool:
+        futures = {pool.submit(_train, config, w): w for w, config in todo.items()}
+        for future in concurrent.futures.as_completed(futures):
+            workdir = futures[future]
+            results[workdir] = future.result()
+            with open(workdir_lib.path(workdir, "run_sec.json"), "w") as f:
+                json.dump(results[workdir]["run_sec"], f)
+    return results
+
+
+def read_metrics(workdir: str) -> list[dict]:
+    with open(workdir_lib.path(workdir, workdir_lib.METRICS)) as f:
+        records = [json.loads(line) for line in f]
+    seconds = workdir_lib.path(workdir, "run_sec.json")
+    if records and os.path.exists(seconds):
+        with open(seconds) as f:
+            records[-1]["run_sec"] = json.load(f)
+    return records
+
+
+def choose_learning_rates(names, data, plan: Plan) -> dict[str, dict]:
+    """Per variant: validation accuracy at each of ``LEARNING_RATES`` (seed 0, the last
+    sixth of the training images held out), the chosen rate, and the grid's seconds."""
+    tuned = list(dict.fromkeys(base_variant(n) for n in names))
+    jobs = {}
+    for name in tuned:
+        for rate in LEARNING_RATES:
+            config = variant_config(name, data, plan, rate)
+            config.validation_examples = plan.train_images // 6
+            jobs[os.path.join(plan.out, "runs_lr", slug(name), f"lr_{rate:g}")] = config
+    results = train_all(jobs, plan.workers)
+    choices = {}
+    for name in tuned:
+        grid = {
+            rate: results[os.path.join(plan.out, "runs_lr", slug(name), f"lr_{rate:g}")]
+            for rate in LEARNING_RATES
+        }
+        best = max(LEARNING_RATES, key=lambda r: grid[r]["validation_accuracy"])
+        choices[name] = {
+            "validation_accuracy": {r: grid[r]["validation_accuracy"] for r in LEARNING_RATES},
+            "learning_rate": best,
+            "sec": sum(grid[r]["run_sec"] for r in LEARNING_RATES),
+        }
+    return {name: choices[base_variant(name)] for name in names}
+
+
+def model_specs(config) -> tuple[str, ...]:
+    """The variant's layers as specs (the CNN and MLP presets' own)."""
+    model = models.from_fields(config.model, 10)
+    return model.layers if isinstance(model, models.Sequential) else model.specs()
+
+
+def parameter_counts(config, image_shape) -> dict[str, int]:
+    """All parameters, and those of the first dense layer and of all dense layers (the head)."""
+    model = models.from_fields(config.model, 10)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *image_shape)))["params"]
+    sizes = {
+        name: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(p)) for name, p in shapes.items()
+    }
+    dense = [size for name, size in sizes.items() if "dense" in name.lower()]
+    return {"total": sum(sizes.values()), "first_dense": dense[0], "head": sum(dense)}
+
+
+def train_variants(names, data, plan: Plan, rates: dict, full: bool = False) -> dict[str, dict]:
+    """Trains (or reuses) every seed of every variant in ``names`` at its chosen rate,
+    and returns their summaries (also kept as each variant's ``summary.json``)."""
+    configs, jobs = {}, {}
+    for name in names:
+        configs[name] = variant_config(name, data, plan, rates[name]["learning_rate"], full)
+        for seed in range(plan.seed_count(name, full)):
+            config = configs[name].copy_and_resolve_references()
+            config.seed = seed
+            jobs[os.path.join(run_dir(plan, name, full), f"seed_{seed}")] = config
+    results = train_all(jobs, plan.workers)
+    summaries = {}
+    for name in names:
+        workdir, config = run_dir(plan, name, full), configs[name]
+        records = [results[os.path.join(workdir, f"seed_{k}")]
+                   for k in range(plan.seed_count(name, full))]  # fmt: skip
+        summary_path = os.path.join(workdir, "summary.json")
+        if os.path.exists(summary_path):
+            with open(summary_path) as f:
+                summary = json.load(f)
+            if summary["test_accuracy"] == [r["test_accuracy"] for r in records]:
+                summaries[name] = summary
+                continue
+        summaries[name] = summarize(name, data, config, workdir, records)
+        with open(summary_path, "w") as f:
+            json.dump(summaries[name], f, indent=1)
+    return summaries
+
+
+def summarize(name, data, config, workdir: str, records: list[dict]) -> dict:
+    variant = VARIANTS[name]
+    size = variant.data if isinstance(variant.data, int) else len(data.train.labels)
+    train_images, train_labels = data.train.images[:size], data.train.labels[:size]
+    if variant.data == "padded":
+        train_images = pad(train_images)
+    return {
+        "learning_rate": config.learning_rate,
+        "test_accuracy": [r["test_accuracy"] for r in records],
+        "train_accuracy": [
+            float(np.mean(classify(train_images) == train_labels))
+            for classify in seed_classifiers(workdir, len(records))
+        ],
+        "train_images": size,
+        "steps": records[0]["step"],
+        "parameters": parameter_counts(config, train_images.shape[1:]),
+        "receptive_field": layers.receptive_field(model_specs(config))[0],
+        # Per model, training alone: the sum of its epochs' seconds (one core).
+        "train_sec_per_model": float(
+            np.mean(
+                [
+                    sum(r["epoch_sec"] for r in read_metrics(os.path.join(workdir, f"seed_{k}")))
+                    for k in range(len(records))
+                ]
+            )
+        ),  # fmt: skip
+        "run_sec": float(sum(r["run_sec"] for r in records)),  # All seeds, evaluation too.
+    }
+
+
+def seed_classifiers(workdir: str, count: int) -> list:
+    """One ``images -> predicted labels`` function per seed ``0 .. count - 1`` of a variant."""
+    classifiers = []
+    for seed in range(count):
+        run = workdir_lib.load_run(os.path.join(workdir, f"seed_{seed}"))
+        config, model, params = run.config, run.model, run.params
+
+        def classify(images, params=params, model=model, config=config):
+            if config["permute_pixels"]:
+                images = transforms.permute_pixels(images)
+            return evaluation.predict(model.apply, params, images)
+
+        classifiers.append(classify)
+    return classifiers
