@@ -7,10 +7,11 @@
 The budget is the same for every variant: ``--num_epochs`` (1) epoch of 60,000
 training images (469 steps of batch 128) with ``configs/default.py``'s Adam and
 warmup + cosine schedule, at the learning rate chosen for the variant on a
-validation split (``flatten_runs``). Each variant trains ``--seeds`` (5) models,
-``--more_seeds`` (10) for the pooling variants, whose differences are under a
-point; tables give means with 95% intervals, and ``comparisons.md`` tests the
-differences the write-up claims (``flatten_stats``). ``--full_budget`` trains
+validation split (``flatten_runs``). Each variant trains ``--seeds`` (5) models;
+then the variants of each compared pair (``COMPARISONS``) whose mean accuracies are
+less than ``CLOSE`` apart get ``--more_seeds`` (10). Tables give means with 95%
+intervals, and ``comparisons.md`` tests the differences the write-up claims
+(``flatten_stats``). ``--full_budget`` trains
 one model per variant for 10 epochs instead, to check that the rankings hold.
 
 Writes, to ``--out``: ``learning_rates.md``, ``accuracy.md``, ``comparisons.md``,
@@ -25,6 +26,7 @@ run a smaller part of it; ``--quick`` is the smallest (CI runs it).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -40,7 +42,9 @@ from cnnflat_jax.tools import explain
 
 _OUT = flags.DEFINE_string("out", "docs/flatten", "Where tables, figures and runs go.")
 _SEEDS = flags.DEFINE_integer("seeds", 5, "Models per variant (seeds 0, 1, ...).")
-_MORE_SEEDS = flags.DEFINE_integer("more_seeds", 10, "Models per pooling variant.")
+_MORE_SEEDS = flags.DEFINE_integer(
+    "more_seeds", 10, "Models per variant in a compared pair less than CLOSE apart."
+)
 _EPOCHS = flags.DEFINE_integer("num_epochs", 1, "Epochs of the training set per model.")
 _FULL = flags.DEFINE_boolean("full_budget", False, "One seed, 10 epochs: full_budget.md only.")
 _VARIANTS = flags.DEFINE_multi_string(
@@ -88,6 +92,7 @@ COMPARISONS = (
     ("CNN, shift-augmented", "CNN"),
     ("CNN, padded canvas", "CNN"),
 )
+CLOSE = 0.01  # Accuracy: a compared pair closer than a point gets more seeds.
 COLORS = figures.palette(runs.MAIN)  # A variant keeps its colour in every figure.
 TITLES = {
     "learning_rates": "The learning rate of each variant, chosen on a validation split",
@@ -154,7 +159,8 @@ def budget(p: runs.Plan, full: bool = False) -> str:
         f"training images ({steps} steps of batch 128; a smaller set is repeated to "
         f"{p.train_images:,}), Adam with warmup + cosine decay (configs/default.py) at the "
         f"variant's learning rate (learning_rates.md); {p.seeds} seeds per variant, "
-        f"{p.more_seeds} for the pooling variants. Accuracies over all "
+        f"{p.more_seeds} for each variant of a compared pair less than {100 * CLOSE:.0f} "
+        "point apart (the seeds column of accuracy.md). Accuracies over all "
         f"{p.test_images or 10_000:,} test images; [95% CI]: Student's t over the seeds."
     )
 
@@ -174,6 +180,18 @@ def write_table(name: str, header: list[str], rows: list[list[str]], note: str) 
     with open(os.path.join(_OUT.value, f"{name}.md"), "w") as f:
         f.write(text)
     print(f"\n## {name}\n\n{text}")
+
+
+def close_variants(accuracies: dict[str, list[float]]) -> frozenset:
+    """The variants of the compared pairs whose mean test accuracies over the first
+    ``--seeds`` seeds differ by less than CLOSE."""
+    mean = {name: np.mean(values) for name, values in accuracies.items()}
+    return frozenset(
+        name
+        for a, b in COMPARISONS
+        if a in mean and b in mean and abs(mean[a] - mean[b]) < CLOSE
+        for name in (a, b)
+    )
 
 
 def learning_rate_table(choices: dict, p: runs.Plan) -> None:
@@ -439,6 +457,7 @@ def main(_):
     names = selected(p)
     choices = runs.choose_learning_rates(names, data, p)
     learning_rate_table(choices, p)
+    p = dataclasses.replace(p, more=close_variants(runs.test_accuracies(names, data, p, choices)))
     summaries = runs.train_variants(names, data, p, choices)
     accuracy_table(summaries, choices, p)
     comparisons_table(data, summaries, p)

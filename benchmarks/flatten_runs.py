@@ -3,9 +3,10 @@
 Every variant is a config of ``train.py``'s own trainer (``configs/default.py`` plus a
 few overrides). Its learning rate is chosen per variant from ``LEARNING_RATES`` by
 validation accuracy (seed 0, the last ``1/6`` of the training images held out, the
-test set untouched); then ``Plan.seeds`` models (``Plan.more_seeds`` for the
-``MORE_SEEDS`` variants) train on all training images with it. A variant with a
-smaller training set uses its full-set variant's learning rate.
+test set untouched); then ``Plan.seeds`` models train on all training images with
+it, and ``Plan.more_seeds`` for the variants in ``Plan.more`` (those the write-up
+compares with a variant less than a point away). A variant with a smaller training
+set uses its full-set variant's learning rate.
 
 Each model trains alone on one CPU core, ``Plan.workers`` at a time (on the 2-core
 machine two one-core runs do 1.6x the work of one two-core run in the same time),
@@ -40,16 +41,17 @@ class Plan:
 
     out: str
     seeds: int = 5
-    more_seeds: int = 10  # For the MORE_SEEDS variants.
+    more_seeds: int = 10  # For the variants in ``more``.
     epochs: int = 1
     train_images: int = 60_000
     test_images: int = 0  # 0: all 10,000.
     workers: int = 2  # Models training at once, one core each.
+    more: frozenset = frozenset()  # The variants that get ``more_seeds``.
 
     def seed_count(self, name: str, full: bool = False) -> int:
         if full:
             return 1
-        return self.more_seeds if name in MORE_SEEDS else self.seeds
+        return self.more_seeds if name in self.more else self.seeds
 
 
 CANVAS = 36  # The padded canvas: 4 pixels of zeros round each 28x28 image.
@@ -63,6 +65,9 @@ HEAD = ("dense:256", "relu", "dense:10")
 # blur (two 2x2 means at stride 1 and 2) before keeping every other position.
 BLUR_POOL = ("max_pool:2:stride=1:padding=0x1x0x1", "avg_pool:2:stride=1:padding=1x0x1x0",
              "avg_pool:2")  # fmt: skip
+
+# A max over the whole of the CNN's 7x7 maps: one value per channel, as global_avg_pool.
+GLOBAL_MAX_POOL = ("max_pool:7", "flatten")
 
 
 def sequential(*specs: str) -> dict:
@@ -91,7 +96,7 @@ VARIANTS = {
         {"model": sequential(*(s for s in (*CNN, "flatten", *HEAD) if s != "relu"))}
     ),
     "GAP CNN": Variant({"model": sequential(*CNN, "global_avg_pool", *HEAD)}),
-    "GMP CNN (global max pool)": Variant({"model": sequential(*CNN, "global_max_pool", *HEAD)}),
+    "GMP CNN (global max pool)": Variant({"model": sequential(*CNN, *GLOBAL_MAX_POOL, *HEAD)}),
     "GAP CNN, deeper": Variant(
         {"model": sequential(*CNN, "conv:128:3", "relu", "max_pool:2", "global_avg_pool", *HEAD)}
     ),
@@ -126,9 +131,6 @@ for _name in EFFICIENCY:
     for _size in SMALLER:
         VARIANTS[f"{_name}, {_size} images"] = dataclasses.replace(VARIANTS[_name], data=_size)
 MAIN = [name for name, v in VARIANTS.items() if not isinstance(v.data, int)]
-# The pooling variants differ by under a point: they get more seeds.
-MORE_SEEDS = ("CNN", "CNN, avg pool", "CNN, anti-aliased max pool", "CNN, no pool (stride-2 convs)",
-              "CNN, max pool 3", "CNN, avg pool 3")  # fmt: skip
 
 
 def base_variant(name: str) -> str:
@@ -295,6 +297,14 @@ def model_specs(config) -> tuple[str, ...]:
     return model.layers if isinstance(model, models.Sequential) else model.specs()
 
 
+def receptive_field(specs) -> int:
+    """The receptive field of a unit of the last map before the flatten or global pool."""
+    end = len(specs) - len(HEAD) - len(GLOBAL_MAX_POOL)
+    if tuple(specs[end : end + len(GLOBAL_MAX_POOL)]) == GLOBAL_MAX_POOL:
+        specs = specs[:end]
+    return layers.receptive_field(specs)[0]
+
+
 def parameter_counts(config, image_shape) -> dict[str, int]:
     """All parameters, and those of the first dense layer and of all dense layers (the head)."""
     model = models.from_fields(config.model, 10)
@@ -306,22 +316,38 @@ def parameter_counts(config, image_shape) -> dict[str, int]:
     return {"total": sum(sizes.values()), "first_dense": dense[0], "head": sum(dense)}
 
 
+def seed_jobs(names, data, plan: Plan, rates: dict, full: bool = False) -> dict[str, object]:
+    """``workdir -> config`` of every seed of every variant in ``names`` at its chosen rate."""
+    jobs = {}
+    for name in names:
+        base = variant_config(name, data, plan, rates[name]["learning_rate"], full)
+        for seed in range(plan.seed_count(name, full)):
+            config = base.copy_and_resolve_references()
+            config.seed = seed
+            jobs[os.path.join(run_dir(plan, name, full), f"seed_{seed}")] = config
+    return jobs
+
+
+def test_accuracies(names, data, plan: Plan, rates: dict) -> dict[str, list[float]]:
+    """Trains (or reuses) the seeds of ``names``; their test accuracies, per variant."""
+    results = train_all(seed_jobs(names, data, plan, rates), plan.workers)
+    return {
+        name: [results[os.path.join(run_dir(plan, name), f"seed_{k}")]["test_accuracy"]
+               for k in range(plan.seed_count(name))]
+        for name in names
+    }  # fmt: skip
+
+
 def train_variants(names, data, plan: Plan, rates: dict, full: bool = False) -> dict[str, dict]:
     """Trains (or reuses) every seed of every variant in ``names`` at its chosen rate,
     and returns their summaries (also kept as each variant's ``summary.json``)."""
-    configs, jobs = {}, {}
-    for name in names:
-        configs[name] = variant_config(name, data, plan, rates[name]["learning_rate"], full)
-        for seed in range(plan.seed_count(name, full)):
-            config = configs[name].copy_and_resolve_references()
-            config.seed = seed
-            jobs[os.path.join(run_dir(plan, name, full), f"seed_{seed}")] = config
+    jobs = seed_jobs(names, data, plan, rates, full)
     results = train_all(jobs, plan.workers)
     summaries = {}
     for name in names:
-        workdir, config = run_dir(plan, name, full), configs[name]
-        records = [results[os.path.join(workdir, f"seed_{k}")]
-                   for k in range(plan.seed_count(name, full))]  # fmt: skip
+        workdir = run_dir(plan, name, full)
+        seed_dirs = [os.path.join(workdir, f"seed_{k}") for k in range(plan.seed_count(name, full))]
+        records = [results[d] for d in seed_dirs]
         summary_path = os.path.join(workdir, "summary.json")
         if os.path.exists(summary_path):
             with open(summary_path) as f:
@@ -329,7 +355,7 @@ def train_variants(names, data, plan: Plan, rates: dict, full: bool = False) -> 
             if summary["test_accuracy"] == [r["test_accuracy"] for r in records]:
                 summaries[name] = summary
                 continue
-        summaries[name] = summarize(name, data, config, workdir, records)
+        summaries[name] = summarize(name, data, jobs[seed_dirs[0]], workdir, records)
         with open(summary_path, "w") as f:
             json.dump(summaries[name], f, indent=1)
     return summaries
@@ -351,7 +377,7 @@ def summarize(name, data, config, workdir: str, records: list[dict]) -> dict:
         "train_images": size,
         "steps": records[0]["step"],
         "parameters": parameter_counts(config, train_images.shape[1:]),
-        "receptive_field": layers.receptive_field(model_specs(config))[0],
+        "receptive_field": receptive_field(model_specs(config)),
         # Per model, training alone: the sum of its epochs' seconds (one core).
         "train_sec_per_model": float(
             np.mean(
