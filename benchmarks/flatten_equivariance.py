@@ -124,12 +124,12 @@ def figure(path: str, cnn, gap_cnn, image: np.ndarray, title: str) -> None:
     c2 = int(np.argmax(stages["pool2"][0].mean((0, 1))))
     flat = stages["flatten"]
     maps_hwc = stages["pool2"].shape[1:]
-    fig = Figure(figsize=(15, 2.1 * len(SHIFTS) + 0.8))
+    fig = Figure(figsize=(16, 2.3 * len(SHIFTS) + 1.0))
     grid = fig.add_gridspec(len(SHIFTS), 5, width_ratios=[1, 1, 1, 4.5, 2.2])
     tops = {"conv1": stages["conv1"][..., c1].max(), "pool2": stages["pool2"][..., c2].max()}
     for row, s in enumerate(SHIFTS):
         panels = [
-            (f"input, shifted {s} px right", shifted[row, ..., 0], "gray", 255),
+            (f"input, {s} px right", shifted[row, ..., 0], "gray", 255),
             (f"conv1 + ReLU, channel {c1}", stages["conv1"][row, ..., c1], "viridis",
              tops["conv1"]),
             (f"pool2 (7x7), channel {c2}", stages["pool2"][row, ..., c2], "viridis",
@@ -152,7 +152,7 @@ def figure(path: str, cnn, gap_cnn, image: np.ndarray, title: str) -> None:
         overlap = 100 * still_active(flat[:1], flat[row : row + 1])[0]
         ax.set_xlim(0, flat.shape[1])
         ax.set_title(
-            f"flattened vector, channel {c2}'s {len(cells)} positions (all channels: "
+            f"flattened vector, channel {c2}'s {len(cells)} positions\n(all channels: "
             f"{np.sum(flat[row] > 0)} of {flat.shape[1]} active; {overlap:.0f}% of the "
             "unshifted vector's active positions still active)",
             fontsize=8,
@@ -167,7 +167,7 @@ def figure(path: str, cnn, gap_cnn, image: np.ndarray, title: str) -> None:
         ax.bar(channels, gap_vectors[0], width=1.0, fill=False, edgecolor="gray", lw=0.5)
         ax.set_ylim(0, gap_vectors.max() * 1.05)
         similarity = cosine(gap_vectors[:1], gap_vectors[row : row + 1])[0]
-        ax.set_title(f"GAP CNN's 64-vector; cosine to unshifted {similarity:.3f}", fontsize=8)
+        ax.set_title(f"GAP CNN's 64-vector\ncosine to unshifted {similarity:.3f}", fontsize=8)
         ax.set_xticks(np.arange(0, len(channels) + 1, 16))
         ax.set_xlabel("channel", fontsize=7)
         ax.set_ylabel("channel mean", fontsize=7)
@@ -213,6 +213,6 @@ def write(out: str, data: input_pipeline.Dataset, run_dir) -> None:
     figure(
         os.path.join(out, "equivariance.png"), cnn, gap_cnn, data.test_images[INDEX],
         f"Test image {INDEX} ({label}) shifted right: the maps move with it, the flattened "
-        "vector's active positions move to other indices, the GAP vector stays put (seed 0 "
+        "vector's active positions move to other indices, the GAP vector stays put\n(seed 0 "
         "of each model, one image: no error bars)",
     )  # fmt: skip

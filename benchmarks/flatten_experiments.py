@@ -69,7 +69,8 @@ SHEARS = (0.0, 0.1, 0.2, 0.3)  # Columns per row, each the mean of both directio
 SCALES = (0.8, 0.9, 1.0, 1.1, 1.2)
 ELASTIC = (0.0, 1.0, 2.0, 3.0)  # Root-mean-square displacement, pixels (sigma 4 px).
 INVARIANCE = ("CNN", "CNN, avg pool", "CNN, anti-aliased max pool", "CNN, no pool (stride-2 convs)",
-              "GAP CNN", "GMP CNN (global max pool)", "GAP CNN, deeper", "MLP")  # fmt: skip
+              "CNN, no downsampling", "CNN, no downsampling, dilated", "GAP CNN",
+              "GMP CNN (global max pool)", "GAP CNN, deeper", "MLP")  # fmt: skip
 CONTROLS = ("CNN", "GAP CNN", "MLP", "CNN, padded canvas", "GAP CNN, padded canvas",
             "MLP, padded canvas", "CNN, shift-augmented")  # fmt: skip
 # The pairs the write-up compares, each tested on the same test images.
