@@ -35,8 +35,7 @@ def field(workdir: str, images: np.ndarray) -> np.ndarray:
     """(H, W): mean over ``images`` of |d centre unit / d input pixel|, for one trained run."""
     run = workdir_lib.load_run(workdir)
     model, params = run.model, run.params
-    specs = model.layers if isinstance(model, models.Sequential) else model.specs()
-    position = last_map_position(specs)
+    position = last_map_position(models.layer_specs(model))
 
     def centre(x):
         _, state = model.apply({"params": params}, x, mutable=["intermediates"])
@@ -48,8 +47,7 @@ def field(workdir: str, images: np.ndarray) -> np.ndarray:
 
 
 def theoretical(workdir: str) -> int:
-    model = workdir_lib.load_run(workdir).model
-    specs = model.layers if isinstance(model, models.Sequential) else model.specs()
+    specs = models.layer_specs(workdir_lib.load_run(workdir).model)
     return layers.receptive_field(specs[: last_map_position(specs) + 1])[0]
 
 

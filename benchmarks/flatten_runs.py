@@ -293,8 +293,7 @@ def choose_learning_rates(names, data, plan: Plan) -> dict[str, dict]:
 
 def model_specs(config) -> tuple[str, ...]:
     """The variant's layers as specs (the CNN and MLP presets' own)."""
-    model = models.from_fields(config.model, 10)
-    return model.layers if isinstance(model, models.Sequential) else model.specs()
+    return models.layer_specs(models.from_fields(config.model, 10))
 
 
 def receptive_field(specs) -> int:
