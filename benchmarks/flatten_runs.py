@@ -56,7 +56,7 @@ class Plan:
 
 CANVAS = 36  # The padded canvas: 4 pixels of zeros round each 28x28 image.
 SMALLER = (500, 2_000, 10_000)  # Training-set sizes below the full one.
-LEARNING_RATES = (1e-3, 2e-3, 4e-3)  # Adam's peak rate; default.py has 2e-3.
+LEARNING_RATES = (1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2)  # Adam's peak rate; default.py: 2e-3.
 MLP = {"name": "mlp", "dense_features": (1024,)}  # About the CNN's parameter count.
 # configs/default.py's CNN as layer specs, and variants of it.
 CNN = ("conv:32:3", "relu", "max_pool:2", "conv:64:3", "relu", "max_pool:2")
