@@ -30,7 +30,7 @@ import numpy as np
 from cnnflat_jax.configs import default
 from cnnflat_jax.data import idx, input_pipeline, transforms
 from cnnflat_jax.nn import layers, models
-from cnnflat_jax.run import trainer
+from cnnflat_jax.run import run_state, trainer
 from cnnflat_jax.run import workdir as workdir_lib
 from cnnflat_jax.train import evaluation
 
@@ -54,6 +54,8 @@ class Plan:
         return self.more_seeds if name in self.more else self.seeds
 
 
+DIVERGED = "diverged.json"  # In a run directory: the loss diverged; the error.
+RUN_SEC = "run_sec.json"  # In a run directory: the seconds the run took, once finished.
 CANVAS = 36  # The padded canvas: 4 pixels of zeros round each 28x28 image.
 SMALLER = (500, 2_000, 10_000)  # Training-set sizes below the full one.
 LEARNING_RATES = (1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2)  # Adam's peak rate; default.py: 2e-3.
@@ -213,16 +215,27 @@ def _pin(cores) -> None:
 
 
 def _train(config, workdir: str) -> dict:
+    """One run; a run whose loss diverged scores 0 (the learning-rate grid's top may)."""
     start = time.perf_counter()
-    record = trainer.train_and_evaluate(config, workdir)
+    try:
+        record = trainer.train_and_evaluate(config, workdir)
+    except run_state.DivergedError as e:
+        record = {"diverged": str(e), "validation_accuracy": 0.0, "test_accuracy": 0.0}
+        with open(workdir_lib.path(workdir, DIVERGED), "w") as f:
+            json.dump(record, f)
     return {**record, "run_sec": time.perf_counter() - start}
 
 
 def finished(workdir: str, config) -> dict | None:
-    """The last record of a run that completed ``config`` in ``workdir``, or None."""
+    """The last record of a run that completed (or diverged on) ``config`` in ``workdir``,
+    or None."""
     try:
         if workdir_lib.read_config(workdir) != json.loads(config.to_json_best_effort()):
             return None
+        if os.path.exists(workdir_lib.path(workdir, DIVERGED)):
+            with open(workdir_lib.path(workdir, DIVERGED)) as f:
+                diverged = json.load(f)
+            return {**diverged, "run_sec": run_seconds(workdir)}
         records = read_metrics(workdir)
     except (OSError, workdir_lib.RunError):
         return None
@@ -250,18 +263,26 @@ def train_all(jobs: dict[str, object], workers: int) -> dict[str, dict]:
         for future in concurrent.futures.as_completed(futures):
             workdir = futures[future]
             results[workdir] = future.result()
-            with open(workdir_lib.path(workdir, "run_sec.json"), "w") as f:
+            with open(workdir_lib.path(workdir, RUN_SEC), "w") as f:
                 json.dump(results[workdir]["run_sec"], f)
     return results
 
 
+def run_seconds(workdir: str) -> float | None:
+    """What ``train_all`` measured for the run in ``workdir``, if it finished."""
+    path = workdir_lib.path(workdir, RUN_SEC)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
 def read_metrics(workdir: str) -> list[dict]:
+    """The run's records, the last with its ``run_sec`` once ``train_all`` finished it."""
     with open(workdir_lib.path(workdir, workdir_lib.METRICS)) as f:
         records = [json.loads(line) for line in f]
-    seconds = workdir_lib.path(workdir, "run_sec.json")
-    if records and os.path.exists(seconds):
-        with open(seconds) as f:
-            records[-1]["run_sec"] = json.load(f)
+    if records and (seconds := run_seconds(workdir)) is not None:
+        records[-1]["run_sec"] = seconds
     return records
 
 
