@@ -1,5 +1,5 @@
-"""Equivariance you can see: test images and their shifts of 1-8 px (the figure: 1-4) through conv, pool,
-flatten and global average pooling (GAP), for docs/flatten.md.
+"""Equivariance you can see: test images and their shifts of 1-8 px (the figure: 1-4)
+through conv, pool, flatten and global average pooling (GAP), for docs/flatten.md.
 
 ``write`` takes seed 0's runs of the "CNN" and "GAP CNN" variants of
 ``flatten_experiments`` and writes ``equivariance.md`` (over the test images, per
