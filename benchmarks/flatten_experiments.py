@@ -11,8 +11,9 @@ validation split (``flatten_runs``). Each variant trains ``--seeds`` (5) models;
 then the variants of each compared pair (``COMPARISONS``) whose mean accuracies are
 less than ``CLOSE`` apart get ``--more_seeds`` (10). Tables give means with 95%
 intervals, and ``comparisons.md`` tests the differences the write-up claims
-(``flatten_stats``). ``--full_budget`` trains
-one model per variant for 10 epochs instead, to check that the rankings hold.
+(``flatten_stats``). ``--full_budget`` trains the ``FULL_BUDGET`` variants (or the
+``--variant``s) for 10 epochs instead, ``--seeds`` each, to check that the rankings
+hold with the default run's budget.
 
 Writes, to ``--out``: ``learning_rates.md``, ``accuracy.md``, ``comparisons.md``,
 ``data_efficiency.md``, ``shifts.md`` and ``shift_controls.md`` (every shift of 0-8
@@ -46,7 +47,9 @@ _MORE_SEEDS = flags.DEFINE_integer(
     "more_seeds", 10, "Models per variant in a compared pair less than CLOSE apart."
 )
 _EPOCHS = flags.DEFINE_integer("num_epochs", 1, "Epochs of the training set per model.")
-_FULL = flags.DEFINE_boolean("full_budget", False, "One seed, 10 epochs: full_budget.md only.")
+_FULL = flags.DEFINE_boolean(
+    "full_budget", False, "10 epochs, the FULL_BUDGET variants: full_budget.md only."
+)
 _VARIANTS = flags.DEFINE_multi_string(
     "variant", [], "Repeatable: train only these and their smaller-set runs (default: all)."
 )
@@ -93,6 +96,9 @@ COMPARISONS = (
     ("CNN, shift-augmented", "CNN"),
     ("CNN, padded canvas", "CNN"),
 )
+# The variants trained for 10 epochs too: each head, the extremes of downsampling, the MLP.
+FULL_BUDGET = ("CNN", "CNN, avg pool", "CNN, no pool (stride-2 convs)", "CNN, no downsampling",
+               "GAP CNN", "GAP CNN, deeper", "MLP")  # fmt: skip
 CLOSE = 0.01  # Accuracy: a compared pair closer than a point gets more seeds.
 COLORS = figures.palette(runs.MAIN)  # A variant keeps its colour in every figure.
 TITLES = {
@@ -136,10 +142,10 @@ def selected(p: runs.Plan) -> list[str]:
     return [n for n in runs.VARIANTS if n in chosen or n in smaller]
 
 
-def reproduce(names, seconds: float) -> str:
+def reproduce(names, seconds: float, extra: str = "") -> str:
     """The command that rebuilds a table from scratch, and the compute it took."""
     bases = dict.fromkeys(runs.base_variant(n) for n in names)
-    flags_ = " ".join(f'--variant "{n}"' for n in bases)
+    flags_ = " ".join([*(f'--variant "{n}"' for n in bases), *([extra] if extra else [])])
     return (
         f"Reproduce: `python -m benchmarks.flatten_experiments {flags_}` (with the runs kept in "
         f"`{_OUT.value}`, it only rebuilds the tables). Measured compute for this table: "
@@ -151,8 +157,10 @@ def reproduce(names, seconds: float) -> str:
 def budget(p: runs.Plan, full: bool = False) -> str:
     if full:
         return (
-            "Budget: 1 model (seed 0) per variant, 10 epochs of 60,000 images (4,690 steps "
-            "of 128), at the variant's chosen learning rate."
+            f"Budget: {p.seeds} seeds per variant, 10 epochs of {p.train_images:,} images "
+            f"({-(-10 * p.train_images // 128):,} steps of 128, the default run's budget), at "
+            "the learning rate chosen for the variant "
+            "on one epoch (learning_rates.md). [95% CI]: Student's t over the seeds."
         )
     steps = -(-p.epochs * p.train_images // 128)
     return (
@@ -429,22 +437,23 @@ def sweep_tables(swept: dict, p: runs.Plan) -> None:
 
 
 def full_budget_table(data, p: runs.Plan) -> None:
-    names = [n for n in selected(p) if n in runs.MAIN]
+    chosen = _VARIANTS.value or ([] if _QUICK.value else FULL_BUDGET)
+    names = [n for n in selected(p) if n in runs.MAIN and (not chosen or n in chosen)]
     choices = runs.choose_learning_rates(names, data, p)
     summaries = runs.train_variants(names, data, p, choices, full=True)
     rows = []
     for name in names:
         s = summaries[name]
-        (test,), (train,) = s["test_accuracy"], s["train_accuracy"]  # One seed.
-        rows.append([name, f"{100 * test:.2f}", f"{100 * train:.2f}",
-                     f"{s['train_sec_per_model']:.0f}"])  # fmt: skip
-    header = ["variant", "test accuracy %", "train accuracy %", "train s (1 core)"]
+        rows.append([name, str(len(s["test_accuracy"])), interval(s["test_accuracy"]),
+                     interval(s["train_accuracy"]), f"{s['train_sec_per_model']:.0f}"])  # fmt: skip
+    header = ["variant", "seeds", "test accuracy % [95% CI]", "train accuracy %",
+              "train s per model (1 core)"]  # fmt: skip
     seconds = sum(summaries[n]["run_sec"] for n in names)
     write_table(
         "full_budget",
         header,
         rows,
-        f"{budget(p, full=True)} {reproduce(names, seconds)} Add `--full_budget`.",
+        f"{budget(p, full=True)} {reproduce(names, seconds, '--full_budget')}",
     )
 
 

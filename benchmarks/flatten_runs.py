@@ -50,7 +50,7 @@ class Plan:
 
     def seed_count(self, name: str, full: bool = False) -> int:
         if full:
-            return 1
+            return self.seeds
         return self.more_seeds if name in self.more else self.seeds
 
 
