@@ -205,21 +205,23 @@ def close_variants(accuracies: dict[str, list[float]]) -> frozenset:
 
 def learning_rate_table(choices: dict, p: runs.Plan) -> None:
     tuned = {runs.base_variant(n): c for n, c in choices.items()}
+    rates = sorted({rate for c in tuned.values() for rate in c["validation_accuracy"]})
     rows = [
-        [name, *(f"{100 * c['validation_accuracy'][r]:.2f}" for r in runs.LEARNING_RATES),
-         f"{c['learning_rate']:g}"]
+        [name, *(f"{100 * c['validation_accuracy'][r]:.2f}" if r in c["validation_accuracy"]
+                 else "" for r in rates), f"{c['learning_rate']:g}"]
         for name, c in tuned.items()
     ]  # fmt: skip
     note = (
         f"Validation accuracy (%) of seed 0 trained on the first {p.train_images * 5 // 6:,} "
         f"training images, validated on the last {p.train_images // 6:,} "
         "(config.validation_examples); the test set is not used. The grid is Adam's peak "
-        f"rate {', '.join(f'{r:g}' for r in runs.LEARNING_RATES)}; the best is chosen and "
-        "the variant's seeds train with it on all training images. A variant with a smaller "
-        "training set uses its full-set variant's rate. "
+        f"rate {', '.join(f'{r:g}' for r in runs.LEARNING_RATES)}, doubled while the best "
+        f"rate is the grid's top (up to {runs.TOP_RATE:g}; 0: the loss diverged). The best "
+        "is chosen and the variant's seeds train with it on all training images. A variant "
+        "with a smaller training set uses its full-set variant's rate. "
         + reproduce(tuned, sum(c["sec"] for c in tuned.values()))
     )
-    header = ["variant", *(f"lr {r:g}" for r in runs.LEARNING_RATES), "chosen"]
+    header = ["variant", *(f"lr {r:g}" for r in rates), "chosen"]
     write_table("learning_rates", header, rows, note)
 
 

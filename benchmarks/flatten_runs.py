@@ -59,6 +59,7 @@ RUN_SEC = "run_sec.json"  # In a run directory: the seconds the run took, once f
 CANVAS = 36  # The padded canvas: 4 pixels of zeros round each 28x28 image.
 SMALLER = (500, 2_000, 10_000)  # Training-set sizes below the full one.
 LEARNING_RATES = (1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2)  # Adam's peak rate; default.py: 2e-3.
+TOP_RATE = 6.4e-2  # The highest rate the grid grows to.
 MLP = {"name": "mlp", "dense_features": (1024,)}  # About the CNN's parameter count.
 # configs/default.py's CNN as layer specs, and variants of it.
 CNN = ("conv:32:3", "relu", "max_pool:2", "conv:64:3", "relu", "max_pool:2")
@@ -287,28 +288,42 @@ def read_metrics(workdir: str) -> list[dict]:
 
 
 def choose_learning_rates(names, data, plan: Plan) -> dict[str, dict]:
-    """Per variant: validation accuracy at each of ``LEARNING_RATES`` (seed 0, the last
-    sixth of the training images held out), the chosen rate, and the grid's seconds."""
-    tuned = list(dict.fromkeys(base_variant(n) for n in names))
-    jobs = {}
-    for name in tuned:
-        for rate in LEARNING_RATES:
-            config = variant_config(name, data, plan, rate)
-            config.validation_examples = plan.train_images // 6
-            jobs[os.path.join(plan.out, "runs_lr", slug(name), f"lr_{rate:g}")] = config
-    results = train_all(jobs, plan.workers)
-    choices = {}
-    for name in tuned:
-        grid = {
-            rate: results[os.path.join(plan.out, "runs_lr", slug(name), f"lr_{rate:g}")]
-            for rate in LEARNING_RATES
+    """Per variant: validation accuracy at each rate of its grid (seed 0, the last sixth
+    of the training images held out), the chosen rate, and the grid's seconds. The grid
+    is ``LEARNING_RATES``, doubled past its top while the best rate is the top (up to
+    ``TOP_RATE``), so that the chosen rate is never the grid's edge by construction."""
+    grids = {name: list(LEARNING_RATES) for name in dict.fromkeys(base_variant(n) for n in names)}
+
+    def run_dir_lr(name: str, rate: float) -> str:
+        return os.path.join(plan.out, "runs_lr", slug(name), f"lr_{rate:g}")
+
+    while True:
+        jobs = {}
+        for name, grid in grids.items():
+            for rate in grid:
+                jobs[run_dir_lr(name, rate)] = config = variant_config(name, data, plan, rate)
+                config.validation_examples = plan.train_images // 6
+        results = train_all(jobs, plan.workers)
+        accuracy = {
+            name: {rate: results[run_dir_lr(name, rate)]["validation_accuracy"] for rate in grid}
+            for name, grid in grids.items()
         }
-        best = max(LEARNING_RATES, key=lambda r: grid[r]["validation_accuracy"])
-        choices[name] = {
-            "validation_accuracy": {r: grid[r]["validation_accuracy"] for r in LEARNING_RATES},
-            "learning_rate": best,
-            "sec": sum(grid[r]["run_sec"] for r in LEARNING_RATES),
+        edge = [
+            name for name, grid in grids.items()
+            if max(grid, key=accuracy[name].get) == grid[-1] and 2 * grid[-1] <= TOP_RATE
+        ]  # fmt: skip
+        if not edge:
+            break
+        for name in edge:
+            grids[name].append(2 * grids[name][-1])
+    choices = {
+        name: {
+            "validation_accuracy": accuracy[name],
+            "learning_rate": max(grid, key=accuracy[name].get),
+            "sec": sum(results[run_dir_lr(name, rate)]["run_sec"] for rate in grid),
         }
+        for name, grid in grids.items()
+    }
     return {name: choices[base_variant(name)] for name in names}
 
 
