@@ -14,6 +14,7 @@ import os
 import numpy as np
 from matplotlib.figure import Figure
 
+from benchmarks import flatten_stats
 from cnnflat_jax.data import input_pipeline, transforms
 from cnnflat_jax.nn import models
 from cnnflat_jax.run import workdir as workdir_lib
@@ -189,27 +190,43 @@ def figure(path: str, cnn, gap_cnn, image: np.ndarray, title: str) -> None:
     fig.savefig(path, dpi=100)
 
 
-def write(out: str, data: input_pipeline.Dataset, run_dir) -> None:
-    """``equivariance.md`` and ``equivariance.png`` in ``out``; ``run_dir(name)`` is a
-    variant's trained run."""
-    cnn, gap_cnn = trained(run_dir("CNN")), trained(run_dir("GAP CNN"))
-    rows = measure(cnn, gap_cnn, data.test_images, data.test_labels)
+def spread(values, scale: float = 1.0, digits: int = 3) -> str:
+    """The mean over seeds, with its 95% interval when there are several."""
+    values = scale * np.asarray(values, dtype=np.float64)
+    if len(values) < 2:
+        return f"{values.mean():.{digits}f}"
+    interval = flatten_stats.mean_interval(values)
+    return f"{interval.estimate:.{digits}f} [{interval.low:.{digits}f}, {interval.high:.{digits}f}]"
+
+
+def write(out: str, data: input_pipeline.Dataset, seed_dirs) -> None:
+    """``equivariance.md`` and ``equivariance.png`` in ``out``; ``seed_dirs(name)``: the
+    trained runs of a variant, one per seed. Seed k of the CNN is measured with seed k of
+    the GAP CNN; the figure draws seed 0."""
+    pairs = list(zip(seed_dirs("CNN"), seed_dirs("GAP CNN")))
+    per_seed = [
+        measure(trained(cnn_dir), trained(gap_dir), data.test_images, data.test_labels)
+        for cnn_dir, gap_dir in pairs
+    ]
+    rows = {name: {key: [r[name][key] for r in per_seed] for key in per_seed[0][name]}
+            for name in per_seed[0]}  # fmt: skip
     lines = [
         "# Equivariance: shifted test images through flatten and GAP",
         "",
-        "| the image against | flatten: cosine | flatten: active positions still active "
+        "| the image against | flatten: cosine | flatten: active positions still active, % "
         "| GAP of the CNN's own maps: cosine | GAP CNN: cosine | GAP CNN: centred cosine |",
         "|---|---|---|---|---|---|",
     ]
     for name, r in rows.items():
         against = f"itself shifted {name} right" if name.endswith("px") else name
         lines.append(
-            f"| {against} | {r['flatten']:.3f} | {100 * r['still_active']:.1f}% "
-            f"| {r['cnn_gap']:.3f} | {r['gap']:.3f} | {r['gap_centred']:.3f} |"
+            f"| {against} | {spread(r['flatten'])} | {spread(r['still_active'], 100, 1)} "
+            f"| {spread(r['cnn_gap'])} | {spread(r['gap'])} | {spread(r['gap_centred'])} |"
         )
     note = (
-        f"Means over all {len(data.test_images):,} test images, seed 0 of the CNN and of the "
-        "GAP CNN. Cosine: between the two images' vectors (1 = same direction). Centred "
+        f"Means over all {len(data.test_images):,} test images, then over {len(pairs)} seeds "
+        "(seed k of the CNN with seed k of the GAP CNN) with the 95% interval over the seeds. "
+        "Cosine: between the two images' vectors (1 = same direction). Centred "
         "cosine: the same after subtracting the GAP CNN's mean vector over the test images "
         "(its non-negative vectors all point roughly the same way, so their plain cosine is "
         "high for any two images). Still "
@@ -218,8 +235,8 @@ def write(out: str, data: input_pipeline.Dataset, run_dir) -> None:
         "baselines: each test image against another test image (a fixed random pick) of its "
         "class, and of another class. A 4 px shift moves the CNN's 7x7x64 pool2 maps by one "
         "cell: they match the unshifted maps moved one cell right with cosine "
-        f"{rows['4 px']['one_cell']:.3f}, and {rows['4 px']['one_cell_inside']:.3f} without the "
-        "first and last columns of cells (where content enters and leaves the map)."
+        f"{spread(rows['4 px']['one_cell'])}, and {spread(rows['4 px']['one_cell_inside'])} "
+        "without the first and last columns of cells (where content enters and leaves the map)."
     )
     text = "\n".join(lines) + f"\n\n{note}\n"
     with open(os.path.join(out, "equivariance.md"), "w") as f:
@@ -228,7 +245,8 @@ def write(out: str, data: input_pipeline.Dataset, run_dir) -> None:
     names = input_pipeline.class_names("fashion_mnist", 10)
     label = names[int(data.test_labels[INDEX])]
     figure(
-        os.path.join(out, "equivariance.png"), cnn, gap_cnn, data.test_images[INDEX],
+        os.path.join(out, "equivariance.png"), trained(pairs[0][0]), trained(pairs[0][1]),
+        data.test_images[INDEX],
         f"Test image {INDEX} ({label}) shifted right: the maps move with it, the flattened "
         "vector's active positions move to other indices, the GAP vector stays put\n(seed 0 "
         "of each model, one image: no error bars)",

@@ -265,7 +265,7 @@ def test_correct(name: str, data: input_pipeline.Dataset, p: runs.Plan) -> np.nd
         os.path.join(workdir, "summary.json")
     ):
         return np.load(path)
-    classifiers = runs.seed_classifiers(workdir, p.seed_count(name))
+    classifiers = runs.seed_classifiers(runs.seed_dirs(p, name))
     images = runs.test_images(name, data)
     correct = np.stack([classify(images) == data.test_labels for classify in classifiers])
     np.save(path, correct)
@@ -369,7 +369,7 @@ def sweep_accuracy(name: str, perturbed: Perturbed, p: runs.Plan) -> dict:
         with open(path) as f:
             return json.load(f)
     start = time.perf_counter()
-    classifiers = runs.seed_classifiers(workdir, p.seed_count(name))
+    classifiers = runs.seed_classifiers(runs.seed_dirs(p, name))
     padded, labels = runs.VARIANTS[name].data == "padded", perturbed.data.test_labels
     clean = [float(np.mean(c(runs.test_images(name, perturbed.data)) == labels))
              for c in classifiers]  # fmt: skip
@@ -478,16 +478,17 @@ def main(_):
     swept = {n: sweep_accuracy(n, perturbed, p)
              for n in dict.fromkeys(INVARIANCE + CONTROLS) if n in summaries}  # fmt: skip
     sweep_tables(swept, p)
-    seed_0 = lambda name: os.path.join(runs.run_dir(p, name), "seed_0")  # noqa: E731
     if "CNN" in summaries and "GAP CNN" in summaries:
-        flatten_equivariance.write(_OUT.value, data, seed_0)
+        flatten_equivariance.write(_OUT.value, data, lambda name: runs.seed_dirs(p, name))
     fields = [n for n in flatten_receptive.MODELS if n in summaries]
     if fields:
-        flatten_receptive.figure(os.path.join(_OUT.value, "receptive_fields.png"),
-                                 {n: runs.run_dir(p, n) for n in fields}, data.test_images,
-                                 {n: p.seed_count(n) for n in fields})  # fmt: skip
+        flatten_receptive.figure(
+            os.path.join(_OUT.value, "receptive_fields.png"),
+            {n: runs.seed_dirs(p, n) for n in fields},
+            data.test_images,
+        )
     if "CNN" in summaries:
-        explain.explain(seed_0("CNN"), output=os.path.join(_OUT.value, "explain.png"))
+        explain.explain(runs.seed_dirs(p, "CNN")[0], output=os.path.join(_OUT.value, "explain.png"))
 
 
 if __name__ == "__main__":

@@ -8,8 +8,6 @@ beside the theoretical receptive field that ``layers.receptive_field`` counts.
 
 from __future__ import annotations
 
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -51,13 +49,13 @@ def theoretical(workdir: str) -> int:
     return layers.receptive_field(specs[: last_map_position(specs) + 1])[0]
 
 
-def figure(path: str, run_dirs: dict[str, str], images: np.ndarray, seeds: dict[str, int]):
-    """One panel per model: its effective field, normalised to its maximum, with a box of
-    its theoretical receptive field around the field's centre of mass."""
+def figure(path: str, run_dirs: dict[str, list[str]], images: np.ndarray):
+    """One panel per model (``run_dirs``: its seeds' runs): its effective field,
+    normalised to its maximum, with a box of its theoretical receptive field around the
+    field's centre of mass."""
     images = images[:IMAGES]
     fig = Figure(figsize=(4.2 * len(run_dirs), 4.4))
-    for i, (name, run_dir) in enumerate(run_dirs.items()):
-        seed_dirs = [os.path.join(run_dir, f"seed_{k}") for k in range(seeds[name])]
+    for i, (name, seed_dirs) in enumerate(run_dirs.items()):
         mean = np.mean([field(d, images) for d in seed_dirs], axis=0)
         mean /= mean.max()
         ax = fig.add_subplot(1, len(run_dirs), i + 1)
@@ -73,7 +71,7 @@ def figure(path: str, run_dirs: dict[str, str], images: np.ndarray, seeds: dict[
                      f"{100 * share:.0f}% of pixels above 5% of the peak", fontsize=8)  # fmt: skip
         ax.set_xlabel("input column (of 28)", fontsize=8)
         ax.set_ylabel("input row (of 28)", fontsize=8)
-    n = min(seeds.values())
+    n = min(len(dirs) for dirs in run_dirs.values())
     fig.suptitle(
         "Effective receptive field of the last map's centre unit: mean |input gradient| over "
         f"{len(images):,} test images and {n} seeds, normalised to its peak",

@@ -151,6 +151,12 @@ def run_dir(plan: Plan, name: str, full: bool = False) -> str:
     return os.path.join(plan.out, "runs_full" if full else "runs", slug(name))
 
 
+def seed_dirs(plan: Plan, name: str, full: bool = False) -> list[str]:
+    """Where each seed of variant ``name`` is trained and kept."""
+    workdir = run_dir(plan, name, full)
+    return [os.path.join(workdir, f"seed_{k}") for k in range(plan.seed_count(name, full))]
+
+
 def fashion(plan: Plan) -> input_pipeline.Dataset:
     part = input_pipeline.Part(num_train=plan.train_images, num_test=plan.test_images)
     return input_pipeline.load_dataset("fashion_mnist", part=part)
@@ -356,21 +362,16 @@ def seed_jobs(names, data, plan: Plan, rates: dict, full: bool = False) -> dict[
     jobs = {}
     for name in names:
         base = variant_config(name, data, plan, rates[name]["learning_rate"], full)
-        for seed in range(plan.seed_count(name, full)):
-            config = base.copy_and_resolve_references()
+        for seed, workdir in enumerate(seed_dirs(plan, name, full)):
+            jobs[workdir] = config = base.copy_and_resolve_references()
             config.seed = seed
-            jobs[os.path.join(run_dir(plan, name, full), f"seed_{seed}")] = config
     return jobs
 
 
 def test_accuracies(names, data, plan: Plan, rates: dict) -> dict[str, list[float]]:
     """Trains (or reuses) the seeds of ``names``; their test accuracies, per variant."""
     results = train_all(seed_jobs(names, data, plan, rates), plan.workers)
-    return {
-        name: [results[os.path.join(run_dir(plan, name), f"seed_{k}")]["test_accuracy"]
-               for k in range(plan.seed_count(name))]
-        for name in names
-    }  # fmt: skip
+    return {name: [results[d]["test_accuracy"] for d in seed_dirs(plan, name)] for name in names}
 
 
 def train_variants(names, data, plan: Plan, rates: dict, full: bool = False) -> dict[str, dict]:
@@ -380,9 +381,8 @@ def train_variants(names, data, plan: Plan, rates: dict, full: bool = False) -> 
     results = train_all(jobs, plan.workers)
     summaries = {}
     for name in names:
-        workdir = run_dir(plan, name, full)
-        seed_dirs = [os.path.join(workdir, f"seed_{k}") for k in range(plan.seed_count(name, full))]
-        records = [results[d] for d in seed_dirs]
+        workdir, dirs = run_dir(plan, name, full), seed_dirs(plan, name, full)
+        records = [results[d] for d in dirs]
         summary_path = os.path.join(workdir, "summary.json")
         if os.path.exists(summary_path):
             with open(summary_path) as f:
@@ -390,13 +390,13 @@ def train_variants(names, data, plan: Plan, rates: dict, full: bool = False) -> 
             if summary["test_accuracy"] == [r["test_accuracy"] for r in records]:
                 summaries[name] = summary
                 continue
-        summaries[name] = summarize(name, data, jobs[seed_dirs[0]], workdir, records)
+        summaries[name] = summarize(name, data, jobs[dirs[0]], dirs, records)
         with open(summary_path, "w") as f:
             json.dump(summaries[name], f, indent=1)
     return summaries
 
 
-def summarize(name, data, config, workdir: str, records: list[dict]) -> dict:
+def summarize(name, data, config, dirs: list[str], records: list[dict]) -> dict:
     variant = VARIANTS[name]
     size = variant.data if isinstance(variant.data, int) else len(data.train.labels)
     train_images, train_labels = data.train.images[:size], data.train.labels[:size]
@@ -407,7 +407,7 @@ def summarize(name, data, config, workdir: str, records: list[dict]) -> dict:
         "test_accuracy": [r["test_accuracy"] for r in records],
         "train_accuracy": [
             float(np.mean(classify(train_images) == train_labels))
-            for classify in seed_classifiers(workdir, len(records))
+            for classify in seed_classifiers(dirs)
         ],
         "train_images": size,
         "steps": records[0]["step"],
@@ -415,22 +415,17 @@ def summarize(name, data, config, workdir: str, records: list[dict]) -> dict:
         "receptive_field": receptive_field(model_specs(config)),
         # Per model, training alone: the sum of its epochs' seconds (one core).
         "train_sec_per_model": float(
-            np.mean(
-                [
-                    sum(r["epoch_sec"] for r in read_metrics(os.path.join(workdir, f"seed_{k}")))
-                    for k in range(len(records))
-                ]
-            )
-        ),  # fmt: skip
+            np.mean([sum(r["epoch_sec"] for r in read_metrics(d)) for d in dirs])
+        ),
         "run_sec": float(sum(r["run_sec"] for r in records)),  # All seeds, evaluation too.
     }
 
 
-def seed_classifiers(workdir: str, count: int) -> list:
-    """One ``images -> predicted labels`` function per seed ``0 .. count - 1`` of a variant."""
+def seed_classifiers(dirs: list[str]) -> list:
+    """One ``images -> predicted labels`` function per trained run in ``dirs``."""
     classifiers = []
-    for seed in range(count):
-        run = workdir_lib.load_run(os.path.join(workdir, f"seed_{seed}"))
+    for workdir in dirs:
+        run = workdir_lib.load_run(workdir)
         config, model, params = run.config, run.model, run.params
 
         def classify(images, params=params, model=model, config=config):
