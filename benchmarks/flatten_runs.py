@@ -1,12 +1,12 @@
 """The trained models behind docs/flatten.md: the variants, their learning rates, their runs.
 
 Every variant is a config of ``train.py``'s own trainer (``configs/default.py`` plus a
-few overrides). Its learning rate is chosen per variant from ``LEARNING_RATES`` by
-validation accuracy (seed 0, the last ``1/6`` of the training images held out, the
-test set untouched); then ``Plan.seeds`` models train on all training images with
-it, and ``Plan.more_seeds`` for the variants in ``Plan.more`` (those the write-up
-compares with a variant less than a point away). A variant with a smaller training
-set uses its full-set variant's learning rate.
+few overrides). Its learning rate is chosen per variant from a grid (``LEARNING_RATES``,
+grown while its top is best) by validation accuracy (seed 0, the last ``1/6`` of the
+training images held out, the test set untouched); then ``Plan.seeds`` models train on
+all training images with it, and ``Plan.more_seeds`` for the variants in ``Plan.more``
+(those the write-up compares with a variant less than a point away). A variant with a
+smaller training set uses its full-set variant's learning rate.
 
 Each model trains alone on one CPU core, ``Plan.workers`` at a time (on the 2-core
 machine two one-core runs do 1.6x the work of one two-core run in the same time),
@@ -297,7 +297,7 @@ def choose_learning_rates(names, data, plan: Plan) -> dict[str, dict]:
     """Per variant: validation accuracy at each rate of its grid (seed 0, the last sixth
     of the training images held out), the chosen rate, and the grid's seconds. The grid
     is ``LEARNING_RATES``, doubled past its top while the best rate is the top (up to
-    ``TOP_RATE``), so that the chosen rate is never the grid's edge by construction."""
+    ``TOP_RATE``), so that the chosen rate lies inside the grid unless it is TOP_RATE."""
     grids = {name: list(LEARNING_RATES) for name in dict.fromkeys(base_variant(n) for n in names)}
 
     def run_dir_lr(name: str, rate: float) -> str:
