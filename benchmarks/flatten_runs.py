@@ -1,7 +1,7 @@
 """The trained models behind docs/flatten.md: the variants, their learning rates, their runs.
 
 Every variant is a config of ``train.py``'s own trainer (``configs/default.py`` plus a
-few overrides). Its learning rate is chosen per variant from a grid (``LEARNING_RATES``,
+few overrides). Its learning rate is chosen per variant from a grid (``Plan.learning_rates``,
 grown while its top is best) by validation accuracy (seed 0, the last ``1/6`` of the
 training images held out, the test set untouched); then ``Plan.seeds`` models train on
 all training images with it, and ``Plan.more_seeds`` for the variants in ``Plan.more``
@@ -47,6 +47,8 @@ class Plan:
     test_images: int = 0  # 0: all 10,000.
     workers: int = 2  # Models training at once, one core each.
     more: frozenset = frozenset()  # The variants that get ``more_seeds``.
+    learning_rates: tuple = (1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2)  # The grid; default.py: 2e-3.
+    top_rate: float = 6.4e-2  # The highest rate the grid grows to.
 
     def seed_count(self, name: str, full: bool = False) -> int:
         if full:
@@ -58,8 +60,6 @@ DIVERGED = "diverged.json"  # In a run directory: the loss diverged; the error.
 RUN_SEC = "run_sec.json"  # In a run directory: the seconds the run took, once finished.
 CANVAS = 36  # The padded canvas: 4 pixels of zeros round each 28x28 image.
 SMALLER = (500, 2_000, 10_000)  # Training-set sizes below the full one.
-LEARNING_RATES = (1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2)  # Adam's peak rate; default.py: 2e-3.
-TOP_RATE = 6.4e-2  # The highest rate the grid grows to.
 MLP = {"name": "mlp", "dense_features": (1024,)}  # About the CNN's parameter count.
 # configs/default.py's CNN as layer specs, and variants of it.
 CNN = ("conv:32:3", "relu", "max_pool:2", "conv:64:3", "relu", "max_pool:2")
@@ -296,9 +296,11 @@ def read_metrics(workdir: str) -> list[dict]:
 def choose_learning_rates(names, data, plan: Plan) -> dict[str, dict]:
     """Per variant: validation accuracy at each rate of its grid (seed 0, the last sixth
     of the training images held out), the chosen rate, and the grid's seconds. The grid
-    is ``LEARNING_RATES``, doubled past its top while the best rate is the top (up to
-    ``TOP_RATE``), so that the chosen rate lies inside the grid unless it is TOP_RATE."""
-    grids = {name: list(LEARNING_RATES) for name in dict.fromkeys(base_variant(n) for n in names)}
+    is ``plan.learning_rates``, doubled past its top while the best rate is the top (up
+    to ``plan.top_rate``), so that the chosen rate lies inside the grid unless it is the
+    top rate."""
+    tuned = dict.fromkeys(base_variant(n) for n in names)
+    grids = {name: list(plan.learning_rates) for name in tuned}
 
     def run_dir_lr(name: str, rate: float) -> str:
         return os.path.join(plan.out, "runs_lr", slug(name), f"lr_{rate:g}")
@@ -316,7 +318,7 @@ def choose_learning_rates(names, data, plan: Plan) -> dict[str, dict]:
         }
         edge = [
             name for name, grid in grids.items()
-            if max(grid, key=accuracy[name].get) == grid[-1] and 2 * grid[-1] <= TOP_RATE
+            if max(grid, key=accuracy[name].get) == grid[-1] and 2 * grid[-1] <= plan.top_rate
         ]  # fmt: skip
         if not edge:
             break
