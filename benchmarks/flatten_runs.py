@@ -48,7 +48,7 @@ class Plan:
     workers: int = 2  # Models training at once, one core each.
     more: frozenset = frozenset()  # The variants that get ``more_seeds``.
     learning_rates: tuple = (1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2)  # The grid; default.py: 2e-3.
-    top_rate: float = 6.4e-2  # The highest rate the grid grows to.
+    top_rate: float = 0.256  # The highest rate the grid grows to.
 
     def seed_count(self, name: str, full: bool = False) -> int:
         if full:
