@@ -441,7 +441,9 @@ def sweep_tables(swept: dict, p: runs.Plan) -> None:
         + reproduce(names, sum(swept[n]["sec"] for n in names))
     )
     write_table("deformations", header, rows, note)
-    panels = [(sweep, sweep, ls) for sweep, ls in levels.items()]
+    labels = {"rotation": "rotation, degrees", "shear": "shear, columns per row",
+              "scale": "scale factor", "elastic": "elastic, root-mean-square pixels"}  # fmt: skip
+    panels = [(sweep, labels[sweep], ls) for sweep, ls in levels.items()]
     figures.sweeps(os.path.join(_OUT.value, "deformations.png"), {n: swept[n] for n in names},
                    panels, COLORS)  # fmt: skip
 

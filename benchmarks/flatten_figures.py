@@ -67,7 +67,7 @@ def sweeps(path, results: dict, panels, colors: dict, marks=()) -> None:
     level of ``results[model][key]`` (levels x seeds), mean and 95% interval, with a chance
     line; ``marks``: x values to draw a dotted line at (the total stride's multiples)."""
     n = min(len(r[panels[0][0]][0]) for r in results.values())
-    columns = min(len(panels), 3)
+    columns = 2 if len(panels) == 4 else min(len(panels), 3)
     rows = -(-len(panels) // columns)
     fig = Figure(figsize=(5.5 * columns, 4.6 * rows))
     for i, (key, label, levels) in enumerate(panels):
