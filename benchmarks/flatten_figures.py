@@ -115,13 +115,16 @@ def data_efficiency(path, curves, colors: dict) -> None:
     acc_ax.set_ylim(low, high)
     acc_ax.set_ylabel(f"accuracy, % (axis zoomed: {low:.0f} to {high:.0f}; chance is 10)")
     gap_ax.axhline(0, color="gray", lw=0.8)
-    gap_ax.set_ylabel(f"train - test accuracy, points ({_error_label(n)})")
+    gap_ax.set_ylabel("train - test accuracy, points")
     titles = {
         acc_ax: f"accuracy (solid: test, dashed: train; {_error_label(n)})",
-        gap_ax: "overfitting: the train-test gap",
+        gap_ax: f"overfitting: the train-test gap ({_error_label(n)})",
     }
     for ax, title in titles.items():
         ax.set_xscale("log")
+        sizes = sorted({size for points in curves.values() for size, _, _ in points})
+        ax.set_xticks(sizes, [f"{size:,}" for size in sizes])
+        ax.minorticks_off()
         ax.set_xlabel("training images (log scale)")
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
