@@ -28,9 +28,7 @@ run a smaller part of it; ``--quick`` is the smallest (CI runs it).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import time
 
 import numpy as np
 from absl import app, flags
@@ -38,7 +36,8 @@ from absl import app, flags
 from benchmarks import flatten_equivariance, flatten_receptive, flatten_stats
 from benchmarks import flatten_figures as figures
 from benchmarks import flatten_runs as runs
-from cnnflat_jax.data import input_pipeline, transforms
+from benchmarks.flatten_sweeps import DIRECTIONS, SHIFTS, SWEEPS, is_clean, sweep_all
+from cnnflat_jax.data import input_pipeline
 from cnnflat_jax.tools import explain
 
 _OUT = flags.DEFINE_string("out", "docs/flatten", "Where tables, figures and runs go.")
@@ -65,12 +64,6 @@ _QUICK = flags.DEFINE_boolean(
 )  # fmt: skip
 QUICK_VARIANTS = ("CNN", "GAP CNN", "GAP CNN, deeper")
 
-SHIFTS = tuple(range(9))  # Pixels; the CNN's total stride is 4.
-DIRECTIONS = {"x": (0, 1), "y": (1, 0), "diagonal": (1, 1)}  # (rows down, columns right) per px.
-ROTATIONS = (0, 5, 10, 15, 20, 25, 30)  # Degrees, each the mean of both directions.
-SHEARS = (0.0, 0.1, 0.2, 0.3)  # Columns per row, each the mean of both directions.
-SCALES = (0.8, 0.9, 1.0, 1.1, 1.2)
-ELASTIC = (0.0, 1.0, 2.0, 3.0)  # Root-mean-square displacement, pixels (sigma 4 px).
 INVARIANCE = ("CNN", "CNN, avg pool", "CNN, anti-aliased max pool", "CNN, no pool (stride-2 convs)",
               "CNN, no downsampling", "CNN, no downsampling, dilated", "GAP CNN",
               "GMP CNN (global max pool)", "GAP CNN, deeper", "MLP")  # fmt: skip
@@ -327,78 +320,6 @@ def efficiency_table(summaries: dict, choices: dict, p: runs.Plan) -> None:
     figures.data_efficiency(os.path.join(_OUT.value, "data_efficiency.png"), curves, COLORS)
 
 
-class Perturbed:
-    """The test images under each perturbation, made once and shared by every model."""
-
-    def __init__(self, data: input_pipeline.Dataset):
-        self.data, self.cache = data, {}
-
-    def images(self, padded: bool, kind: str, level) -> np.ndarray:
-        key = (padded, kind, level)
-        if key not in self.cache:
-            images = runs.pad(self.data.test_images) if padded else self.data.test_images
-            self.cache[key] = TRANSFORMS[kind](images, level)
-        return self.cache[key]
-
-
-TRANSFORMS = {
-    **{f"shift {d}": (lambda x, s, d=d: transforms.shift(x, s * DIRECTIONS[d][0],
-                                                        s * DIRECTIONS[d][1]))
-       for d in DIRECTIONS},
-    "rotation +": transforms.rotate,
-    "rotation -": lambda x, a: transforms.rotate(x, -a),
-    "shear +": transforms.shear,
-    "shear -": lambda x, k: transforms.shear(x, -k),
-    "scale": transforms.scale,
-    "elastic": transforms.elastic,
-}  # fmt: skip
-SWEEPS = {  # Sweep -> (its levels, the transforms whose mean it reports).
-    **{f"shift {d}": (SHIFTS, (f"shift {d}",)) for d in DIRECTIONS},
-    "rotation": (ROTATIONS, ("rotation +", "rotation -")),
-    "shear": (SHEARS, ("shear +", "shear -")),
-    "scale": (SCALES, ("scale",)),
-    "elastic": (ELASTIC, ("elastic",)),
-}
-
-
-def is_clean(sweep: str, level) -> bool:
-    """Whether ``level`` of ``sweep`` leaves the images as they are."""
-    return level == (1.0 if sweep == "scale" else 0)
-
-
-def sweep_accuracy(name: str, perturbed: Perturbed, p: runs.Plan) -> dict:
-    """Per sweep, per level, per seed: test accuracy on the perturbed test images (zero
-    fill, bilinear), cached in the variant's ``sweeps.json`` with its seconds."""
-    workdir = runs.run_dir(p, name)
-    path = os.path.join(workdir, "sweeps.json")
-    if os.path.exists(path) and os.path.getmtime(path) > os.path.getmtime(
-        os.path.join(workdir, "summary.json")
-    ):
-        with open(path) as f:
-            return json.load(f)
-    start = time.perf_counter()
-    classifiers = runs.seed_classifiers(runs.seed_dirs(p, name))
-    padded, labels = runs.VARIANTS[name].data == "padded", perturbed.data.test_labels
-    clean = [float(np.mean(c(runs.test_images(name, perturbed.data)) == labels))
-             for c in classifiers]  # fmt: skip
-
-    def accuracy(kind: str, level) -> list[float]:  # Per seed.
-        if is_clean(kind, level):
-            return clean
-        images = perturbed.images(padded, kind, level)
-        return [float(np.mean(classify(images) == labels)) for classify in classifiers]
-
-    sweeps = {
-        sweep: [np.mean([accuracy(kind, level) for kind in kinds], axis=0).tolist()
-                for level in levels]
-        for sweep, (levels, kinds) in SWEEPS.items()
-    }  # fmt: skip
-    sweeps["sec"] = time.perf_counter() - start
-    with open(path, "w") as f:
-        json.dump(sweeps, f)
-    return sweeps
-
-
 def sweep_tables(swept: dict, p: runs.Plan) -> None:
     canvas = (
         f"Padded canvas: trained and tested on images centred on a {runs.CANVAS}x{runs.CANVAS} "
@@ -411,11 +332,12 @@ def sweep_tables(swept: dict, p: runs.Plan) -> None:
                 for name in names for direction in DIRECTIONS]  # fmt: skip
         seconds = sum(swept[n]["sec"] for n in names)
         note = (
-            "Test accuracy (%) [95% CI over the seeds] of the test images moved s pixels right "
+            f"Test accuracy (%) [95% CI over each variant's first {p.seeds} seeds] of the test "
+            "images moved s pixels right "
             "(x), down (y) or both (diagonal), zero fill. The CNN's pools have a total stride "
             f"of 4: a shift by a multiple of 4 moves its last maps by whole cells. {extra} "
-            f"{budget(p)} Evaluation: {seconds / 60:.1f} minutes (2 cores), after training "
-            "(accuracy.md). " + reproduce(names, seconds)
+            f"{budget(p)} Evaluation: {seconds / 60:.1f} core-minutes (one core per variant), "
+            "after training (accuracy.md). " + reproduce(names, seconds)
         )
         header = ["model", "direction", *(f"{s} px" for s in SHIFTS)]
         write_table(table, header, rows, note)
@@ -432,7 +354,8 @@ def sweep_tables(swept: dict, p: runs.Plan) -> None:
         for name in names
     ]  # fmt: skip
     note = (
-        "Test accuracy (%) [95% CI over the seeds] under rotation (degrees about the centre, "
+        f"Test accuracy (%) [95% CI over each variant's first {p.seeds} seeds] under rotation "
+        "(degrees about the centre, "
         "the mean of both directions), horizontal shear (columns per row from the centre, "
         "both directions), scale (zoom about the centre) and elastic deformation (Simard et "
         "al. 2003: a random displacement field smoothed by a Gaussian of std 4 px, scaled to "
@@ -484,10 +407,8 @@ def main(_):
     accuracy_table(summaries, choices, p)
     comparisons_table(data, summaries, p)
     efficiency_table(summaries, choices, p)
-    perturbed = Perturbed(data)
-    swept = {n: sweep_accuracy(n, perturbed, p)
-             for n in dict.fromkeys(INVARIANCE + CONTROLS) if n in summaries}  # fmt: skip
-    sweep_tables(swept, p)
+    swept = [n for n in dict.fromkeys(INVARIANCE + CONTROLS) if n in summaries]
+    sweep_tables(sweep_all(swept, data, p), p)
     if "CNN" in summaries and "GAP CNN" in summaries:
         flatten_equivariance.write(_OUT.value, data, lambda name: runs.seed_dirs(p, name))
     fields = [n for n in flatten_receptive.MODELS if n in summaries]

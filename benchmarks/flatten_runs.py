@@ -22,6 +22,7 @@ import json
 import multiprocessing
 import os
 import time
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -250,14 +251,10 @@ def finished(workdir: str, config) -> dict | None:
     return last if last.get("epoch") == config.num_epochs and "run_sec" in last else None
 
 
-def train_all(jobs: dict[str, object], workers: int) -> dict[str, dict]:
-    """Trains each ``workdir -> config`` (one core each, ``workers`` at once; a run that
-    already finished is read back), and returns each run's last record with its
-    ``run_sec``: the seconds it took, evaluation included."""
-    results = {w: r for w, c in jobs.items() if (r := finished(w, c)) is not None}
-    todo = {w: c for w, c in jobs.items() if w not in results}
-    if not todo:
-        return results
+def parallel(function, jobs: dict, workers: int) -> Iterator[tuple]:
+    """``(key, function(*args))`` for each ``key -> args`` of ``jobs`` as each finishes,
+    in ``workers`` processes of one CPU core each (``function`` must be importable: the
+    processes are spawned)."""
     context = multiprocessing.get_context("spawn")
     cores = context.Queue()
     allowed = sorted(os.sched_getaffinity(0))
@@ -266,12 +263,21 @@ def train_all(jobs: dict[str, object], workers: int) -> dict[str, dict]:
     with concurrent.futures.ProcessPoolExecutor(
         workers, mp_context=context, initializer=_pin, initargs=(cores,)
     ) as pool:
-        futures = {pool.submit(_train, config, w): w for w, config in todo.items()}
+        futures = {pool.submit(function, *args): key for key, args in jobs.items()}
         for future in concurrent.futures.as_completed(futures):
-            workdir = futures[future]
-            results[workdir] = future.result()
-            with open(workdir_lib.path(workdir, RUN_SEC), "w") as f:
-                json.dump(results[workdir]["run_sec"], f)
+            yield futures[future], future.result()
+
+
+def train_all(jobs: dict[str, object], workers: int) -> dict[str, dict]:
+    """Trains each ``workdir -> config`` (one core each, ``workers`` at once; a run that
+    already finished is read back), and returns each run's last record with its
+    ``run_sec``: the seconds it took, evaluation included."""
+    results = {w: r for w, c in jobs.items() if (r := finished(w, c)) is not None}
+    todo = {w: (c, w) for w, c in jobs.items() if w not in results}
+    for workdir, record in parallel(_train, todo, workers) if todo else ():
+        with open(workdir_lib.path(workdir, RUN_SEC), "w") as f:
+            json.dump(record["run_sec"], f)
+        results[workdir] = record
     return results
 
 
