@@ -10,6 +10,7 @@ shift: how similar each vector stays to the unshifted image's) and
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -199,10 +200,11 @@ def spread(values, scale: float = 1.0, digits: int = 3) -> str:
     return f"{interval.estimate:.{digits}f} [{interval.low:.{digits}f}, {interval.high:.{digits}f}]"
 
 
-def write(out: str, data: input_pipeline.Dataset, seed_dirs) -> None:
+def write(out: str, data: input_pipeline.Dataset, seed_dirs, reproduce) -> None:
     """``equivariance.md`` and ``equivariance.png`` in ``out``; ``seed_dirs(name)``: the
-    trained runs of a variant, one per seed. Seed k of the CNN is measured with seed k of
-    the GAP CNN; the figure draws seed 0."""
+    trained runs of a variant, one per seed; ``reproduce(seconds)``: the note's last line.
+    Seed k of the CNN is measured with seed k of the GAP CNN; the figure draws seed 0."""
+    start = time.perf_counter()
     pairs = list(zip(seed_dirs("CNN"), seed_dirs("GAP CNN")))
     per_seed = [
         measure(trained(cnn_dir), trained(gap_dir), data.test_images, data.test_labels)
@@ -236,7 +238,8 @@ def write(out: str, data: input_pipeline.Dataset, seed_dirs) -> None:
         "class, and of another class. A 4 px shift moves the CNN's 7x7x64 pool2 maps by one "
         "cell: they match the unshifted maps moved one cell right with cosine "
         f"{spread(rows['4 px']['one_cell'])}, and {spread(rows['4 px']['one_cell_inside'])} "
-        "without the first and last columns of cells (where content enters and leaves the map)."
+        "without the first and last columns of cells (where content enters and leaves the "
+        f"map). {reproduce(time.perf_counter() - start)}"
     )
     text = "\n".join(lines) + f"\n\n{note}\n"
     with open(os.path.join(out, "equivariance.md"), "w") as f:

@@ -102,6 +102,7 @@ TITLES = {
     "shifts": "Shifts of 0-8 pixels in x, y and diagonally",
     "shift_controls": "Shift controls: a padded canvas, shift augmentation",
     "deformations": "Rotation, shear, scale and elastic deformation",
+    "receptive_fields": "Effective receptive fields",
     "full_budget": "The full budget: 10 epochs",
 }
 
@@ -149,9 +150,9 @@ def reproduce(names, seconds: float, extra: str = "") -> str:
     flags_ = " ".join([*(f'--variant "{n}"' for n in bases), *([extra] if extra else [])])
     return (
         f"Reproduce: `python -m benchmarks.flatten_experiments {flags_}` (with the runs kept in "
-        f"`{_OUT.value}`, it only rebuilds the tables). Measured compute for this table: "
-        f"{seconds / 60:.0f} core-minutes (one core per model; about half that in wall time "
-        "on the 2-core machine), learning-rate grid, training and evaluation included."
+        f"`{_OUT.value}`, it only rebuilds the tables). Measured for this table: "
+        f"{seconds / 60:.1f} minutes of compute (the sum over its runs; training and the "
+        "sweeps run one model per core, two at a time on the 2-core machine)."
     )
 
 
@@ -246,7 +247,8 @@ def accuracy_table(summaries: dict, choices: dict, p: runs.Plan) -> None:
     note = (
         "Receptive field: the input pixels one unit of the last map before the flatten or "
         "global pool sees (layers.receptive_field). Train accuracy: the final models on "
-        f"all their training images. {budget(p)} {reproduce(names, seconds)}"
+        f"all their training images. {budget(p)} {reproduce(names, seconds)} The minutes "
+        "include the learning-rate grid's runs."
     )
     write_table("accuracy", header, rows, note)
     figures.dot_plot(
@@ -312,7 +314,8 @@ def efficiency_table(summaries: dict, choices: dict, p: runs.Plan) -> None:
     seconds = sum(summaries[n]["run_sec"] for n in names) + sum(choices[m]["sec"] for m in curves)
     note = (
         "Train accuracy: the final models on their own N distinct training images. "
-        f"Each size trains for the same number of steps. {budget(p)} {reproduce(names, seconds)}"
+        f"Each size trains for the same number of steps. {budget(p)} {reproduce(names, seconds)} "
+        "The minutes include the full-set variants' learning-rate grids."
     )
     header = ["model", "training images", "train accuracy %", "test accuracy % [95% CI]",
               "train - test, points"]  # fmt: skip
@@ -336,8 +339,8 @@ def sweep_tables(swept: dict, p: runs.Plan) -> None:
             "images moved s pixels right "
             "(x), down (y) or both (diagonal), zero fill. The CNN's pools have a total stride "
             f"of 4: a shift by a multiple of 4 moves its last maps by whole cells. {extra} "
-            f"{budget(p)} Evaluation: {seconds / 60:.1f} core-minutes (one core per variant), "
-            "after training (accuracy.md). " + reproduce(names, seconds)
+            f"{budget(p)} {reproduce(names, seconds)} The minutes are the sweeps' only (the "
+            "training is in accuracy.md)."
         )
         header = ["model", "direction", *(f"{s} px" for s in SHIFTS)]
         write_table(table, header, rows, note)
@@ -362,6 +365,7 @@ def sweep_tables(swept: dict, p: runs.Plan) -> None:
         "the given root-mean-square pixels; one field per test image, the same for every "
         f"model); bilinear, zero fill. The clean accuracy is in shifts.md at 0 px. {budget(p)} "
         + reproduce(names, sum(swept[n]["sec"] for n in names))
+        + " The minutes are the sweeps' only (the training is in accuracy.md)."
     )
     write_table("deformations", header, rows, note)
     labels = {"rotation": "rotation, degrees", "shear": "shear, columns per row",
@@ -369,6 +373,26 @@ def sweep_tables(swept: dict, p: runs.Plan) -> None:
     panels = [(sweep, labels[sweep], ls) for sweep, ls in levels.items()]
     figures.sweeps(os.path.join(_OUT.value, "deformations.png"), {n: swept[n] for n in names},
                    panels, COLORS)  # fmt: skip
+
+
+def receptive_table(run_dirs: dict[str, list[str]], data, p: runs.Plan) -> None:
+    measured = flatten_receptive.measure(run_dirs, data.test_images)
+    rows = [[name, str(len(m["fields"])), f"{m['theoretical']} px",
+             interval(m["side_90"], scale=1)] for name, m in measured.items()]  # fmt: skip
+    note = (
+        "Effective receptive field (Luo et al. 2016): the magnitude of the gradient of the "
+        "centre unit of the last map before the flatten or global pool (summed over its "
+        "channels) with respect to each input pixel, averaged over the first "
+        f"{flatten_receptive.IMAGES:,} test images; the side of the smallest square around "
+        "its centre of mass that holds 90% of it, per seed [95% CI over the seeds]. "
+        "Theoretical: the pixels a unit of that map can see (layers.receptive_field). "
+        + reproduce(measured, sum(m["sec"] for m in measured.values()))
+        + " The minutes are the gradients' only (the training is in accuracy.md)."
+    )
+    header = ["model", "seeds", "theoretical receptive field", "side holding 90% of the "
+              "gradient, px [95% CI]"]  # fmt: skip
+    write_table("receptive_fields", header, rows, note)
+    flatten_receptive.figure(os.path.join(_OUT.value, "receptive_fields.png"), measured)
 
 
 def full_budget_table(data, p: runs.Plan) -> None:
@@ -410,14 +434,14 @@ def main(_):
     swept = [n for n in dict.fromkeys(INVARIANCE + CONTROLS) if n in summaries]
     sweep_tables(sweep_all(swept, data, p), p)
     if "CNN" in summaries and "GAP CNN" in summaries:
-        flatten_equivariance.write(_OUT.value, data, lambda name: runs.seed_dirs(p, name))
+        flatten_equivariance.write(
+            _OUT.value, data, lambda name: runs.seed_dirs(p, name),
+            lambda seconds: reproduce(["CNN", "GAP CNN"], seconds)
+            + " The minutes are the measurement's only (2 cores; the training is in accuracy.md).",
+        )  # fmt: skip
     fields = [n for n in flatten_receptive.MODELS if n in summaries]
     if fields:
-        flatten_receptive.figure(
-            os.path.join(_OUT.value, "receptive_fields.png"),
-            {n: runs.seed_dirs(p, n) for n in fields},
-            data.test_images,
-        )
+        receptive_table({n: runs.seed_dirs(p, n) for n in fields}, data, p)
     if "CNN" in summaries:
         explain.explain(runs.seed_dirs(p, "CNN")[0], output=os.path.join(_OUT.value, "explain.png"))
 
