@@ -147,7 +147,8 @@ def selected(p: runs.Plan) -> list[str]:
 def reproduce(names, seconds: float, extra: str = "") -> str:
     """The command that rebuilds a table from scratch, and the compute it took."""
     bases = dict.fromkeys(runs.base_variant(n) for n in names)
-    flags_ = " ".join([*(f'--variant "{n}"' for n in bases), *([extra] if extra else [])])
+    chosen = [] if set(runs.MAIN) <= set(bases) else bases  # All: the default.
+    flags_ = " ".join([*(f'--variant "{n}"' for n in chosen), *([extra] if extra else [])])
     return (
         f"Reproduce: `python -m benchmarks.flatten_experiments {flags_}` (with the runs kept in "
         f"`{_OUT.value}`, it only rebuilds the tables). Measured for this table: "
