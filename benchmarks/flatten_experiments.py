@@ -148,9 +148,10 @@ def reproduce(names, seconds: float, extra: str = "") -> str:
     """The command that rebuilds a table from scratch, and the compute it took."""
     bases = dict.fromkeys(runs.base_variant(n) for n in names)
     chosen = [] if set(runs.MAIN) <= set(bases) else bases  # All: the default.
-    flags_ = " ".join([*(f'--variant "{n}"' for n in chosen), *([extra] if extra else [])])
+    flags_ = [*(f'--variant "{n}"' for n in chosen), *([extra] if extra else [])]
+    command = " ".join(["python -m benchmarks.flatten_experiments", *flags_])
     return (
-        f"Reproduce: `python -m benchmarks.flatten_experiments {flags_}` (with the runs kept in "
+        f"Reproduce: `{command}` (with the runs kept in "
         f"`{_OUT.value}`, it only rebuilds the tables). Measured for this table: "
         f"{seconds / 60:.1f} minutes of compute (the sum over its runs; training and the "
         "sweeps run one model per core, two at a time on the 2-core machine)."
