@@ -399,8 +399,9 @@ def receptive_table(run_dirs: dict[str, list[str]], data, p: runs.Plan) -> None:
 
 
 def full_budget_table(data, p: runs.Plan) -> None:
+    available = selected(p)  # Checks the --variant names.
     chosen = _VARIANTS.value or ([] if _QUICK.value else FULL_BUDGET)
-    names = [n for n in chosen or selected(p) if n in runs.MAIN]
+    names = [n for n in chosen or available if n in runs.MAIN]
     choices = runs.choose_learning_rates(names, data, p)
     summaries = runs.train_variants(names, data, p, choices, full=True)
     rows = []
