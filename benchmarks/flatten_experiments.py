@@ -79,15 +79,19 @@ COMPARISONS = (
     ("CNN", "CNN, avg pool"),
     ("CNN, anti-aliased max pool", "CNN"),
     ("CNN", "CNN, no pool (stride-2 convs)"),
+    ("CNN", "CNN, max pool 3"),
     ("CNN, max pool 3", "CNN, avg pool 3"),
     ("CNN", "CNN, no downsampling"),
     ("CNN", "CNN, no downsampling, dilated"),
+    ("CNN, no downsampling", "CNN, no downsampling, dilated"),
     ("CNN", "CNN, no ReLU"),
     ("CNN", "CNN, permuted flatten"),
     ("CNN", "CNN, shuffled pixels"),
+    ("CNN, shuffled pixels", "MLP"),
     ("MLP", "MLP, shuffled pixels"),
     ("CNN, shift-augmented", "CNN"),
     ("CNN, padded canvas", "CNN"),
+    ("GAP CNN, padded canvas", "GAP CNN"),
 )
 # The variants trained for 10 epochs too: each head, the extremes of downsampling, the MLP.
 # In this order; the no-downsampling net last: its 10 epochs take 5x the others'.
