@@ -1,7 +1,6 @@
 """The experiments behind docs/flatten.md (third edition), every table and figure.
 
     python -m benchmarks.flatten_experiments --out docs/flatten
-    python -m benchmarks.flatten_experiments --out docs/flatten --full_budget
     python -m benchmarks.flatten_experiments --out /tmp/flatten --quick
 
 The budget is the same for every variant: ``--num_epochs`` (1) epoch of 60,000
@@ -11,17 +10,15 @@ validation split (``flatten_runs``). Each variant trains ``--seeds`` (5) models;
 then the variants of each compared pair (``COMPARISONS``) whose mean accuracies are
 less than ``CLOSE`` apart get ``--more_seeds`` (10). Tables give means with 95%
 intervals, and ``comparisons.md`` tests the differences the write-up claims
-(``flatten_stats``). ``--full_budget`` trains the ``FULL_BUDGET`` variants (or the
-``--variant``s) for 10 epochs instead, ``--seeds`` each, to check that the rankings
-hold with the default run's budget.
+(``flatten_stats``).
 
 Writes, to ``--out``: ``learning_rates.md``, ``accuracy.md``, ``comparisons.md``,
 ``data_efficiency.md``, ``shifts.md`` and ``shift_controls.md`` (every shift of 0-8
 pixels in x, y and diagonally), ``deformations.md`` (rotation, shear, scale,
-elastic), ``equivariance.md``, ``full_budget.md``, their figures,
-``receptive_fields.png`` and ``explain.png``. Each table ends with the command
-that rebuilds it and the compute it took. Trained runs are kept in ``--out/runs*``
-and reused. ``--variant`` (repeatable), ``--train_images`` and ``--test_images``
+elastic), ``equivariance.md``, ``receptive_fields.md``, their figures and ``explain.png``.
+Each table ends with the command that rebuilds it and the compute it took. Trained
+runs are kept in ``--out/runs*`` and reused (a run whose config changed retrains, so
+another budget, e.g. ``--num_epochs 10``, belongs in another ``--out``). ``--variant`` (repeatable), ``--train_images`` and ``--test_images``
 run a smaller part of it; ``--quick`` is the smallest (CI runs it).
 """
 
@@ -46,9 +43,6 @@ _MORE_SEEDS = flags.DEFINE_integer(
     "more_seeds", 10, "Models per variant in a compared pair less than CLOSE apart."
 )
 _EPOCHS = flags.DEFINE_integer("num_epochs", 1, "Epochs of the training set per model.")
-_FULL = flags.DEFINE_boolean(
-    "full_budget", False, "10 epochs, the FULL_BUDGET variants: full_budget.md only."
-)
 _VARIANTS = flags.DEFINE_multi_string(
     "variant", [], "Repeatable: train only these and their smaller-set runs (default: all)."
 )
@@ -93,10 +87,6 @@ COMPARISONS = (
     ("CNN, padded canvas", "CNN"),
     ("GAP CNN, padded canvas", "GAP CNN"),
 )
-# The variants trained for 10 epochs too: each head, the extremes of downsampling, the MLP.
-# In this order; the no-downsampling net last: its 10 epochs take 5x the others'.
-FULL_BUDGET = ("CNN", "CNN, avg pool", "CNN, no pool (stride-2 convs)", "GAP CNN",
-               "GAP CNN, deeper", "MLP", "CNN, no downsampling")  # fmt: skip
 CLOSE = 0.01  # Accuracy: a compared pair closer than a point gets more seeds.
 COLORS = figures.palette(runs.MAIN)  # A variant keeps its colour in every figure.
 TITLES = {
@@ -108,7 +98,6 @@ TITLES = {
     "shift_controls": "Shift controls: a padded canvas, shift augmentation",
     "deformations": "Rotation, shear, scale and elastic deformation",
     "receptive_fields": "Effective receptive fields",
-    "full_budget": "The full budget: 10 epochs",
 }
 
 
@@ -163,14 +152,7 @@ def reproduce(names, seconds: float, extra: str = "") -> str:
     )
 
 
-def budget(p: runs.Plan, full: bool = False) -> str:
-    if full:
-        return (
-            f"Budget: {p.seeds} seeds per variant, 10 epochs of {p.train_images:,} images "
-            f"({-(-10 * p.train_images // 128):,} steps of 128, the default run's budget), at "
-            "the learning rate chosen for the variant "
-            "on one epoch (learning_rates.md). [95% CI]: Student's t over the seeds."
-        )
+def budget(p: runs.Plan) -> str:
     steps = -(-p.epochs * p.train_images // 128)
     return (
         f"Budget, the same for every variant: {p.epochs} epoch(s) of {p.train_images:,} "
@@ -402,35 +384,10 @@ def receptive_table(run_dirs: dict[str, list[str]], data, p: runs.Plan) -> None:
     flatten_receptive.figure(os.path.join(_OUT.value, "receptive_fields.png"), measured)
 
 
-def full_budget_table(data, p: runs.Plan) -> None:
-    available = selected(p)  # Checks the --variant names.
-    chosen = _VARIANTS.value or ([] if _QUICK.value else FULL_BUDGET)
-    names = [n for n in chosen or available if n in runs.MAIN]
-    choices = runs.choose_learning_rates(names, data, p)
-    summaries = runs.train_variants(names, data, p, choices, full=True)
-    rows = []
-    for name in names:
-        s = summaries[name]
-        rows.append([name, str(len(s["test_accuracy"])), interval(s["test_accuracy"]),
-                     interval(s["train_accuracy"]), f"{s['train_sec_per_model']:.0f}"])  # fmt: skip
-    header = ["variant", "seeds", "test accuracy % [95% CI]", "train accuracy %",
-              "train s per model (1 core)"]  # fmt: skip
-    seconds = sum(summaries[n]["run_sec"] for n in names)
-    write_table(
-        "full_budget",
-        header,
-        rows,
-        f"{budget(p, full=True)} {reproduce(names, seconds, '--full_budget')}",
-    )
-
-
 def main(_):
     p = plan()
     os.makedirs(p.out, exist_ok=True)
     data = runs.fashion(p)
-    if _FULL.value:
-        full_budget_table(data, p)
-        return
     names = selected(p)
     choices = runs.choose_learning_rates(names, data, p)
     learning_rate_table(choices, p)

@@ -51,9 +51,7 @@ class Plan:
     learning_rates: tuple = (1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2)  # The grid; default.py: 2e-3.
     top_rate: float = 0.256  # The highest rate the grid grows to.
 
-    def seed_count(self, name: str, full: bool = False) -> int:
-        if full:
-            return self.seeds
+    def seed_count(self, name: str) -> int:
         return self.more_seeds if name in self.more else self.seeds
 
 
@@ -147,15 +145,15 @@ def slug(name: str) -> str:
     return "".join(ch if ch.isalnum() else "_" for ch in name.lower()).strip("_")
 
 
-def run_dir(plan: Plan, name: str, full: bool = False) -> str:
+def run_dir(plan: Plan, name: str) -> str:
     """Where variant ``name``'s seeds are trained and kept."""
-    return os.path.join(plan.out, "runs_full" if full else "runs", slug(name))
+    return os.path.join(plan.out, "runs", slug(name))
 
 
-def seed_dirs(plan: Plan, name: str, full: bool = False) -> list[str]:
+def seed_dirs(plan: Plan, name: str) -> list[str]:
     """Where each seed of variant ``name`` is trained and kept."""
-    workdir = run_dir(plan, name, full)
-    return [os.path.join(workdir, f"seed_{k}") for k in range(plan.seed_count(name, full))]
+    workdir = run_dir(plan, name)
+    return [os.path.join(workdir, f"seed_{k}") for k in range(plan.seed_count(name))]
 
 
 def fashion(plan: Plan) -> input_pipeline.Dataset:
@@ -194,10 +192,10 @@ def data_dir(plan: Plan, kind: str | int, data: input_pipeline.Dataset) -> str:
     return directory
 
 
-def variant_config(name, data, plan: Plan, learning_rate: float, full: bool = False):
+def variant_config(name, data, plan: Plan, learning_rate: float):
     variant = VARIANTS[name]
     config = default.get_config()
-    config.num_epochs = 10 if full else plan.epochs
+    config.num_epochs = plan.epochs
     config.warmup_epochs = min(config.warmup_epochs, config.num_epochs / 4)
     config.learning_rate = learning_rate
     config.progress_bar = False
@@ -365,12 +363,12 @@ def parameter_counts(config, image_shape) -> dict[str, int]:
     return {"total": sum(sizes.values()), "first_dense": dense[0], "head": sum(dense)}
 
 
-def seed_jobs(names, data, plan: Plan, rates: dict, full: bool = False) -> dict[str, object]:
+def seed_jobs(names, data, plan: Plan, rates: dict) -> dict[str, object]:
     """``workdir -> config`` of every seed of every variant in ``names`` at its chosen rate."""
     jobs = {}
     for name in names:
-        base = variant_config(name, data, plan, rates[name]["learning_rate"], full)
-        for seed, workdir in enumerate(seed_dirs(plan, name, full)):
+        base = variant_config(name, data, plan, rates[name]["learning_rate"])
+        for seed, workdir in enumerate(seed_dirs(plan, name)):
             jobs[workdir] = config = base.copy_and_resolve_references()
             config.seed = seed
     return jobs
@@ -382,14 +380,14 @@ def test_accuracies(names, data, plan: Plan, rates: dict) -> dict[str, list[floa
     return {name: [results[d]["test_accuracy"] for d in seed_dirs(plan, name)] for name in names}
 
 
-def train_variants(names, data, plan: Plan, rates: dict, full: bool = False) -> dict[str, dict]:
+def train_variants(names, data, plan: Plan, rates: dict) -> dict[str, dict]:
     """Trains (or reuses) every seed of every variant in ``names`` at its chosen rate,
     and returns their summaries (also kept as each variant's ``summary.json``)."""
-    jobs = seed_jobs(names, data, plan, rates, full)
+    jobs = seed_jobs(names, data, plan, rates)
     results = train_all(jobs, plan.workers)
     summaries = {}
     for name in names:
-        workdir, dirs = run_dir(plan, name, full), seed_dirs(plan, name, full)
+        workdir, dirs = run_dir(plan, name), seed_dirs(plan, name)
         records = [results[d] for d in dirs]
         summary_path = os.path.join(workdir, "summary.json")
         if os.path.exists(summary_path):
