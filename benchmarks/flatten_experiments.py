@@ -17,8 +17,9 @@ Writes, to ``--out``: ``learning_rates.md``, ``accuracy.md``, ``comparisons.md``
 pixels in x, y and diagonally), ``deformations.md`` (rotation, shear, scale,
 elastic), ``equivariance.md``, ``receptive_fields.md``, their figures and ``explain.png``.
 Each table ends with the command that rebuilds it and the compute it took. Trained
-runs are kept in ``--out/runs*`` and reused (a run whose config changed retrains, so
-another budget, e.g. ``--num_epochs 10``, belongs in another ``--out``). ``--variant`` (repeatable), ``--train_images`` and ``--test_images``
+runs are kept in ``--out/runs*`` and reused; a kept run with another config stops the
+suite with an error naming it, so another budget (e.g. ``--num_epochs 10``) belongs in
+another ``--out``. ``--variant`` (repeatable), ``--train_images`` and ``--test_images``
 run a smaller part of it; ``--quick`` is the smallest (CI runs it).
 """
 
