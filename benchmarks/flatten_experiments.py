@@ -17,15 +17,18 @@ Writes, to ``--out``: ``learning_rates.md``, ``accuracy.md``, ``comparisons.md``
 pixels in x, y and diagonally), ``deformations.md`` (rotation, shear, scale,
 elastic), ``equivariance.md``, ``receptive_fields.md``, their figures and ``explain.png``.
 Each table ends with the command that rebuilds it and the compute it took. Trained
-runs are kept in ``--out/runs*`` and reused; a kept run with another config stops the
-suite with an error naming it, so another budget (e.g. ``--num_epochs 10``) belongs in
-another ``--out``. ``--variant`` (repeatable), ``--train_images`` and ``--test_images``
-run a smaller part of it; ``--quick`` is the smallest (CI runs it).
+runs are kept in ``--out/runs*`` and reused (each seed is measured as it finishes
+training, so a table needs only the runs' small files, not their models); a kept run
+with another config stops the suite with an error naming it, so another budget (e.g.
+``--num_epochs 10``) belongs in another ``--out``. ``--variant`` (repeatable),
+``--train_images`` and ``--test_images`` run a smaller part of it; ``--quick`` is the
+smallest (CI runs it).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 
 import numpy as np
@@ -34,7 +37,8 @@ from absl import app, flags
 from benchmarks import flatten_equivariance, flatten_receptive, flatten_stats
 from benchmarks import flatten_figures as figures
 from benchmarks import flatten_runs as runs
-from benchmarks.flatten_sweeps import DIRECTIONS, SHIFTS, SWEEPS, is_clean, sweep_all
+from benchmarks import flatten_sweeps as sweeps
+from benchmarks.flatten_sweeps import DIRECTIONS, SHIFTS, SWEEPS, is_clean
 from cnnflat_jax.data import input_pipeline
 from cnnflat_jax.tools import explain
 
@@ -249,20 +253,19 @@ def accuracy_table(summaries: dict, choices: dict, p: runs.Plan) -> None:
     )
 
 
+def measure(p: runs.Plan, name: str, seed: int):
+    """What measures seed ``seed`` of variant ``name`` once trained (the sweeps for the
+    first ``p.seeds`` seeds of a swept variant)."""
+    swept = seed < p.seeds and name in INVARIANCE + CONTROLS
+    part = (p.train_images, p.test_images)
+    return functools.partial(sweeps.measure_seed, name=name, part=part, sweep=swept)
+
+
 def test_correct(name: str, data: input_pipeline.Dataset, p: runs.Plan) -> np.ndarray:
-    """Bool ``(seeds, test images)``: which test images each seed's model gets right;
-    cached in the variant's ``correct.npy``, the input of the paired comparisons."""
-    workdir = runs.run_dir(p, name)
-    path = os.path.join(workdir, "correct.npy")
-    if os.path.exists(path) and os.path.getmtime(path) > os.path.getmtime(
-        os.path.join(workdir, "summary.json")
-    ):
-        return np.load(path)
-    classifiers = runs.seed_classifiers(runs.seed_dirs(p, name))
-    images = runs.test_images(name, data)
-    correct = np.stack([classify(images) == data.test_labels for classify in classifiers])
-    np.save(path, correct)
-    return correct
+    """Bool ``(seeds, test images)``: which test images each seed's model gets right, the
+    input of the paired comparisons."""
+    images = len(data.test_labels)
+    return np.stack([sweeps.test_right(runs.measures(d), images) for d in runs.seed_dirs(p, name)])
 
 
 def comparisons_table(data, summaries: dict, p: runs.Plan) -> None:
@@ -392,22 +395,25 @@ def main(_):
     names = selected(p)
     choices = runs.choose_learning_rates(names, data, p)
     learning_rate_table(choices, p)
-    p = dataclasses.replace(p, more=close_variants(runs.test_accuracies(names, data, p, choices)))
-    summaries = runs.train_variants(names, data, p, choices)
+    first = runs.test_accuracies(names, data, p, choices, functools.partial(measure, p))
+    p = dataclasses.replace(p, more=close_variants(first))
+    measured = functools.partial(measure, p)
+    summaries = runs.train_variants(names, data, p, choices, measured)
     accuracy_table(summaries, choices, p)
     comparisons_table(data, summaries, p)
     efficiency_table(summaries, choices, p)
-    swept = [n for n in dict.fromkeys(INVARIANCE + CONTROLS) if n in summaries]
-    sweep_tables(sweep_all(swept, data, p), p)
+    sweep_tables(sweeps.swept([n for n in dict.fromkeys(INVARIANCE + CONTROLS)
+                               if n in summaries], p), p)  # fmt: skip
+    modelled = [n for n in flatten_receptive.MODELS if n in summaries]
+    runs.keep_params(modelled, data, p, choices, measured)
     if "CNN" in summaries and "GAP CNN" in summaries:
         flatten_equivariance.write(
             _OUT.value, data, lambda name: runs.seed_dirs(p, name),
             lambda seconds: reproduce(["CNN", "GAP CNN"], seconds)
             + " The minutes are the measurement's only (2 cores; the training is in accuracy.md).",
         )  # fmt: skip
-    fields = [n for n in flatten_receptive.MODELS if n in summaries]
-    if fields:
-        receptive_table({n: runs.seed_dirs(p, n) for n in fields}, data, p)
+    if modelled:
+        receptive_table({n: runs.seed_dirs(p, n) for n in modelled}, data, p)
     if "CNN" in summaries:
         explain.explain(runs.seed_dirs(p, "CNN")[0], output=os.path.join(_OUT.value, "explain.png"))
 

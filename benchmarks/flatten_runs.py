@@ -11,7 +11,11 @@ smaller training set uses its full-set variant's learning rate.
 Each model trains alone on one CPU core, ``Plan.workers`` at a time (on the 2-core
 machine two one-core runs do 1.6x the work of one two-core run in the same time),
 so a model's numbers do not depend on how many run beside it: the same seed gives
-the same model bit for bit. Runs are kept under ``Plan.out`` and reused.
+the same model bit for bit. Right after training, on the same core, each seed is
+measured (``flatten_sweeps.measure_seed``) and leaves ``measures.json``: with its
+``config.json``, ``metrics.jsonl`` and ``run_sec.json`` (a few kilobytes), all the
+tables need. Runs are kept under ``Plan.out`` and reused; one whose parameters are
+gone retrains, bit for bit the same, only when a measurement needs its model.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import dataclasses
 import json
 import multiprocessing
 import os
+import shutil
 import time
 from collections.abc import Iterator
 
@@ -57,6 +62,7 @@ class Plan:
 
 DIVERGED = "diverged.json"  # In a run directory: the loss diverged; the error.
 RUN_SEC = "run_sec.json"  # In a run directory: the seconds the run took, once finished.
+MEASURES = "measures.json"  # In a seed's run directory: what the tables need of its model.
 CANVAS = 36  # The padded canvas: 4 pixels of zeros round each 28x28 image.
 SMALLER = (500, 2_000, 10_000)  # Training-set sizes below the full one.
 MLP = {"name": "mlp", "dense_features": (1024,)}  # About the CNN's parameter count.
@@ -172,6 +178,14 @@ def test_images(name: str, data: input_pipeline.Dataset) -> np.ndarray:
     return pad(data.test_images) if VARIANTS[name].data == "padded" else data.test_images
 
 
+def train_images(name: str, data: input_pipeline.Dataset) -> tuple[np.ndarray, np.ndarray]:
+    """Variant ``name``'s distinct training images, as it sees them, and their labels."""
+    variant = VARIANTS[name]
+    size = variant.data if isinstance(variant.data, int) else len(data.train.labels)
+    images, labels = data.train.images[:size], data.train.labels[:size]
+    return (pad(images) if variant.data == "padded" else images), labels
+
+
 def data_dir(plan: Plan, kind: str | int, data: input_pipeline.Dataset) -> str:
     """An IDX directory for ``kind`` under ``plan.out/data``, written on first use."""
     directory = os.path.join(plan.out, "data", str(kind))
@@ -220,8 +234,9 @@ def _pin(cores) -> None:
     os.sched_setaffinity(0, {cores.get()})
 
 
-def _train(config, workdir: str) -> dict:
-    """One run; a run whose loss diverged scores 0 (the learning-rate grid's top may)."""
+def _train(config, workdir: str, measure=None) -> dict:
+    """One run, then ``measure(workdir)`` (if given) kept as its MEASURES; a run whose
+    loss diverged scores 0 (the learning-rate grid's top may) and is not measured."""
     start = time.perf_counter()
     try:
         record = trainer.train_and_evaluate(config, workdir)
@@ -229,12 +244,16 @@ def _train(config, workdir: str) -> dict:
         record = {"diverged": str(e), "validation_accuracy": 0.0, "test_accuracy": 0.0}
         with open(workdir_lib.path(workdir, DIVERGED), "w") as f:
             json.dump(record, f)
+    else:
+        if measure is not None:
+            workdir_lib.write_json(workdir_lib.path(workdir, MEASURES), measure(workdir))
     return {**record, "run_sec": time.perf_counter() - start}
 
 
-def finished(workdir: str, config) -> dict | None:
+def finished(workdir: str, config, measured: bool = False, params: bool = False) -> dict | None:
     """The last record of a run that completed (or diverged on) ``config`` in ``workdir``,
-    or None."""
+    or None; also None when it lacks its MEASURES (``measured``) or its final
+    parameters (``params``)."""
     try:
         if workdir_lib.read_config(workdir) != json.loads(config.to_json_best_effort()):
             return None
@@ -244,6 +263,9 @@ def finished(workdir: str, config) -> dict | None:
             return {**diverged, "run_sec": run_seconds(workdir)}
         records = read_metrics(workdir)
     except (OSError, workdir_lib.RunError):
+        return None
+    needed = [MEASURES] * measured + [workdir_lib.FINAL_PARAMS] * params
+    if not all(os.path.exists(workdir_lib.path(workdir, name)) for name in needed):
         return None
     last = records[-1] if records else {}
     return last if last.get("epoch") == config.num_epochs and "run_sec" in last else None
@@ -266,12 +288,21 @@ def parallel(function, jobs: dict, workers: int) -> Iterator[tuple]:
             yield futures[future], future.result()
 
 
-def train_all(jobs: dict[str, object], workers: int) -> dict[str, dict]:
-    """Trains each ``workdir -> config`` (one core each, ``workers`` at once; a run that
-    already finished is read back), and returns each run's last record with its
-    ``run_sec``: the seconds it took, evaluation included."""
-    results = {w: r for w, c in jobs.items() if (r := finished(w, c)) is not None}
-    todo = {w: (c, w) for w, c in jobs.items() if w not in results}
+def train_all(jobs: dict[str, tuple], workers: int, params: bool = False) -> dict[str, dict]:
+    """Trains each ``workdir -> (config, measure or None)`` (one core each, ``workers``
+    at once; a run that already finished, measured, and with its parameters if
+    ``params``, is read back), and returns each run's last record with its ``run_sec``:
+    the seconds it took, evaluation and measurement included. A run to redo starts
+    afresh (an interrupted one resumes from its checkpoint)."""
+    results, todo = {}, {}
+    for workdir, (config, measure) in jobs.items():
+        record = finished(workdir, config, measure is not None, params)
+        if record is not None:
+            results[workdir] = record
+            continue
+        if finished(workdir, config) is not None:  # Finished, but lacks what is needed.
+            shutil.rmtree(workdir)
+        todo[workdir] = (config, workdir, measure)
     for workdir, record in parallel(_train, todo, workers) if todo else ():
         with open(workdir_lib.path(workdir, RUN_SEC), "w") as f:
             json.dump(record["run_sec"], f)
@@ -313,8 +344,9 @@ def choose_learning_rates(names, data, plan: Plan) -> dict[str, dict]:
         jobs = {}
         for name, grid in grids.items():
             for rate in grid:
-                jobs[run_dir_lr(name, rate)] = config = variant_config(name, data, plan, rate)
+                config = variant_config(name, data, plan, rate)
                 config.validation_examples = plan.train_images // 6
+                jobs[run_dir_lr(name, rate)] = (config, None)
         results = train_all(jobs, plan.workers)
         accuracy = {
             name: {rate: results[run_dir_lr(name, rate)]["validation_accuracy"] for rate in grid}
@@ -363,67 +395,63 @@ def parameter_counts(config, image_shape) -> dict[str, int]:
     return {"total": sum(sizes.values()), "first_dense": dense[0], "head": sum(dense)}
 
 
-def seed_jobs(names, data, plan: Plan, rates: dict) -> dict[str, object]:
-    """``workdir -> config`` of every seed of every variant in ``names`` at its chosen rate."""
+def seed_jobs(names, data, plan: Plan, rates: dict, measure) -> dict[str, tuple]:
+    """``workdir -> (config, measure)`` of every seed of every variant in ``names`` at its
+    chosen rate; ``measure(name, seed)``: what measures that seed once trained."""
     jobs = {}
     for name in names:
         base = variant_config(name, data, plan, rates[name]["learning_rate"])
         for seed, workdir in enumerate(seed_dirs(plan, name)):
-            jobs[workdir] = config = base.copy_and_resolve_references()
+            config = base.copy_and_resolve_references()
             config.seed = seed
+            jobs[workdir] = (config, measure(name, seed))
     return jobs
 
 
-def test_accuracies(names, data, plan: Plan, rates: dict) -> dict[str, list[float]]:
+def test_accuracies(names, data, plan: Plan, rates: dict, measure) -> dict[str, list[float]]:
     """Trains (or reuses) the seeds of ``names``; their test accuracies, per variant."""
-    results = train_all(seed_jobs(names, data, plan, rates), plan.workers)
+    results = train_all(seed_jobs(names, data, plan, rates, measure), plan.workers)
     return {name: [results[d]["test_accuracy"] for d in seed_dirs(plan, name)] for name in names}
 
 
-def train_variants(names, data, plan: Plan, rates: dict) -> dict[str, dict]:
+def keep_params(names, data, plan: Plan, rates: dict, measure) -> None:
+    """Makes sure every seed of ``names`` has its final parameters (retraining any
+    whose are gone), for the measurements that need the models themselves."""
+    train_all(seed_jobs(names, data, plan, rates, measure), plan.workers, params=True)
+
+
+def measures(workdir: str) -> dict:
+    """What ``flatten_sweeps.measure_seed`` measured of the seed trained in ``workdir``."""
+    return workdir_lib.read_json(workdir, MEASURES, "the seed's measurements")
+
+
+def train_variants(names, data, plan: Plan, rates: dict, measure) -> dict[str, dict]:
     """Trains (or reuses) every seed of every variant in ``names`` at its chosen rate,
-    and returns their summaries (also kept as each variant's ``summary.json``)."""
-    jobs = seed_jobs(names, data, plan, rates)
+    and returns their summaries."""
+    jobs = seed_jobs(names, data, plan, rates, measure)
     results = train_all(jobs, plan.workers)
     summaries = {}
     for name in names:
-        workdir, dirs = run_dir(plan, name), seed_dirs(plan, name)
-        records = [results[d] for d in dirs]
-        summary_path = os.path.join(workdir, "summary.json")
-        if os.path.exists(summary_path):
-            with open(summary_path) as f:
-                summary = json.load(f)
-            if summary["test_accuracy"] == [r["test_accuracy"] for r in records]:
-                summaries[name] = summary
-                continue
-        summaries[name] = summarize(name, data, jobs[dirs[0]], dirs, records)
-        with open(summary_path, "w") as f:
-            json.dump(summaries[name], f, indent=1)
+        dirs = seed_dirs(plan, name)
+        summaries[name] = summarize(name, data, jobs[dirs[0]][0], dirs, [results[d] for d in dirs])
     return summaries
 
 
 def summarize(name, data, config, dirs: list[str], records: list[dict]) -> dict:
-    variant = VARIANTS[name]
-    size = variant.data if isinstance(variant.data, int) else len(data.train.labels)
-    train_images, train_labels = data.train.images[:size], data.train.labels[:size]
-    if variant.data == "padded":
-        train_images = pad(train_images)
+    images, _ = train_images(name, data)
     return {
         "learning_rate": config.learning_rate,
         "test_accuracy": [r["test_accuracy"] for r in records],
-        "train_accuracy": [
-            float(np.mean(classify(train_images) == train_labels))
-            for classify in seed_classifiers(dirs)
-        ],
-        "train_images": size,
+        "train_accuracy": [measures(d)["train_accuracy"] for d in dirs],
+        "train_images": len(images),
         "steps": records[0]["step"],
-        "parameters": parameter_counts(config, train_images.shape[1:]),
+        "parameters": parameter_counts(config, images.shape[1:]),
         "receptive_field": receptive_field(model_specs(config)),
         # Per model, training alone: the sum of its epochs' seconds (one core).
         "train_sec_per_model": float(
             np.mean([sum(r["epoch_sec"] for r in read_metrics(d)) for d in dirs])
         ),
-        "run_sec": float(sum(r["run_sec"] for r in records)),  # All seeds, evaluation too.
+        "run_sec": float(sum(r["run_sec"] for r in records)),  # All seeds, measuring too.
     }
 
 

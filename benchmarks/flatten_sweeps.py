@@ -1,16 +1,19 @@
-"""Test accuracy of trained flatten variants under shifts and deformations.
+"""What each trained seed of a flatten variant leaves for the tables, and its test
+accuracy under shifts and deformations.
 
-Every shift of 0-8 pixels in x, y and diagonally (the CNN's total stride is 4),
-rotation, horizontal shear, scale and elastic deformation, each at a few levels;
-zero fill, bilinear resampling. Each variant's first ``Plan.seeds`` models are
-measured on all test images; ``sweep_all`` runs the variants in parallel, one CPU
-core each, and keeps each variant's result in its ``sweeps.json``.
+``measure_seed`` runs in the training process, on its core, right after the seed
+trains: its accuracy on its own training images, which test images it gets right
+(the paired comparisons' input) and, for the swept variants' first ``Plan.seeds``
+seeds, the sweeps: every shift of 0-8 pixels in x, y and diagonally (the CNN's total
+stride is 4), rotation, horizontal shear, scale and elastic deformation, each at a few
+levels; zero fill, bilinear resampling, all test images. ``swept`` gathers a variant's
+sweeps from its seeds.
 """
 
 from __future__ import annotations
 
-import json
-import os
+import base64
+import functools
 import time
 
 import numpy as np
@@ -61,40 +64,57 @@ def perturb(images: np.ndarray, kind: str, level) -> np.ndarray:
     return _PERTURBED[key]
 
 
-def measure(seed_dirs: list[str], images: np.ndarray, labels: np.ndarray) -> dict:
-    """Per sweep, per level, per seed: the accuracy of each run in ``seed_dirs`` on
-    ``images`` perturbed (the test images as the variant sees them); with ``sec``."""
+@functools.cache
+def _fashion(train_images: int, test_images: int) -> input_pipeline.Dataset:
+    """The data, loaded once per process."""
+    return runs.fashion(runs.Plan("", train_images=train_images, test_images=test_images))
+
+
+def measure_seed(workdir: str, *, name: str, part: tuple[int, int], sweep: bool) -> dict:
+    """The seed of variant ``name`` trained in ``workdir``, on the data ``part``
+    (``Plan.train_images``, ``Plan.test_images``): its train accuracy, its test images
+    right (packed bits, base64), and per sweep (if ``sweep``) its accuracy per level; the
+    seconds of it all (``sec``) and of the sweeps (``sweep_sec``)."""
     start = time.perf_counter()
-    classifiers = runs.seed_classifiers(seed_dirs)
-
-    def accuracy(kind: str, level) -> list[float]:  # Per seed.
-        perturbed = images if is_clean(kind, level) else perturb(images, kind, level)
-        return [float(np.mean(classify(perturbed) == labels)) for classify in classifiers]
-
+    data = _fashion(*part)
+    [classify] = runs.seed_classifiers([workdir])
+    images, labels = runs.train_images(name, data)
+    test = runs.test_images(name, data)
+    right = classify(test) == data.test_labels
     result = {
-        sweep: [np.mean([accuracy(kind, level) for kind in kinds], axis=0).tolist()
-                for level in levels]
-        for sweep, (levels, kinds) in SWEEPS.items()
-    }  # fmt: skip
+        "train_accuracy": float(np.mean(classify(images) == labels)),
+        "test_right": base64.b64encode(np.packbits(right).tobytes()).decode(),
+    }
+    if sweep:
+        sweep_start = time.perf_counter()
+
+        def accuracy(kind: str, level) -> float:
+            perturbed = test if is_clean(kind, level) else perturb(test, kind, level)
+            return float(np.mean(classify(perturbed) == data.test_labels))
+
+        result["sweeps"] = {
+            sweep: [float(np.mean([accuracy(kind, level) for kind in kinds])) for level in levels]
+            for sweep, (levels, kinds) in SWEEPS.items()
+        }  # fmt: skip
+        result["sweep_sec"] = time.perf_counter() - sweep_start
     return {**result, "sec": time.perf_counter() - start}
 
 
-def sweep_all(names, data: input_pipeline.Dataset, plan: runs.Plan) -> dict[str, dict]:
-    """``measure`` for each variant in ``names`` (reusing a ``sweeps.json`` newer than the
-    variant's ``summary.json``), the variants in parallel."""
-    results, todo = {}, {}
+def test_right(measures: dict, images: int) -> np.ndarray:
+    """Bool ``(images,)``: which test images the measured seed gets right."""
+    bits = np.frombuffer(base64.b64decode(measures["test_right"]), dtype=np.uint8)
+    return np.unpackbits(bits)[:images].astype(bool)
+
+
+def swept(names, plan: runs.Plan) -> dict[str, dict]:
+    """Per variant, per sweep, per level: the accuracy of each of its first ``plan.seeds``
+    seeds; with ``sec``, the seconds their sweeps took."""
+    result = {}
     for name in names:
-        workdir = runs.run_dir(plan, name)
-        path = os.path.join(workdir, "sweeps.json")
-        summary = os.path.join(workdir, "summary.json")
-        if os.path.exists(path) and os.path.getmtime(path) > os.path.getmtime(summary):
-            with open(path) as f:
-                results[name] = json.load(f)
-        else:
-            dirs = runs.seed_dirs(plan, name)[: plan.seeds]
-            todo[name] = (dirs, runs.test_images(name, data), data.test_labels)
-    for name, result in runs.parallel(measure, todo, plan.workers) if todo else ():
-        with open(os.path.join(runs.run_dir(plan, name), "sweeps.json"), "w") as f:
-            json.dump(result, f)
-        results[name] = result
-    return {name: results[name] for name in names}
+        seeds = [runs.measures(d) for d in runs.seed_dirs(plan, name)[: plan.seeds]]
+        result[name] = {
+            sweep: [[m["sweeps"][sweep][i] for m in seeds] for i in range(len(levels))]
+            for sweep, (levels, _) in SWEEPS.items()
+        }
+        result[name]["sec"] = sum(m["sweep_sec"] for m in seeds)
+    return result
