@@ -116,7 +116,7 @@ def plan() -> runs.Plan:
             test_images=100,
             workers=_WORKERS.value,
             learning_rates=(2e-3, 4e-3),
-            top_rate=4e-3,
+            rate_range=(2e-3, 4e-3),
         )
     return runs.Plan(
         _OUT.value, _SEEDS.value, _MORE_SEEDS.value, _EPOCHS.value, _TRAIN_IMAGES.value,
@@ -211,8 +211,9 @@ def learning_rate_table(choices: dict, p: runs.Plan) -> None:
         f"Validation accuracy (%) of seed 0 trained on the first {p.train_images * 5 // 6:,} "
         f"training images, validated on the last {p.train_images // 6:,} "
         "(config.validation_examples); the test set is not used. The grid is Adam's peak "
-        f"rate {', '.join(f'{r:g}' for r in p.learning_rates)}, doubled while the best "
-        f"rate is the grid's top (up to {p.top_rate:g}; 0: the loss diverged). The best "
+        f"rate {', '.join(f'{r:g}' for r in p.learning_rates)}, halved while the best rate "
+        f"is the grid's bottom (down to {p.rate_range[0]:g}) and doubled while it is the "
+        f"top (up to {p.rate_range[1]:g}); 0: the loss diverged. The best "
         "is chosen and the variant's seeds train with it on all training images. A variant "
         "with a smaller training set uses its full-set variant's rate. "
         + reproduce(tuned, sum(c["sec"] for c in tuned.values()))

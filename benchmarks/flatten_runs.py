@@ -2,7 +2,7 @@
 
 Every variant is a config of ``train.py``'s own trainer (``configs/default.py`` plus a
 few overrides). Its learning rate is chosen per variant from a grid (``Plan.learning_rates``,
-grown while its top is best) by validation accuracy (seed 0, the last ``1/6`` of the
+grown while an end is best) by validation accuracy (seed 0, the last ``1/6`` of the
 training images held out, the test set untouched); then ``Plan.seeds`` models train on
 all training images with it, and ``Plan.more_seeds`` for the variants in ``Plan.more``
 (those the write-up compares with a variant less than a point away). A variant with a
@@ -53,8 +53,8 @@ class Plan:
     test_images: int = 0  # 0: all 10,000.
     workers: int = 2  # Models training at once, one core each.
     more: frozenset = frozenset()  # The variants that get ``more_seeds``.
-    learning_rates: tuple = (1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2)  # The grid; default.py: 2e-3.
-    top_rate: float = 0.256  # The highest rate the grid grows to.
+    learning_rates: tuple = (2e-3, 4e-3, 8e-3, 1.6e-2)  # The grid; default.py: 2e-3.
+    rate_range: tuple = (2.5e-4, 0.256)  # The lowest and highest rates the grid grows to.
 
     def seed_count(self, name: str) -> int:
         return self.more_seeds if name in self.more else self.seeds
@@ -331,9 +331,9 @@ def read_metrics(workdir: str) -> list[dict]:
 def choose_learning_rates(names, data, plan: Plan) -> dict[str, dict]:
     """Per variant: validation accuracy at each rate of its grid (seed 0, the last sixth
     of the training images held out), the chosen rate, and the grid's seconds. The grid
-    is ``plan.learning_rates``, doubled past its top while the best rate is the top (up
-    to ``plan.top_rate``), so that the chosen rate lies inside the grid unless it is the
-    top rate."""
+    is ``plan.learning_rates``, halved below its bottom while the best rate is the bottom
+    and doubled past its top while the best is the top (within ``plan.rate_range``), so
+    that the chosen rate lies inside the grid unless it is an end of that range."""
     tuned = dict.fromkeys(base_variant(n) for n in names)
     grids = {name: list(plan.learning_rates) for name in tuned}
 
@@ -352,14 +352,18 @@ def choose_learning_rates(names, data, plan: Plan) -> dict[str, dict]:
             name: {rate: results[run_dir_lr(name, rate)]["validation_accuracy"] for rate in grid}
             for name, grid in grids.items()
         }
-        edge = [
-            name for name, grid in grids.items()
-            if max(grid, key=accuracy[name].get) == grid[-1] and 2 * grid[-1] <= plan.top_rate
-        ]  # fmt: skip
-        if not edge:
+        low, high = plan.rate_range
+        grown = False
+        for name, grid in grids.items():
+            best = max(grid, key=accuracy[name].get)
+            if best == grid[0] and grid[0] / 2 >= low:
+                grid.insert(0, grid[0] / 2)
+                grown = True
+            elif best == grid[-1] and 2 * grid[-1] <= high:
+                grid.append(2 * grid[-1])
+                grown = True
+        if not grown:
             break
-        for name in edge:
-            grids[name].append(2 * grids[name][-1])
     choices = {
         name: {
             "validation_accuracy": accuracy[name],
