@@ -1,10 +1,10 @@
 """Equivariance you can see: test images and their shifts of 1-8 px (the figure: 1-4)
 through conv, pool, flatten and global average pooling (GAP), for docs/flatten.md.
 
-``write`` takes seed 0's runs of the "CNN" and "GAP CNN" variants of
-``flatten_experiments`` and writes ``equivariance.md`` (over the test images, per
-shift: how similar each vector stays to the unshifted image's) and
-``equivariance.png`` (one test image, row by row).
+``measure`` runs on each trained seed of the "CNN" and "GAP CNN" variants of
+``flatten_experiments`` (per shift: how similar each vector stays to the unshifted
+image's); ``write`` gathers the seeds into ``equivariance.md`` and draws
+``equivariance.png`` (one test image, row by row, seed 0 of each).
 """
 
 from __future__ import annotations
@@ -25,6 +25,9 @@ from cnnflat_jax.train import train_lib
 SHIFTS = tuple(range(9))  # Pixels to the right, in the table; the CNN's total stride is 4.
 DRAWN = (0, 1, 2, 3, 4)  # The figure's rows.
 INDEX = 0  # The test image drawn.
+# The chance baselines: each image against another test image of its class, or another's.
+BASELINES = {"another image, same class": True, "another image, other class": False}
+ROWS = (*(f"{s} px" for s in SHIFTS), *BASELINES)  # The table's, in order.
 
 
 def trained(workdir: str):
@@ -73,18 +76,22 @@ def still_active(base: np.ndarray, other: np.ndarray) -> np.ndarray:
     return np.sum(active & (other > 0), axis=1) / np.maximum(active.sum(1), 1)
 
 
-def similarities(cnn, gap_cnn, first, second, gap_mean) -> dict[str, np.ndarray]:
-    """Per image pair (row i of ``first`` and of ``second``): how alike their vectors are;
-    ``gap_mean``: the GAP CNN's mean vector over the test images, for the centred cosine."""
+def cnn_similarities(cnn, first, second) -> dict[str, np.ndarray]:
+    """Per image pair (row i of ``first`` and of ``second``): how alike the CNN's
+    flattened vectors, and the GAP of its own last maps, are."""
     a, b = cnn(first), cnn(second)
-    gap_a, gap_b = gap_cnn(first)["global_avg_pool"], gap_cnn(second)["global_avg_pool"]
     return {
         "flatten": cosine(a["flatten"], b["flatten"]),
         "still_active": still_active(a["flatten"], b["flatten"]),
         "cnn_gap": cosine(a["pool2"].mean((1, 2)), b["pool2"].mean((1, 2))),
-        "gap": cosine(gap_a, gap_b),
-        "gap_centred": cosine(gap_a - gap_mean, gap_b - gap_mean),
     }
+
+
+def gap_similarities(gap_cnn, first, second, gap_mean) -> dict[str, np.ndarray]:
+    """Per image pair: how alike the GAP CNN's vectors are, plainly and centred on
+    ``gap_mean`` (its mean vector over the test images)."""
+    gap_a, gap_b = gap_cnn(first)["global_avg_pool"], gap_cnn(second)["global_avg_pool"]
+    return {"gap": cosine(gap_a, gap_b), "gap_centred": cosine(gap_a - gap_mean, gap_b - gap_mean)}
 
 
 def partners(labels: np.ndarray, same_class: bool, seed: int = 0) -> np.ndarray:
@@ -98,27 +105,35 @@ def partners(labels: np.ndarray, same_class: bool, seed: int = 0) -> np.ndarray:
     return chosen
 
 
-def measure(cnn, gap_cnn, images, labels, batch: int = 1000) -> dict[str, dict[str, float]]:
-    """Means over ``images``: per shift of each image, and the chance baselines (an
-    image against another test image of its class, and of another class)."""
+def measure(workdir: str, images, labels, batch: int = 1000) -> dict[str, dict[str, float]]:
+    """The trained run in ``workdir`` (a CNN, or a GAP CNN): means over ``images`` of its
+    similarities per shift of each image, and the chance baselines (an image against
+    another test image of its class, and of another class)."""
+    stages = trained(workdir)
+    gap = "global_avg_pool" in stages(images[:1])
     pairs = {f"{s} px": lambda x, i, s=s: transforms.shift(x, 0, s) for s in SHIFTS}
-    for name, same in (("same class", True), ("other class", False)):
+    for name, same in BASELINES.items():
         partner = partners(labels, same)
-        pairs[f"another image, {name}"] = lambda x, i, p=partner: images[p[i]]
-    gap_sum = sum(
-        gap_cnn(images[start : start + batch])["global_avg_pool"].sum(0)
-        for start in range(0, len(images), batch)
-    )
-    gap_mean = gap_sum / len(images)
+        pairs[name] = lambda x, i, p=partner: images[p[i]]
+    if gap:
+        gap_sum = sum(
+            stages(images[start : start + batch])["global_avg_pool"].sum(0)
+            for start in range(0, len(images), batch)
+        )
+        gap_mean = gap_sum / len(images)
     rows = {}
     for name, second in pairs.items():
         sums = {}
         for start in range(0, len(images), batch):
             i = np.arange(start, min(start + batch, len(images)))
-            values = similarities(cnn, gap_cnn, images[i], second(images[i], i), gap_mean)
-            if name == "4 px":
-                expected = one_cell_right(cnn(images[i])["pool2"])
-                moved = cnn(second(images[i], i))["pool2"]
+            first, other = images[i], second(images[i], i)
+            if gap:
+                values = gap_similarities(stages, first, other, gap_mean)
+            else:
+                values = cnn_similarities(stages, first, other)
+            if not gap and name == "4 px":
+                expected = one_cell_right(stages(first)["pool2"])
+                moved = stages(other)["pool2"]
                 values["one_cell"] = cosine(expected.reshape(len(i), -1), moved.reshape(len(i), -1))
                 # Without the first and last columns, where content enters and leaves.
                 values["one_cell_inside"] = cosine(
@@ -200,18 +215,18 @@ def spread(values, scale: float = 1.0, digits: int = 3) -> str:
     return f"{interval.estimate:.{digits}f} [{interval.low:.{digits}f}, {interval.high:.{digits}f}]"
 
 
-def write(out: str, data: input_pipeline.Dataset, seed_dirs, reproduce) -> None:
-    """``equivariance.md`` and ``equivariance.png`` in ``out``; ``seed_dirs(name)``: the
-    trained runs of a variant, one per seed; ``reproduce(seconds)``: the note's last line.
-    Seed k of the CNN is measured with seed k of the GAP CNN; the figure draws seed 0."""
+def write(out: str, data: input_pipeline.Dataset, measured: dict, drawn: tuple, reproduce) -> None:
+    """``equivariance.md`` and ``equivariance.png`` in ``out``. ``measured``: per variant
+    ("CNN", "GAP CNN"), each seed's ``measure`` and the seconds they took; ``drawn``: the
+    runs of the CNN and the GAP CNN the figure draws; ``reproduce(seconds)``: the note's
+    last line."""
     start = time.perf_counter()
-    pairs = list(zip(seed_dirs("CNN"), seed_dirs("GAP CNN")))
-    per_seed = [
-        measure(trained(cnn_dir), trained(gap_dir), data.test_images, data.test_labels)
-        for cnn_dir, gap_dir in pairs
-    ]
-    rows = {name: {key: [r[name][key] for r in per_seed] for key in per_seed[0][name]}
-            for name in per_seed[0]}  # fmt: skip
+    seeds = {name: m["seeds"] for name, m in measured.items()}
+    rows = {
+        pair: {key: [seed[pair][key] for seed in per_seed] for per_seed in seeds.values()
+               for key in per_seed[0][pair]}
+        for pair in ROWS
+    }  # fmt: skip
     lines = [
         "# Equivariance: shifted test images through flatten and GAP",
         "",
@@ -225,9 +240,19 @@ def write(out: str, data: input_pipeline.Dataset, seed_dirs, reproduce) -> None:
             f"| {against} | {spread(r['flatten'])} | {spread(r['still_active'], 100, 1)} "
             f"| {spread(r['cnn_gap'])} | {spread(r['gap'])} | {spread(r['gap_centred'])} |"
         )
+    label = input_pipeline.class_names("fashion_mnist", 10)[int(data.test_labels[INDEX])]
+    figure(
+        os.path.join(out, "equivariance.png"), trained(drawn[0]), trained(drawn[1]),
+        data.test_images[INDEX],
+        f"Test image {INDEX} ({label}) shifted right: the maps move with it, the flattened "
+        "vector's active positions move to other indices, the GAP vector stays put\n(seed 0 "
+        "of each model, one image: no error bars)",
+    )  # fmt: skip
+    seconds = time.perf_counter() - start + sum(m["sec"] for m in measured.values())
     note = (
-        f"Means over all {len(data.test_images):,} test images, then over {len(pairs)} seeds "
-        "(seed k of the CNN with seed k of the GAP CNN) with the 95% interval over the seeds. "
+        f"Means over all {len(data.test_images):,} test images, then over the seeds (the "
+        f"CNN's first {len(seeds['CNN'])}, the GAP CNN's first {len(seeds['GAP CNN'])}) with "
+        "the 95% interval over the seeds. "
         "Cosine: between the two images' vectors (1 = same direction). Centred "
         "cosine: the same after subtracting the GAP CNN's mean vector over the test images "
         "(its non-negative vectors all point roughly the same way, so their plain cosine is "
@@ -239,18 +264,9 @@ def write(out: str, data: input_pipeline.Dataset, seed_dirs, reproduce) -> None:
         "cell: they match the unshifted maps moved one cell right with cosine "
         f"{spread(rows['4 px']['one_cell'])}, and {spread(rows['4 px']['one_cell_inside'])} "
         "without the first and last columns of cells (where content enters and leaves the "
-        f"map). {reproduce(time.perf_counter() - start)}"
+        f"map). {reproduce(seconds)}"
     )
     text = "\n".join(lines) + f"\n\n{note}\n"
     with open(os.path.join(out, "equivariance.md"), "w") as f:
         f.write(text)
     print(f"\n## equivariance\n\n{text}")
-    names = input_pipeline.class_names("fashion_mnist", 10)
-    label = names[int(data.test_labels[INDEX])]
-    figure(
-        os.path.join(out, "equivariance.png"), trained(pairs[0][0]), trained(pairs[0][1]),
-        data.test_images[INDEX],
-        f"Test image {INDEX} ({label}) shifted right: the maps move with it, the flattened "
-        "vector's active positions move to other indices, the GAP vector stays put\n(seed 0 "
-        "of each model, one image: no error bars)",
-    )  # fmt: skip

@@ -34,7 +34,7 @@ import os
 import numpy as np
 from absl import app, flags
 
-from benchmarks import flatten_equivariance, flatten_receptive, flatten_stats
+from benchmarks import flatten_equivariance, flatten_measures, flatten_receptive, flatten_stats
 from benchmarks import flatten_figures as figures
 from benchmarks import flatten_runs as runs
 from benchmarks import flatten_sweeps as sweeps
@@ -68,6 +68,7 @@ INVARIANCE = ("CNN", "CNN, avg pool", "CNN, anti-aliased max pool", "CNN, no poo
               "GMP CNN (global max pool)", "GAP CNN, deeper", "MLP")  # fmt: skip
 CONTROLS = ("CNN", "GAP CNN", "MLP", "CNN, padded canvas", "GAP CNN, padded canvas",
             "MLP, padded canvas", "CNN, shift-augmented")  # fmt: skip
+EQUIVARIANCE = ("CNN", "GAP CNN")
 # The pairs the write-up compares, each tested on the same test images.
 COMPARISONS = (
     ("CNN", "MLP"),
@@ -255,18 +256,27 @@ def accuracy_table(summaries: dict, choices: dict, p: runs.Plan) -> None:
 
 
 def measure(p: runs.Plan, name: str, seed: int):
-    """What measures seed ``seed`` of variant ``name`` once trained (the sweeps for the
-    first ``p.seeds`` seeds of a swept variant)."""
-    swept = seed < p.seeds and name in INVARIANCE + CONTROLS
-    part = (p.train_images, p.test_images)
-    return functools.partial(sweeps.measure_seed, name=name, part=part, sweep=swept)
+    """What measures seed ``seed`` of variant ``name`` once trained: the sweeps of a swept
+    variant's first ``p.seeds`` seeds, the equivariance of the CNN's and the GAP CNN's,
+    the effective receptive field of ``flatten_receptive.MODELS``' seeds."""
+    first = seed < p.seeds
+    return functools.partial(
+        flatten_measures.measure_seed, name=name, part=(p.train_images, p.test_images),
+        sweep=first and name in INVARIANCE + CONTROLS,
+        equivariance=first and name in EQUIVARIANCE, field=name in flatten_receptive.MODELS,
+    )  # fmt: skip
+
+
+def seed_measures(name: str, p: runs.Plan, seeds: int | None = None) -> list[dict]:
+    """The measures of variant ``name``'s seeds (its first ``seeds``)."""
+    return [runs.measures(d) for d in runs.seed_dirs(p, name)[:seeds]]
 
 
 def test_correct(name: str, data: input_pipeline.Dataset, p: runs.Plan) -> np.ndarray:
     """Bool ``(seeds, test images)``: which test images each seed's model gets right, the
     input of the paired comparisons."""
     images = len(data.test_labels)
-    return np.stack([sweeps.test_right(runs.measures(d), images) for d in runs.seed_dirs(p, name)])
+    return np.stack([flatten_measures.test_right(m, images) for m in seed_measures(name, p)])
 
 
 def comparisons_table(data, summaries: dict, p: runs.Plan) -> None:
@@ -369,8 +379,17 @@ def sweep_tables(swept: dict, p: runs.Plan) -> None:
                    panels, COLORS)  # fmt: skip
 
 
-def receptive_table(run_dirs: dict[str, list[str]], data, p: runs.Plan) -> None:
-    measured = flatten_receptive.measure(run_dirs, data.test_images)
+def receptive_table(names, summaries: dict, p: runs.Plan) -> None:
+    measured = {}
+    for name in names:
+        seeds = seed_measures(name, p)
+        fields = [np.asarray(m["field"]) for m in seeds]
+        measured[name] = {
+            "fields": fields,
+            "theoretical": summaries[name]["receptive_field"],
+            "side_90": [flatten_receptive.mass_side(f) for f in fields],
+            "sec": sum(m["field_sec"] for m in seeds),
+        }
     rows = [[name, str(len(m["fields"])), f"{m['theoretical']} px",
              interval(m["side_90"], scale=1)] for name, m in measured.items()]  # fmt: skip
     note = (
@@ -405,16 +424,21 @@ def main(_):
     efficiency_table(summaries, choices, p)
     sweep_tables(sweeps.swept([n for n in dict.fromkeys(INVARIANCE + CONTROLS)
                                if n in summaries], p), p)  # fmt: skip
-    modelled = [n for n in flatten_receptive.MODELS if n in summaries]
-    runs.keep_params(modelled, data, p, choices, measured)
-    if "CNN" in summaries and "GAP CNN" in summaries:
+    runs.keep_params([n for n in EQUIVARIANCE if n in summaries], data, p, choices, measured)
+    if all(n in summaries for n in EQUIVARIANCE):
         flatten_equivariance.write(
-            _OUT.value, data, lambda name: runs.seed_dirs(p, name),
-            lambda seconds: reproduce(["CNN", "GAP CNN"], seconds)
-            + " The minutes are the measurement's only (2 cores; the training is in accuracy.md).",
+            _OUT.value, data,
+            {n: {"seeds": [m["equivariance"] for m in seed_measures(n, p, p.seeds)],
+                 "sec": sum(m["equivariance_sec"] for m in seed_measures(n, p, p.seeds))}
+             for n in EQUIVARIANCE},
+            [runs.seed_dirs(p, n)[0] for n in EQUIVARIANCE],
+            lambda seconds: reproduce(EQUIVARIANCE, seconds)
+            + " The minutes are the measurement's and the figure's only (the training is in "
+            "accuracy.md).",
         )  # fmt: skip
-    if modelled:
-        receptive_table({n: runs.seed_dirs(p, n) for n in modelled}, data, p)
+    fields = [n for n in flatten_receptive.MODELS if n in summaries]
+    if fields:
+        receptive_table(fields, summaries, p)
     if "CNN" in summaries:
         explain.explain(runs.seed_dirs(p, "CNN")[0], output=os.path.join(_OUT.value, "explain.png"))
 

@@ -8,8 +8,6 @@ beside the theoretical receptive field that ``layers.receptive_field`` counts.
 
 from __future__ import annotations
 
-import time
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -46,11 +44,6 @@ def field(workdir: str, images: np.ndarray) -> np.ndarray:
     return np.asarray(jnp.abs(gradient).sum(-1).mean(0))
 
 
-def theoretical(workdir: str) -> int:
-    specs = models.layer_specs(workdir_lib.load_run(workdir).model)
-    return layers.receptive_field(specs[: last_map_position(specs) + 1])[0]
-
-
 def mass_side(grad_HW: np.ndarray, share: float = 0.9) -> int:
     """The side, in pixels, of the smallest square around the field's centre of mass that
     holds ``share`` of its total."""
@@ -62,22 +55,6 @@ def mass_side(grad_HW: np.ndarray, share: float = 0.9) -> int:
         if grad_HW[inside].sum() >= share * total:
             return side
     return 2 * max(grad_HW.shape)
-
-
-def measure(run_dirs: dict[str, list[str]], images: np.ndarray) -> dict[str, dict]:
-    """Per model (``run_dirs``: its seeds' runs): each seed's field on the first ``IMAGES``
-    images, its theoretical size, the side holding 90% of each seed's field, the seconds."""
-    out = {}
-    for name, seed_dirs in run_dirs.items():
-        start = time.perf_counter()
-        fields = [field(d, images[:IMAGES]) for d in seed_dirs]
-        out[name] = {
-            "fields": fields,
-            "theoretical": theoretical(seed_dirs[0]),
-            "side_90": [mass_side(f) for f in fields],
-            "sec": time.perf_counter() - start,
-        }
-    return out
 
 
 def figure(path: str, measured: dict[str, dict]) -> None:

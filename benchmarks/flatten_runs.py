@@ -419,9 +419,11 @@ def test_accuracies(names, data, plan: Plan, rates: dict, measure) -> dict[str, 
 
 
 def keep_params(names, data, plan: Plan, rates: dict, measure) -> None:
-    """Makes sure every seed of ``names`` has its final parameters (retraining any
-    whose are gone), for the measurements that need the models themselves."""
-    train_all(seed_jobs(names, data, plan, rates, measure), plan.workers, params=True)
+    """Makes sure seed 0 of each variant in ``names`` has its final parameters (retraining
+    it if they are gone), for the figures that draw a model."""
+    jobs = seed_jobs(names, data, plan, rates, measure)
+    drawn = {d: jobs[d] for d in (seed_dirs(plan, name)[0] for name in names)}
+    train_all(drawn, plan.workers, params=True)
 
 
 def measures(workdir: str) -> dict:

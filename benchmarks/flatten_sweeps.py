@@ -1,25 +1,17 @@
-"""What each trained seed of a flatten variant leaves for the tables, and its test
-accuracy under shifts and deformations.
+"""Test accuracy of trained flatten variants under shifts and deformations.
 
-``measure_seed`` runs in the training process, on its core, right after the seed
-trains: its accuracy on its own training images, which test images it gets right
-(the paired comparisons' input) and, for the swept variants' first ``Plan.seeds``
-seeds, the sweeps: every shift of 0-8 pixels in x, y and diagonally (the CNN's total
-stride is 4), rotation, horizontal shear, scale and elastic deformation, each at a few
-levels; zero fill, bilinear resampling, all test images. ``swept`` gathers a variant's
-sweeps from its seeds.
+Every shift of 0-8 pixels in x, y and diagonally (the CNN's total stride is 4),
+rotation, horizontal shear, scale and elastic deformation, each at a few levels;
+zero fill, bilinear resampling, all test images. ``sweep`` measures one seed (right
+after it trains: ``flatten_measures``); ``swept`` gathers a variant's seeds.
 """
 
 from __future__ import annotations
 
-import base64
-import functools
-import time
-
 import numpy as np
 
 from benchmarks import flatten_runs as runs
-from cnnflat_jax.data import input_pipeline, transforms
+from cnnflat_jax.data import transforms
 
 SHIFTS = tuple(range(9))  # Pixels.
 DIRECTIONS = {"x": (0, 1), "y": (1, 0), "diagonal": (1, 1)}  # (rows down, columns right) per px.
@@ -64,46 +56,18 @@ def perturb(images: np.ndarray, kind: str, level) -> np.ndarray:
     return _PERTURBED[key]
 
 
-@functools.cache
-def _fashion(train_images: int, test_images: int) -> input_pipeline.Dataset:
-    """The data, loaded once per process."""
-    return runs.fashion(runs.Plan("", train_images=train_images, test_images=test_images))
+def sweep(classify, images: np.ndarray, labels: np.ndarray) -> dict[str, list[float]]:
+    """Per sweep, per level: the accuracy of ``classify`` on ``images`` (the test images
+    as the variant sees them) perturbed, the mean over the sweep's transforms."""
 
+    def accuracy(kind: str, level) -> float:
+        perturbed = images if is_clean(kind, level) else perturb(images, kind, level)
+        return float(np.mean(classify(perturbed) == labels))
 
-def measure_seed(workdir: str, *, name: str, part: tuple[int, int], sweep: bool) -> dict:
-    """The seed of variant ``name`` trained in ``workdir``, on the data ``part``
-    (``Plan.train_images``, ``Plan.test_images``): its train accuracy, its test images
-    right (packed bits, base64), and per sweep (if ``sweep``) its accuracy per level; the
-    seconds of it all (``sec``) and of the sweeps (``sweep_sec``)."""
-    start = time.perf_counter()
-    data = _fashion(*part)
-    [classify] = runs.seed_classifiers([workdir])
-    images, labels = runs.train_images(name, data)
-    test = runs.test_images(name, data)
-    right = classify(test) == data.test_labels
-    result = {
-        "train_accuracy": float(np.mean(classify(images) == labels)),
-        "test_right": base64.b64encode(np.packbits(right).tobytes()).decode(),
+    return {
+        sweep: [float(np.mean([accuracy(kind, level) for kind in kinds])) for level in levels]
+        for sweep, (levels, kinds) in SWEEPS.items()
     }
-    if sweep:
-        sweep_start = time.perf_counter()
-
-        def accuracy(kind: str, level) -> float:
-            perturbed = test if is_clean(kind, level) else perturb(test, kind, level)
-            return float(np.mean(classify(perturbed) == data.test_labels))
-
-        result["sweeps"] = {
-            sweep: [float(np.mean([accuracy(kind, level) for kind in kinds])) for level in levels]
-            for sweep, (levels, kinds) in SWEEPS.items()
-        }  # fmt: skip
-        result["sweep_sec"] = time.perf_counter() - sweep_start
-    return {**result, "sec": time.perf_counter() - start}
-
-
-def test_right(measures: dict, images: int) -> np.ndarray:
-    """Bool ``(images,)``: which test images the measured seed gets right."""
-    bits = np.frombuffer(base64.b64decode(measures["test_right"]), dtype=np.uint8)
-    return np.unpackbits(bits)[:images].astype(bool)
 
 
 def swept(names, plan: runs.Plan) -> dict[str, dict]:
@@ -116,5 +80,5 @@ def swept(names, plan: runs.Plan) -> dict[str, dict]:
             sweep: [[m["sweeps"][sweep][i] for m in seeds] for i in range(len(levels))]
             for sweep, (levels, _) in SWEEPS.items()
         }
-        result[name]["sec"] = sum(m["sweep_sec"] for m in seeds)
+        result[name]["sec"] = sum(m["sweeps_sec"] for m in seeds)
     return result
