@@ -48,7 +48,7 @@ def measure_seed(
     right = classify(test) == data.test_labels
     result = {
         "train_accuracy": float(np.mean(classify(images) == labels)),
-        "test_right": base64.b64encode(np.packbits(right).tobytes()).decode(),
+        "test_right": pack_right(right),
     }
     if sweep:
         result["sweeps"], result["sweeps_sec"] = timed(
@@ -64,6 +64,11 @@ def measure_seed(
         )
         result["field"] = gradient.tolist()
     return {**result, "sec": time.perf_counter() - start}
+
+
+def pack_right(right: np.ndarray) -> str:
+    """Bool ``(images,)`` as text: packed bits (8 images a byte, first image highest), base64."""
+    return base64.b64encode(np.packbits(right).tobytes()).decode()
 
 
 def test_right(measures: dict, images: int) -> np.ndarray:

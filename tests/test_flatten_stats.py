@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from benchmarks import flatten_equivariance, flatten_stats
+from benchmarks import flatten_equivariance, flatten_measures, flatten_stats
 
 
 def test_mean_interval_is_students_t_worked_by_hand():
@@ -83,3 +83,9 @@ def test_baseline_partners_are_other_images_of_the_same_or_another_class(same_cl
     assert np.all(chosen != np.arange(len(labels)))
     assert np.all((labels[chosen] == labels) == same_class)
     np.testing.assert_array_equal(chosen, flatten_equivariance.partners(labels, same_class))
+
+
+def test_which_test_images_a_seed_gets_right_is_kept_as_8_a_byte_in_base64():
+    right = np.array([1, 0, 1, 0, 0, 0, 0, 0, 1], bool)  # Bytes 0xA0 0x80: "oIA=".
+    assert flatten_measures.pack_right(right) == "oIA="
+    np.testing.assert_array_equal(flatten_measures.test_right({"test_right": "oIA="}, 9), right)
