@@ -415,13 +415,13 @@ def main(_):
     names = selected(p)
     choices = runs.choose_learning_rates(names, data, p)
     learning_rate_table(choices, p)
-    first = runs.test_accuracies(names, data, p, choices, functools.partial(measure, p))
+    full_sets = [n for n in names if n in runs.MAIN]  # The smaller training sets train last.
+    first = runs.test_accuracies(full_sets, data, p, choices, functools.partial(measure, p))
     p = dataclasses.replace(p, more=close_variants(first))
     measured = functools.partial(measure, p)
-    summaries = runs.train_variants(names, data, p, choices, measured)
+    summaries = runs.train_variants(full_sets, data, p, choices, measured)
     accuracy_table(summaries, choices, p)
     comparisons_table(data, summaries, p)
-    efficiency_table(summaries, choices, p)
     sweep_tables(sweeps.swept([n for n in dict.fromkeys(INVARIANCE + CONTROLS)
                                if n in summaries], p), p)  # fmt: skip
     runs.keep_params([n for n in EQUIVARIANCE if n in summaries], data, p, choices, measured)
@@ -441,6 +441,9 @@ def main(_):
         receptive_table(fields, summaries, p)
     if "CNN" in summaries:
         explain.explain(runs.seed_dirs(p, "CNN")[0], output=os.path.join(_OUT.value, "explain.png"))
+    smaller = [n for n in names if n not in runs.MAIN]
+    summaries |= runs.train_variants(smaller, data, p, choices, measured)
+    efficiency_table(summaries, choices, p)
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ def measure_seed(
     }
     if sweep:
         result["sweeps"], result["sweeps_sec"] = timed(
-            flatten_sweeps.sweep, classify, test, data.test_labels
+            flatten_sweeps.sweep, classify, test, data.test_labels, float(np.mean(right))
         )
     if equivariance:
         result["equivariance"], result["equivariance_sec"] = timed(
