@@ -267,16 +267,11 @@ def measure(p: runs.Plan, name: str, seed: int):
     )  # fmt: skip
 
 
-def seed_measures(name: str, p: runs.Plan, seeds: int | None = None) -> list[dict]:
-    """The measures of variant ``name``'s seeds (its first ``seeds``)."""
-    return [runs.measures(d) for d in runs.seed_dirs(p, name)[:seeds]]
-
-
 def test_correct(name: str, data: input_pipeline.Dataset, p: runs.Plan) -> np.ndarray:
     """Bool ``(seeds, test images)``: which test images each seed's model gets right, the
     input of the paired comparisons."""
     images = len(data.test_labels)
-    return np.stack([flatten_measures.test_right(m, images) for m in seed_measures(name, p)])
+    return np.stack([flatten_measures.test_right(m, images) for m in runs.seed_measures(p, name)])
 
 
 def comparisons_table(data, summaries: dict, p: runs.Plan) -> None:
@@ -382,7 +377,7 @@ def sweep_tables(swept: dict, p: runs.Plan) -> None:
 def receptive_table(names, summaries: dict, p: runs.Plan) -> None:
     measured = {}
     for name in names:
-        seeds = seed_measures(name, p)
+        seeds = runs.seed_measures(p, name)
         fields = [np.asarray(m["field"]) for m in seeds]
         measured[name] = {
             "fields": fields,
@@ -428,8 +423,8 @@ def main(_):
     if all(n in summaries for n in EQUIVARIANCE):
         flatten_equivariance.write(
             _OUT.value, data,
-            {n: {"seeds": [m["equivariance"] for m in seed_measures(n, p, p.seeds)],
-                 "sec": sum(m["equivariance_sec"] for m in seed_measures(n, p, p.seeds))}
+            {n: {"seeds": [m["equivariance"] for m in runs.seed_measures(p, n, p.seeds)],
+                 "sec": sum(m["equivariance_sec"] for m in runs.seed_measures(p, n, p.seeds))}
              for n in EQUIVARIANCE},
             [runs.seed_dirs(p, n)[0] for n in EQUIVARIANCE],
             lambda seconds: reproduce(EQUIVARIANCE, seconds)

@@ -431,6 +431,11 @@ def measures(workdir: str) -> dict:
     return workdir_lib.read_json(workdir, MEASURES, "the seed's measurements")
 
 
+def seed_measures(plan: Plan, name: str, seeds: int | None = None) -> list[dict]:
+    """The measures of variant ``name``'s seeds (its first ``seeds``)."""
+    return [measures(d) for d in seed_dirs(plan, name)[:seeds]]
+
+
 def train_variants(names, data, plan: Plan, rates: dict, measure) -> dict[str, dict]:
     """Trains (or reuses) every seed of every variant in ``names`` at its chosen rate,
     and returns their summaries."""

@@ -77,7 +77,7 @@ def swept(names, plan: runs.Plan) -> dict[str, dict]:
     seeds; with ``sec``, the seconds their sweeps took."""
     result = {}
     for name in names:
-        seeds = [runs.measures(d) for d in runs.seed_dirs(plan, name)[: plan.seeds]]
+        seeds = runs.seed_measures(plan, name, plan.seeds)
         result[name] = {
             sweep: [[m["sweeps"][sweep][i] for m in seeds] for i in range(len(levels))]
             for sweep, (levels, _) in SWEEPS.items()
