@@ -28,8 +28,12 @@ def _mean_ci(values) -> tuple[float, float]:
     return interval.estimate, interval.high - interval.estimate
 
 
-def _error_label(n: int) -> str:
-    return f"mean and 95% CI over {n} seeds" if n > 1 else "1 seed, no interval"
+def _error_label(counts) -> str:
+    """What the error bars are, for series of ``counts`` seeds each."""
+    low, high = min(counts), max(counts)
+    if low < high:
+        return f"mean and 95% CI over {low}-{high} seeds"
+    return f"mean and 95% CI over {low} seeds" if low > 1 else "1 seed, no interval"
 
 
 def dot_plot(path: str, accuracies: dict[str, list[float]], title: str, colors: dict) -> None:
@@ -41,16 +45,16 @@ def dot_plot(path: str, accuracies: dict[str, list[float]], title: str, colors: 
     ax = fig.add_subplot(1, 1, 1)
     for yi, (name, (m, half)) in enumerate(zip(names, stats)):
         ax.errorbar(m, yi, xerr=half, fmt="o", capsize=4, color=colors[name])
-        ax.annotate(f"{m:.2f} ± {half:.2f}", (m + half, yi), xytext=(6, 0),
-                    textcoords="offset points", va="center", fontsize=8)  # fmt: skip
+        ax.annotate(f"{m:.2f} ± {half:.2f} (n = {len(accuracies[name])})", (m + half, yi),
+                    xytext=(6, 0), textcoords="offset points", va="center", fontsize=8)  # fmt: skip
     low = np.floor(min(m - h for m, h in stats) - 1)
     high = np.ceil(max(m + h for m, h in stats) + 3)
     ax.set_xlim(low, high)
     ax.set_yticks(np.arange(len(names)), names, fontsize=8)
     ax.invert_yaxis()
     ax.grid(axis="x", alpha=0.3)
-    n = min(len(v) for v in accuracies.values())
-    ax.set_xlabel(f"test accuracy, % ({_error_label(n)}). Axis zoomed: {low:.0f} to {high:.0f}%")
+    bars = _error_label([len(v) for v in accuracies.values()])
+    ax.set_xlabel(f"test accuracy, % ({bars}). Axis zoomed: {low:.0f} to {high:.0f}%")
     ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -66,7 +70,7 @@ def sweeps(path, results: dict, panels, colors: dict, marks=()) -> None:
     """One panel per ``(key, x label, levels)`` of ``panels``: each model's accuracy at each
     level of ``results[model][key]`` (levels x seeds), mean and 95% interval, with a chance
     line; ``marks``: x values to draw a dotted line at (the total stride's multiples)."""
-    n = min(len(r[panels[0][0]][0]) for r in results.values())
+    counts = [len(r[panels[0][0]][0]) for r in results.values()]
     columns = 2 if len(panels) == 4 else min(len(panels), 3)
     rows = -(-len(panels) // columns)
     fig = Figure(figsize=(5.5 * columns, 4.6 * rows))
@@ -82,7 +86,7 @@ def sweeps(path, results: dict, panels, colors: dict, marks=()) -> None:
             ax.axvline(x, color="gray", lw=0.8, ls=":")
         ax.axhline(CHANCE, color="gray", linestyle="--", lw=0.8, label="chance (10%)")
         ax.set_ylim(0, 100)
-        ax.set_ylabel(f"test accuracy, % ({_error_label(n)})")
+        ax.set_ylabel(f"test accuracy, % ({_error_label(counts)})")
         ax.set_xlabel(f"{label} (series nudged apart so that none hides another)", fontsize=8)
         ax.set_title(f"accuracy under {key}", fontsize=10)
         ax.grid(alpha=0.3)
@@ -98,7 +102,7 @@ def data_efficiency(path, curves, colors: dict) -> None:
     fig = Figure(figsize=(11, 4.2))
     acc_ax, gap_ax = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
     values = []
-    n = min(len(t) for points in curves.values() for _, _, t in points)
+    counts = [len(t) for points in curves.values() for _, _, t in points]
     for model, points in curves.items():
         color = colors[model]
         sizes = [size for size, _, _ in points]
@@ -117,8 +121,8 @@ def data_efficiency(path, curves, colors: dict) -> None:
     gap_ax.axhline(0, color="gray", lw=0.8)
     gap_ax.set_ylabel("train - test accuracy, points")
     titles = {
-        acc_ax: f"accuracy (solid: test, dashed: train; {_error_label(n)})",
-        gap_ax: f"overfitting: the train-test gap ({_error_label(n)})",
+        acc_ax: f"accuracy (solid: test, dashed: train; {_error_label(counts)})",
+        gap_ax: f"overfitting: the train-test gap ({_error_label(counts)})",
     }
     for ax, title in titles.items():
         ax.set_xscale("log")
