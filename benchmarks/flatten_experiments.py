@@ -322,6 +322,27 @@ def efficiency_table(summaries: dict, choices: dict, p: runs.Plan) -> None:
     figures.data_efficiency(os.path.join(_OUT.value, "data_efficiency.png"), curves, COLORS)
 
 
+def rises(swept: dict, names) -> str:
+    """The signature of aliasing: where a model's accuracy rises from one shift to the
+    next, by its seeds' paired differences (Student's t), whose interval excludes 0."""
+    found = []
+    for name in names:
+        for direction in DIRECTIONS:
+            accuracy = np.asarray(swept[name][f"shift {direction}"], dtype=np.float64)
+            if accuracy.shape[1] < 2:
+                continue  # One seed: no interval.
+            for s in range(len(SHIFTS) - 1):
+                rise = flatten_stats.mean_interval(accuracy[s + 1] - accuracy[s])
+                if rise.low > 0:
+                    found.append(f"{name}, {direction}, {SHIFTS[s]} -> {SHIFTS[s + 1]} px: "
+                                 f"+{rise.text()}")  # fmt: skip
+    return (
+        "Rises from one shift to the next within a model (points: the seeds' paired "
+        "differences, Student's t; listed where the 95% interval excludes 0): "
+        f"{'; '.join(found) or 'none'}."
+    )
+
+
 def sweep_tables(swept: dict, p: runs.Plan) -> None:
     canvas = (
         f"Padded canvas: trained and tested on images centred on a {runs.CANVAS}x{runs.CANVAS} "
@@ -338,6 +359,7 @@ def sweep_tables(swept: dict, p: runs.Plan) -> None:
             "images moved s pixels right "
             "(x), down (y) or both (diagonal), zero fill. The CNN's pools have a total stride "
             f"of 4: a shift by a multiple of 4 moves its last maps by whole cells. {extra} "
+            f"{rises(swept, names)} "
             f"{budget(p)} {reproduce(names, seconds)} The minutes are the sweeps' only (the "
             "training is in accuracy.md)."
         )
