@@ -1,340 +1,181 @@
-"""The experiments behind docs/flatten.md (second edition), every table and figure.
+"""The experiments behind docs/flatten.md (third edition), every table and figure.
 
     python -m benchmarks.flatten_experiments --out docs/flatten
-    python -m benchmarks.flatten_experiments --out docs/flatten --full_budget
+    python -m benchmarks.flatten_experiments --out /tmp/flatten --quick
 
-The budget is the same for every variant: ``--num_epochs`` (1) epoch of
-60,000 training images, i.e. 469 steps of batch 128, with
-``configs/default.py``'s Adam, learning rate and warmup + cosine schedule.
-Each variant trains ``--seeds`` (3) models, seeds 0, 1, 2 (initialisation
-and data order), each its own run; tables give mean +- std over seeds. A
-smaller training set of N images is its first N images repeated 60,000 / N
-times, so it too gets the 469 steps. ``--full_budget`` trains one model
-(seed 0) per variant for 10 epochs of 60,000 images instead, to check that
-the rankings hold.
+The budget is the same for every variant: ``--num_epochs`` (1) epoch of 60,000
+training images (469 steps of batch 128) with ``configs/default.py``'s Adam and
+warmup + cosine schedule, at the learning rate chosen for the variant on a
+validation split (``flatten_runs``). Each variant trains ``--seeds`` (5) models;
+then the variants of each compared pair (``COMPARISONS``) whose mean accuracies are
+less than ``CLOSE`` apart get ``--more_seeds`` (10). Tables give means with 95%
+intervals, and ``comparisons.md`` tests the differences the write-up claims
+(``flatten_stats``).
 
-Writes, to ``--out``: ``accuracy.md`` (every variant: parameters, receptive
-field, train and test accuracy), ``invariance.md`` (shifts and rotations),
-``shift_controls.md`` (padded canvas, shift augmentation),
-``data_efficiency.md``, ``equivariance.md``, ``full_budget.md``, their
-figures, and ``explain.png``. Trained runs are kept in ``--out/runs/`` and
-reused when rerun with the same config. ``--variant`` (repeatable),
-``--train_images`` and ``--test_images`` run a smaller part of it (the
-tests do).
+Writes, to ``--out``: ``learning_rates.md``, ``accuracy.md``, ``comparisons.md``,
+``data_efficiency.md``, ``shifts.md`` and ``shift_controls.md`` (every shift of 0-8
+pixels in x, y and diagonally), ``deformations.md`` (rotation, shear, scale,
+elastic), ``equivariance.md``, ``receptive_fields.md``, their figures and ``explain.png``.
+Each table ends with the command that rebuilds it and the compute it took. Trained
+runs are kept in ``--out/runs*`` and reused (each seed is measured as it finishes
+training, so a table needs only the runs' small files, not their models); a kept run
+with another config stops the suite with an error naming it, so another budget (e.g.
+``--num_epochs 10``) belongs in another ``--out``. ``--variant`` (repeatable),
+``--train_images`` and ``--test_images`` run a smaller part of it; ``--quick`` is the
+smallest (CI runs it).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
+import functools
 import os
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 
-from benchmarks import flatten_equivariance
+from benchmarks import flatten_equivariance, flatten_measures, flatten_receptive, flatten_stats
 from benchmarks import flatten_figures as figures
-from cnnflat_jax.configs import default
-from cnnflat_jax.data import idx, input_pipeline, transforms
-from cnnflat_jax.nn import layers, models
-from cnnflat_jax.run import trainer
-from cnnflat_jax.run import workdir as workdir_lib
+from benchmarks import flatten_runs as runs
+from benchmarks import flatten_sweeps as sweeps
+from benchmarks.flatten_sweeps import DIRECTIONS, SHIFTS, SWEEPS, is_clean
+from cnnflat_jax.data import input_pipeline
 from cnnflat_jax.tools import explain
-from cnnflat_jax.train import evaluation
 
 _OUT = flags.DEFINE_string("out", "docs/flatten", "Where tables, figures and runs go.")
-_SEEDS = flags.DEFINE_integer("seeds", 3, "Models per variant (seeds 0, 1, ...).")
+_SEEDS = flags.DEFINE_integer("seeds", 5, "Models per variant (seeds 0, 1, ...).")
+_MORE_SEEDS = flags.DEFINE_integer(
+    "more_seeds", 10, "Models per variant in a compared pair less than CLOSE apart."
+)
 _EPOCHS = flags.DEFINE_integer("num_epochs", 1, "Epochs of the training set per model.")
-_FULL = flags.DEFINE_boolean("full_budget", False, "One seed, 10 epochs: full_budget.md only.")
 _VARIANTS = flags.DEFINE_multi_string(
     "variant", [], "Repeatable: train only these and their smaller-set runs (default: all)."
 )
 _TRAIN_IMAGES = flags.DEFINE_integer("train_images", 60_000, "The first N training images.")
 _TEST_IMAGES = flags.DEFINE_integer("test_images", 0, "The first N test images (0 = all).")
-_DATA = "data"  # Under --out: the padded and the smaller training sets, as IDX files.
-
-CANVAS = 36  # The padded canvas: 4 pixels of zeros round each 28x28 image.
-SHIFTS = (0, 1, 2, 3, 4)
-ROTATIONS = (0, 5, 10, 15, 20, 25, 30)
-SMALLER = (500, 2_000, 10_000)  # Training-set sizes below the full one.
-MLP = {"name": "mlp", "dense_features": (1024,)}  # About the CNN's parameter count.
-TRUNK = ("conv:32:3", "relu", "max_pool:2", "conv:64:3", "relu", "max_pool:2")
-GAP = {"name": "sequential", "layers": (*TRUNK, "global_avg_pool", "dense:256", "relu", "dense:10")}
-NO_DOWNSAMPLING = {
-    "name": "sequential",
-    "layers": (
-        "conv:32:3",
-        "relu",
-        "conv:64:3",
-        "relu",
-        "flatten",
-        "dense:256",
-        "relu",
-        "dense:10",
-    ),
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class Variant:
-    """Overrides of ``configs/default.py``, and the training images: "fashion"
-    (Fashion-MNIST), "padded" (on a CANVAS x CANVAS canvas) or a size N."""
-
-    overrides: dict
-    data: str | int = "fashion"
-
-
-VARIANTS = {
-    "CNN": Variant({}),
-    "CNN, avg pool": Variant({"model.pool": "avg"}),
-    "CNN, no pool (stride-2 convs)": Variant({"model.pool": "stride"}),
-    "CNN, max pool 3": Variant({"model.pool_window": 3}),
-    "CNN, avg pool 3": Variant({"model.pool": "avg", "model.pool_window": 3}),
-    "GAP CNN": Variant({"model": GAP}),
-    "CNN, no downsampling": Variant({"model": NO_DOWNSAMPLING}),
-    "MLP": Variant({"model": MLP}),
-    "CNN, shuffled pixels": Variant({"permute_pixels": True}),
-    "MLP, shuffled pixels": Variant({"permute_pixels": True, "model": MLP}),
-    "CNN, permuted flatten": Variant({"model.permute_flat": True}),
-    "CNN, shift-augmented": Variant({"augment_shift": 4}),
-    "CNN, padded canvas": Variant({}, "padded"),
-    "GAP CNN, padded canvas": Variant({"model": GAP}, "padded"),
-    "MLP, padded canvas": Variant({"model": MLP}, "padded"),
-}
-EFFICIENCY = ("CNN", "CNN, no pool (stride-2 convs)", "GAP CNN", "MLP")
-for _name in EFFICIENCY:
-    for _size in SMALLER:
-        VARIANTS[f"{_name}, {_size} images"] = dataclasses.replace(VARIANTS[_name], data=_size)
-MAIN = [name for name, v in VARIANTS.items() if v.data == "fashion"]
-INVARIANCE = ("CNN", "CNN, avg pool", "CNN, no pool (stride-2 convs)", "GAP CNN", "MLP")
-CONTROLS = (
-    "CNN", "GAP CNN", "MLP", "CNN, padded canvas", "GAP CNN, padded canvas",
-    "MLP, padded canvas", "CNN, shift-augmented",
+_WORKERS = flags.DEFINE_integer(
+    "workers", len(os.sched_getaffinity(0)), "Models training at once, one CPU core each."
+)
+_QUICK = flags.DEFINE_boolean(
+    "quick", False,
+    "A smoke test of every table and figure in about a minute: the CNN, GAP CNN and "
+    "deeper GAP CNN, a grid of 2 learning rates, 2 seeds, 600 training and 100 test images.",
 )  # fmt: skip
+QUICK_VARIANTS = ("CNN", "GAP CNN", "GAP CNN, deeper")
 
-
-def efficiency_name(model: str, size: int) -> str:
-    return model if size == _TRAIN_IMAGES.value else f"{model}, {size} images"
-
-
-def sizes() -> list[int]:
-    return [n for n in SMALLER if n < _TRAIN_IMAGES.value] + [_TRAIN_IMAGES.value]
-
-
-def selected() -> list[str]:
-    """The variants to train: ``--variant``s (default all) and their smaller-set runs."""
-    chosen = _VARIANTS.value or [n for n, v in VARIANTS.items() if not isinstance(v.data, int)]
-    unknown = sorted(set(chosen) - set(VARIANTS))
-    if unknown:
-        raise app.UsageError(f"unknown variants {unknown}; choose from {sorted(VARIANTS)}")
-    smaller = [efficiency_name(m, n) for m in EFFICIENCY if m in chosen for n in sizes()[:-1]]
-    return [n for n in VARIANTS if n in chosen or n in smaller]
-
-
-def slug(name: str) -> str:
-    return "".join(ch if ch.isalnum() else "_" for ch in name.lower()).strip("_")
-
-
-def run_dir(name: str, full: bool = False) -> str:
-    """Where variant ``name``'s run is trained and kept."""
-    return os.path.join(_OUT.value, "runs_full" if full else "runs", slug(name))
-
-
-def fashion() -> input_pipeline.Dataset:
-    part = input_pipeline.Part(num_train=_TRAIN_IMAGES.value, num_test=_TEST_IMAGES.value)
-    return input_pipeline.load_dataset("fashion_mnist", part=part)
-
-
-def pad(images: np.ndarray) -> np.ndarray:
-    """Centres 28x28 images on the CANVAS x CANVAS canvas."""
-    border = (CANVAS - images.shape[1]) // 2
-    return np.pad(images, ((0, 0), (border, border), (border, border), (0, 0)))
-
-
-def data_dir(kind: str | int, data: input_pipeline.Dataset) -> str:
-    """An IDX directory for ``kind`` under ``--out/data``, written on first use."""
-    directory = os.path.join(_OUT.value, _DATA, str(kind))
-    if os.path.isdir(directory):
-        return directory
-    train, test = (data.train.images, data.train.labels), (data.test_images, data.test_labels)
-    if kind == "padded":
-        train, test = (pad(train[0]), train[1]), (pad(test[0]), test[1])
-    else:
-        repeat = _TRAIN_IMAGES.value // kind
-        train = (np.tile(train[0][:kind], (repeat, 1, 1, 1)), np.tile(train[1][:kind], repeat))
-    partial = directory + ".partial"
-    os.makedirs(partial, exist_ok=True)
-    for prefix, (images, labels) in (("train", train), ("t10k", test)):
-        idx.write_idx(os.path.join(partial, f"{prefix}-images-idx3-ubyte"), images[..., 0])
-        idx.write_idx(os.path.join(partial, f"{prefix}-labels-idx1-ubyte"), labels)
-    os.rename(partial, directory)
-    return directory
-
-
-def variant_config(name: str, data: input_pipeline.Dataset, full: bool):
-    variant = VARIANTS[name]
-    config = default.get_config()
-    config.num_epochs = 10 if full else _EPOCHS.value
-    config.warmup_epochs = min(config.warmup_epochs, config.num_epochs / 4)
-    config.progress_bar = False
-    if variant.data != "fashion":
-        config.data_source, config.idx_dir = "idx", data_dir(variant.data, data)
-    elif _TRAIN_IMAGES.value != 60_000:
-        config.num_train_examples = _TRAIN_IMAGES.value
-    config.num_test_examples = _TEST_IMAGES.value
-    for key, value in variant.overrides.items():
-        if key == "model":
-            config.model = type(config.model)(value)
-        elif key.startswith("model."):
-            config.model[key.removeprefix("model.")] = value
-        else:
-            config[key] = value
-    return config
-
-
-def model_specs(config) -> tuple[str, ...]:
-    """The variant's layers as specs (the CNN and MLP presets' own)."""
-    model = models.from_fields(config.model, 10)
-    return model.layers if isinstance(model, models.Sequential) else model.specs()
-
-
-def parameter_counts(config, image_shape) -> dict[str, int]:
-    """All parameters, and those of the first dense layer and of all dense layers (the head)."""
-    model = models.from_fields(config.model, 10)
-    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *image_shape)))["params"]
-    sizes = {
-        name: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(p)) for name, p in shapes.items()
-    }
-    dense = [size for name, size in sizes.items() if "dense" in name.lower()]
-    return {"total": sum(sizes.values()), "first_dense": dense[0], "head": sum(dense)}
-
-
-def seeds(full: bool = False) -> range:
-    return range(1 if full else _SEEDS.value)
-
-
-def train_variant(name: str, data: input_pipeline.Dataset, full: bool = False) -> dict:
-    """Trains (or reuses) a variant, one run per seed (each model alone: on this
-    CPU a vmapped population is slower than its members one after another);
-    returns its summary (see ``summary.json``)."""
-    workdir = run_dir(name, full)
-    config = variant_config(name, data, full)
-    summary_path = os.path.join(workdir, "summary.json")
-    if os.path.exists(summary_path):
-        with open(summary_path) as f:
-            summary = json.load(f)
-        if summary["config"] == json.loads(config.to_json_best_effort()):
-            return summary
-    logging.info("Training %s", name)
-    records = []
-    for seed in seeds(full):
-        config.seed = seed
-        records.append(trainer.train_and_evaluate(config, os.path.join(workdir, f"seed_{seed}")))
-    config.seed = 0
-    image_shape = (CANVAS, CANVAS, 1) if VARIANTS[name].data == "padded" else (28, 28, 1)
-    size = VARIANTS[name].data if isinstance(VARIANTS[name].data, int) else len(data.train.labels)
-    train_images, train_labels = data.train.images[:size], data.train.labels[:size]
-    if VARIANTS[name].data == "padded":
-        train_images = pad(train_images)
-    summary = {
-        "config": json.loads(config.to_json_best_effort()),
-        "test_accuracy": [r["test_accuracy"] for r in records],
-        "train_accuracy": [
-            float(np.mean(classify(train_images) == train_labels))
-            for classify in seed_classifiers(workdir)
-        ],
-        "train_images": size,
-        "steps": records[0]["step"],
-        "parameters": parameter_counts(config, image_shape),
-        "receptive_field": layers.receptive_field(model_specs(config))[0],
-        # Training alone, evaluation excluded: the mean over seeds of the epochs' seconds.
-        "train_sec_per_model": float(
-            np.mean(
-                [
-                    sum(r["epoch_sec"] for r in read_metrics(os.path.join(workdir, f"seed_{k}")))
-                    for k in seeds(full)
-                ]
-            )
-        ),  # fmt: skip
-    }
-    with open(summary_path, "w") as f:
-        json.dump(summary, f, indent=1)
-    return summary
-
-
-def read_metrics(workdir: str) -> list[dict]:
-    with open(workdir_lib.path(workdir, workdir_lib.METRICS)) as f:
-        return [json.loads(line) for line in f]
-
-
-def seed_classifiers(workdir: str) -> list:
-    """One ``images -> predicted labels`` function per seed of a trained variant."""
-    classifiers = []
-    for seed_dir in sorted(d for d in os.listdir(workdir) if d.startswith("seed_")):
-        seed_dir = os.path.join(workdir, seed_dir)
-        run = workdir_lib.load_run(seed_dir)
-        config, model, params = run.config, run.model, run.params
-
-        def classify(images, params=params, model=model, config=config):
-            if config["permute_pixels"]:
-                images = transforms.permute_pixels(images)
-            return evaluation.predict(model.apply, params, images)
-
-        classifiers.append(classify)
-    return classifiers
-
-
-def sweep_accuracy(name: str, data: input_pipeline.Dataset) -> dict[str, list[list[float]]]:
-    """Per seed, test accuracy on all test images shifted by ``SHIFTS`` (the mean
-    over up, down, left, right; zero fill) and rotated by ``ROTATIONS`` (the
-    mean over both directions), cached in the run's ``sweeps.json``."""
-    workdir = run_dir(name)
-    path = os.path.join(workdir, "sweeps.json")
-    if os.path.exists(path) and os.path.getmtime(path) > os.path.getmtime(
-        os.path.join(workdir, "summary.json")
-    ):
-        with open(path) as f:
-            return json.load(f)
-    images, labels = data.test_images, data.test_labels
-    if VARIANTS[name].data == "padded":
-        images = pad(images)
-    classifiers = seed_classifiers(workdir)
-
-    def accuracy(transformed):  # Per seed.
-        return [float(np.mean(classify(transformed) == labels)) for classify in classifiers]
-
-    directions = ((1, 0), (-1, 0), (0, 1), (0, -1))
-    sweeps = {
-        "shift": [
-            np.mean([accuracy(transforms.shift(images, s * dy, s * dx)) for dy, dx in directions],
-                    axis=0).tolist()
-            for s in SHIFTS
-        ],
-        "rotation": [
-            np.mean([accuracy(transforms.rotate(images, a)) for a in {angle, -angle}],
-                    axis=0).tolist()
-            for angle in ROTATIONS
-        ],
-    }  # fmt: skip
-    with open(path, "w") as f:
-        json.dump(sweeps, f)
-    return sweeps
-
-
-def mean_std(values, scale: float = 100) -> str:
-    values = scale * np.asarray(values)
-    return f"{values.mean():.2f} +- {values.std(ddof=1) if len(values) > 1 else 0:.2f}"
-
-
+INVARIANCE = ("CNN", "CNN, avg pool", "CNN, anti-aliased max pool", "CNN, no pool (stride-2 convs)",
+              "CNN, no downsampling", "CNN, no downsampling, dilated", "GAP CNN",
+              "GMP CNN (global max pool)", "GAP CNN, deeper", "MLP")  # fmt: skip
+CONTROLS = ("CNN", "GAP CNN", "MLP", "CNN, padded canvas", "GAP CNN, padded canvas",
+            "MLP, padded canvas", "CNN, shift-augmented")  # fmt: skip
+EQUIVARIANCE = ("CNN", "GAP CNN")
+# The pairs the write-up compares, each tested on the same test images.
+COMPARISONS = (
+    ("CNN", "MLP"),
+    ("CNN", "GAP CNN"),
+    ("GAP CNN, deeper", "GAP CNN"),
+    ("GMP CNN (global max pool)", "GAP CNN"),
+    ("CNN", "GAP CNN, deeper"),
+    ("CNN", "CNN, avg pool"),
+    ("CNN, anti-aliased max pool", "CNN"),
+    ("CNN", "CNN, no pool (stride-2 convs)"),
+    ("CNN", "CNN, max pool 3"),
+    ("CNN, max pool 3", "CNN, avg pool 3"),
+    ("CNN", "CNN, no downsampling"),
+    ("CNN", "CNN, no downsampling, dilated"),
+    ("CNN, no downsampling", "CNN, no downsampling, dilated"),
+    ("CNN", "CNN, no ReLU"),
+    ("CNN", "CNN, permuted flatten"),
+    ("CNN", "CNN, shuffled pixels"),
+    ("CNN, shuffled pixels", "MLP"),
+    ("MLP", "MLP, shuffled pixels"),
+    ("CNN, shift-augmented", "CNN"),
+    ("CNN, padded canvas", "CNN"),
+    ("GAP CNN, padded canvas", "GAP CNN"),
+)
+CLOSE = 0.01  # Accuracy: a compared pair closer than a point gets more seeds.
+COLORS = figures.palette(runs.MAIN)  # A variant keeps its colour in every figure.
 TITLES = {
+    "learning_rates": "The learning rate of each variant, chosen on a validation split",
     "accuracy": "Accuracy of every variant",
-    "invariance": "Shifts and rotations",
-    "shift_controls": "Shift controls: a padded canvas, shift augmentation",
+    "comparisons": "Paired comparisons on the shared test set",
     "data_efficiency": "Accuracy against the training-set size",
-    "full_budget": "The full budget: 10 epochs",
+    "shifts": "Shifts of 0-8 pixels in x, y and diagonally",
+    "shift_controls": "Shift controls: a padded canvas, shift augmentation",
+    "deformations": "Rotation, shear, scale and elastic deformation",
+    "receptive_fields": "Effective receptive fields",
 }
+
+
+def plan() -> runs.Plan:
+    if _QUICK.value:
+        return runs.Plan(
+            _OUT.value,
+            seeds=2,
+            more_seeds=2,
+            train_images=600,
+            test_images=100,
+            workers=_WORKERS.value,
+            learning_rates=(2e-3, 4e-3),
+            rate_range=(2e-3, 4e-3),
+        )
+    return runs.Plan(
+        _OUT.value, _SEEDS.value, _MORE_SEEDS.value, _EPOCHS.value, _TRAIN_IMAGES.value,
+        _TEST_IMAGES.value, _WORKERS.value,
+    )  # fmt: skip
+
+
+def sizes(p: runs.Plan) -> list[int]:
+    return [n for n in runs.SMALLER if n < p.train_images] + [p.train_images]
+
+
+def efficiency_name(model: str, size: int, p: runs.Plan) -> str:
+    return model if size == p.train_images else f"{model}, {size} images"
+
+
+def selected(p: runs.Plan) -> list[str]:
+    """The variants to train: ``--variant``s (default all) and their smaller-set runs."""
+    chosen = list(QUICK_VARIANTS) if _QUICK.value else (_VARIANTS.value or runs.MAIN)
+    unknown = sorted(set(chosen) - set(runs.VARIANTS))
+    if unknown:
+        raise app.UsageError(f"unknown variants {unknown}; choose from {sorted(runs.VARIANTS)}")
+    smaller = [efficiency_name(m, n, p) for m in runs.EFFICIENCY if m in chosen
+               for n in sizes(p)[:-1]]  # fmt: skip
+    return [n for n in runs.VARIANTS if n in chosen or n in smaller]
+
+
+def reproduce(names, seconds: float, extra: str = "") -> str:
+    """The command that rebuilds a table from scratch, and the compute it took."""
+    bases = dict.fromkeys(runs.base_variant(n) for n in names)
+    chosen = [] if set(runs.MAIN) <= set(bases) else bases  # All: the default.
+    flags_ = [*(f'--variant "{n}"' for n in chosen), *([extra] if extra else [])]
+    command = " ".join(["python -m benchmarks.flatten_experiments", *flags_])
+    return (
+        f"Reproduce: `{command}` (with the runs kept in "
+        f"`{_OUT.value}`, it only rebuilds the tables). Measured for this table: "
+        f"{seconds / 60:.1f} minutes of compute (the sum over its runs; training and the "
+        "sweeps run one model per core, two at a time on the 2-core machine)."
+    )
+
+
+def budget(p: runs.Plan) -> str:
+    steps = -(-p.epochs * p.train_images // 128)
+    return (
+        f"Budget, the same for every variant: {p.epochs} epoch(s) of {p.train_images:,} "
+        f"training images ({steps} steps of batch 128; a smaller set is repeated to "
+        f"{p.train_images:,}), Adam with warmup + cosine decay (configs/default.py) at the "
+        f"variant's learning rate (learning_rates.md); {p.seeds} seeds per variant, "
+        f"{p.more_seeds} for each variant of a compared pair less than {100 * CLOSE:.0f} "
+        "point apart (the seeds column of accuracy.md). Accuracies over all "
+        f"{p.test_images or 10_000:,} test images; [95% CI]: Student's t over the seeds."
+    )
+
+
+def interval(values, scale: float = 100) -> str:
+    values = np.asarray(values, dtype=np.float64)
+    if len(values) < 2:
+        return f"{scale * values.mean():.2f}"
+    return flatten_stats.mean_interval(values).text(scale)
 
 
 def write_table(name: str, header: list[str], rows: list[list[str]], note: str) -> None:
@@ -347,122 +188,279 @@ def write_table(name: str, header: list[str], rows: list[list[str]], note: str) 
     print(f"\n## {name}\n\n{text}")
 
 
-def budget(full: bool = False) -> str:
-    if full:
-        return "Budget: 1 model (seed 0), 10 epochs of 60,000 images (4,690 steps of 128)."
-    n = _TRAIN_IMAGES.value
-    steps = -(-_EPOCHS.value * n // 128)
-    return (
-        f"Budget, the same for every variant: {_SEEDS.value} seeds (mean +- std), "
-        f"{_EPOCHS.value} epoch(s) of {n:,} training images ({steps} steps of batch 128; a "
-        f"smaller set is repeated to {n:,}), Adam 2e-3 with warmup + cosine decay "
-        f"(configs/default.py). Accuracies over all {_TEST_IMAGES.value or 10_000:,} test images."
+def close_variants(accuracies: dict[str, list[float]]) -> frozenset:
+    """The variants of the compared pairs whose mean test accuracies over the first
+    ``--seeds`` seeds differ by less than CLOSE."""
+    mean = {name: np.mean(values) for name, values in accuracies.items()}
+    return frozenset(
+        name
+        for a, b in COMPARISONS
+        if a in mean and b in mean and abs(mean[a] - mean[b]) < CLOSE
+        for name in (a, b)
     )
 
 
-def accuracy_table(summaries: dict) -> None:
-    rows = []
-    for name in [n for n in VARIANTS if n in summaries and not isinstance(VARIANTS[n].data, int)]:
+def learning_rate_table(choices: dict, p: runs.Plan) -> None:
+    tuned = {runs.base_variant(n): c for n, c in choices.items()}
+    rates = sorted({rate for c in tuned.values() for rate in c["validation_accuracy"]})
+    rows = [
+        [name, *(f"{100 * c['validation_accuracy'][r]:.2f}" if r in c["validation_accuracy"]
+                 else "" for r in rates), f"{c['learning_rate']:g}"]
+        for name, c in tuned.items()
+    ]  # fmt: skip
+    note = (
+        f"Validation accuracy (%) of seed 0 trained on the first {p.train_images * 5 // 6:,} "
+        f"training images, validated on the last {p.train_images // 6:,} "
+        "(config.validation_examples); the test set is not used. The grid is Adam's peak "
+        f"rate {', '.join(f'{r:g}' for r in p.learning_rates)}, halved while the best rate "
+        f"is the grid's bottom (down to {p.rate_range[0]:g}) and doubled while it is the "
+        f"top (up to {p.rate_range[1]:g}); 0: the loss diverged. The best "
+        "is chosen and the variant's seeds train with it on all training images. A variant "
+        "with a smaller training set uses its full-set variant's rate. "
+        + reproduce(tuned, sum(c["sec"] for c in tuned.values()))
+    )
+    header = ["variant", *(f"lr {r:g}" for r in rates), "chosen"]
+    write_table("learning_rates", header, rows, note)
+
+
+def accuracy_table(summaries: dict, choices: dict, p: runs.Plan) -> None:
+    rows, names = [], [n for n in runs.MAIN if n in summaries]
+    for name in names:
         s = summaries[name]
-        p = s["parameters"]
-        gap = 100 * (np.asarray(s["train_accuracy"]) - np.asarray(s["test_accuracy"]))
+        gap = np.asarray(s["train_accuracy"]) - np.asarray(s["test_accuracy"])
         rows.append([
-            name, f"{p['total']:,}", f"{p['first_dense']:,}", f"{p['head']:,}",
-            f"{s['receptive_field']} px", mean_std(s["test_accuracy"]),
-            mean_std(s["train_accuracy"]), f"{gap.mean():.2f}",
-            f"{s['train_sec_per_model']:.0f}",
+            name, f"{s['parameters']['total']:,}", f"{s['parameters']['first_dense']:,}",
+            f"{s['receptive_field']} px", f"{s['learning_rate']:g}",
+            str(len(s["test_accuracy"])), interval(s["test_accuracy"]),
+            interval(s["train_accuracy"]), interval(gap), f"{s['train_sec_per_model']:.0f}",
         ])  # fmt: skip
     header = [
-        "variant", "parameters", "first dense layer", "head (all dense)", "receptive field",
-        "test accuracy %", "train accuracy %", "train - test", "train s per model",
+        "variant", "parameters", "first dense layer", "receptive field", "learning rate",
+        "seeds", "test accuracy % [95% CI]", "train accuracy %", "train - test, points",
+        "train s per model (1 core)",
     ]  # fmt: skip
+    seconds = sum(summaries[n]["run_sec"] + choices[n]["sec"] for n in names)
     note = (
         "Receptive field: the input pixels one unit of the last map before the flatten or "
         "global pool sees (layers.receptive_field). Train accuracy: the final models on "
-        f"all their training images. {budget()}"
+        f"all their training images. {budget(p)} {reproduce(names, seconds)} The minutes "
+        "include the learning-rate grid's runs."
     )
     write_table("accuracy", header, rows, note)
     figures.dot_plot(
         os.path.join(_OUT.value, "accuracy.png"),
-        {name: summaries[name]["test_accuracy"] for name in MAIN if name in summaries},
-        "Test accuracy of every variant (same budget)",
+        {name: summaries[name]["test_accuracy"] for name in names},
+        "Test accuracy of every variant (same budget, tuned learning rates)",
+        COLORS,
     )
 
 
-def invariance_tables(sweeps: dict) -> None:
-    for name_, names, note in (
-        ("invariance", INVARIANCE, "Models trained on unshifted, unrotated 28x28 images."),
-        ("shift_controls", CONTROLS,
-         f"Padded canvas: trained and tested on images centred on a {CANVAS}x{CANVAS} canvas, "
-         "so a shift of up to 4 pixels crops nothing. Shift-augmented: trained on 28x28 "
-         "images each moved by a random shift of up to 4 pixels (config.augment_shift=4)."),
-    ):  # fmt: skip
-        names = [n for n in names if n in sweeps]
-        header = ["model", *(f"shift {s}" for s in SHIFTS), *(f"rot {a}" for a in ROTATIONS)]
-        rows = [
-            [name, *(mean_std(a) for a in sweeps[name]["shift"]),
-             *(mean_std(a) for a in sweeps[name]["rotation"])]
-            for name in names
-        ]  # fmt: skip
-        sweep_note = (
-            "Test accuracy (%) under shifts of s pixels (the mean over up, down, left and "
-            "right; zero fill) and rotations about the centre (bilinear; the mean over both "
-            f"directions). {note} {budget()}"
-        )
-        write_table(name_, header, rows, sweep_note)
-        figures.sweeps(
-            os.path.join(_OUT.value, f"{name_}.png"), {n: sweeps[n] for n in names}, SHIFTS,
-            ROTATIONS, shifts_only=name_ == "shift_controls",
-        )  # fmt: skip
+def measure(p: runs.Plan, name: str, seed: int):
+    """What measures seed ``seed`` of variant ``name`` once trained: the sweeps of a swept
+    variant's first ``p.seeds`` seeds, the equivariance of the CNN's and the GAP CNN's,
+    the effective receptive field of ``flatten_receptive.MODELS``' seeds."""
+    first = seed < p.seeds
+    return functools.partial(
+        flatten_measures.measure_seed, name=name, part=(p.train_images, p.test_images),
+        sweep=first and name in INVARIANCE + CONTROLS,
+        equivariance=first and name in EQUIVARIANCE, field=name in flatten_receptive.MODELS,
+    )  # fmt: skip
 
 
-def efficiency_table(summaries: dict) -> None:
-    rows, curves = [], {}
-    for model in [m for m in EFFICIENCY if m in summaries]:
-        for size in sizes():
-            s = summaries[efficiency_name(model, size)]
-            gap = 100 * (np.asarray(s["train_accuracy"]) - np.asarray(s["test_accuracy"]))
-            rows.append([
-                model, f"{size:,}", mean_std(s["train_accuracy"]), mean_std(s["test_accuracy"]),
-                mean_std(gap, scale=1),
-            ])  # fmt: skip
+def test_correct(name: str, data: input_pipeline.Dataset, p: runs.Plan) -> np.ndarray:
+    """Bool ``(seeds, test images)``: which test images each seed's model gets right, the
+    input of the paired comparisons."""
+    images = len(data.test_labels)
+    return np.stack([flatten_measures.test_right(m, images) for m in runs.seed_measures(p, name)])
+
+
+def comparisons_table(data, summaries: dict, p: runs.Plan) -> None:
+    """Each pair of ``COMPARISONS`` on the same test images: the accuracy difference with
+    its two-level paired bootstrap interval (seeds and images), and the verdict."""
+    rows = []
+    for a, b in COMPARISONS:
+        if a not in summaries or b not in summaries:
+            continue
+        correct_a, correct_b = test_correct(a, data, p), test_correct(b, data, p)
+        difference = flatten_stats.difference(correct_a, correct_b)
+        p_value = flatten_stats.mcnemar(correct_a[0], correct_b[0])
+        verdict = "different" if difference.excludes_zero() else "not shown to differ"
+        rows.append([a, b, f"{len(correct_a)} / {len(correct_b)}", difference.text(),
+                     f"{p_value:.2g}", verdict])  # fmt: skip
+    note = (
+        "Difference: test accuracy of the first minus the second, in points, with its 95% "
+        "interval from a two-level paired bootstrap (2,000 rounds: the test images resampled "
+        "together for both, each variant's seeds on their own), so it covers both the seeds' "
+        "and the test set's sampling noise. The rule: two variants differ when that interval "
+        "excludes 0. McNemar: the exact test of the two seed-0 models on the same images. "
+        f"{budget(p)}"
+    )
+    header = ["variant A", "variant B", "seeds", "A - B, points [95% CI]", "McNemar p (seed 0)",
+              "verdict"]  # fmt: skip
+    write_table("comparisons", header, rows, note)
+
+
+def efficiency_table(summaries: dict, choices: dict, p: runs.Plan) -> None:
+    rows, curves, names = [], {}, []
+    for model in [m for m in runs.EFFICIENCY if m in summaries]:
+        for size in sizes(p):
+            names.append(efficiency_name(model, size, p))
+            s = summaries[names[-1]]
+            gap = np.asarray(s["train_accuracy"]) - np.asarray(s["test_accuracy"])
+            rows.append([model, f"{size:,}", interval(s["train_accuracy"]),
+                         interval(s["test_accuracy"]), interval(gap)])  # fmt: skip
             curves.setdefault(model, []).append((size, s["train_accuracy"], s["test_accuracy"]))
+    seconds = sum(summaries[n]["run_sec"] for n in names) + sum(choices[m]["sec"] for m in curves)
     note = (
         "Train accuracy: the final models on their own N distinct training images. "
-        f"Each size trains for the same number of steps. {budget()}"
+        f"Each size trains for the same number of steps. {budget(p)} {reproduce(names, seconds)} "
+        "The minutes include the full-set variants' learning-rate grids."
     )
-    header = ["model", "training images", "train accuracy %", "test accuracy %", "train - test"]
+    header = ["model", "training images", "train accuracy %", "test accuracy % [95% CI]",
+              "train - test, points"]  # fmt: skip
     write_table("data_efficiency", header, rows, note)
-    figures.data_efficiency(os.path.join(_OUT.value, "data_efficiency.png"), curves)
+    figures.data_efficiency(os.path.join(_OUT.value, "data_efficiency.png"), curves, COLORS)
 
 
-def full_budget_table(data) -> None:
-    rows = []
-    for name in [n for n in selected() if n in MAIN]:
-        s = train_variant(name, data, full=True)
-        (test,), (train,) = s["test_accuracy"], s["train_accuracy"]  # One seed.
-        rows.append([name, f"{100 * test:.2f}", f"{100 * train:.2f}",
-                     f"{s['train_sec_per_model']:.0f}"])  # fmt: skip
-    header = ["variant", "test accuracy %", "train accuracy %", "train s"]
-    write_table("full_budget", header, rows, budget(full=True))
+def rises(swept: dict, names) -> str:
+    """The signature of aliasing: where a model's accuracy rises from one shift to the
+    next, by its seeds' paired differences (Student's t), whose interval excludes 0."""
+    found = []
+    for name in names:
+        for direction in DIRECTIONS:
+            accuracy = np.asarray(swept[name][f"shift {direction}"], dtype=np.float64)
+            if accuracy.shape[1] < 2:
+                continue  # One seed: no interval.
+            for s in range(len(SHIFTS) - 1):
+                rise = flatten_stats.mean_interval(accuracy[s + 1] - accuracy[s])
+                if rise.low > 0:
+                    found.append(f"{name}, {direction}, {SHIFTS[s]} -> {SHIFTS[s + 1]} px: "
+                                 f"+{rise.text()}")  # fmt: skip
+    return (
+        "Rises from one shift to the next within a model (points: the seeds' paired "
+        "differences, Student's t; listed where the 95% interval excludes 0): "
+        f"{'; '.join(found) or 'none'}."
+    )
+
+
+def sweep_tables(swept: dict, p: runs.Plan) -> None:
+    canvas = (
+        f"Padded canvas: trained and tested on images centred on a {runs.CANVAS}x{runs.CANVAS} "
+        "canvas, so a shift of up to 4 pixels crops nothing. Shift-augmented: trained on "
+        "28x28 images each moved by a random shift of up to 4 pixels (config.augment_shift=4)."
+    )
+    for table, names, extra in (("shifts", INVARIANCE, ""), ("shift_controls", CONTROLS, canvas)):
+        names = [n for n in names if n in swept]
+        rows = [[name, direction, *(interval(a) for a in swept[name][f"shift {direction}"])]
+                for name in names for direction in DIRECTIONS]  # fmt: skip
+        seconds = sum(swept[n]["sec"] for n in names)
+        note = (
+            f"Test accuracy (%) [95% CI over each variant's first {p.seeds} seeds] of the test "
+            "images moved s pixels right "
+            "(x), down (y) or both (diagonal), zero fill. The CNN's pools have a total stride "
+            f"of 4: a shift by a multiple of 4 moves its last maps by whole cells. {extra} "
+            f"{rises(swept, names)} "
+            f"{budget(p)} {reproduce(names, seconds)} The minutes are the sweeps' only (the "
+            "training is in accuracy.md)."
+        )
+        header = ["model", "direction", *(f"{s} px" for s in SHIFTS)]
+        write_table(table, header, rows, note)
+        panels = [(f"shift {d}", f"shift {d}, pixels", SHIFTS) for d in DIRECTIONS]
+        figures.sweeps(os.path.join(_OUT.value, f"{table}.png"), {n: swept[n] for n in names},
+                       panels, COLORS, marks=(4, 8))  # fmt: skip
+    names = [n for n in INVARIANCE if n in swept]
+    levels = {sweep: levels for sweep, (levels, _) in SWEEPS.items() if "shift" not in sweep}
+    header = ["model", *(f"{sweep} {level:g}" for sweep, ls in levels.items() for level in ls
+                         if not is_clean(sweep, level))]  # fmt: skip
+    rows = [
+        [name, *(interval(a) for sweep, ls in levels.items()
+                 for level, a in zip(ls, swept[name][sweep]) if not is_clean(sweep, level))]
+        for name in names
+    ]  # fmt: skip
+    note = (
+        f"Test accuracy (%) [95% CI over each variant's first {p.seeds} seeds] under rotation "
+        "(degrees about the centre, "
+        "the mean of both directions), horizontal shear (columns per row from the centre, "
+        "both directions), scale (zoom about the centre) and elastic deformation (Simard et "
+        "al. 2003: a random displacement field smoothed by a Gaussian of std 4 px, scaled to "
+        "the given root-mean-square pixels; one field per test image, the same for every "
+        f"model); bilinear, zero fill. The clean accuracy is in shifts.md at 0 px. {budget(p)} "
+        + reproduce(names, sum(swept[n]["sec"] for n in names))
+        + " The minutes are the sweeps' only (the training is in accuracy.md)."
+    )
+    write_table("deformations", header, rows, note)
+    labels = {"rotation": "rotation, degrees", "shear": "shear, columns per row",
+              "scale": "scale factor", "elastic": "elastic, root-mean-square pixels"}  # fmt: skip
+    panels = [(sweep, labels[sweep], ls) for sweep, ls in levels.items()]
+    figures.sweeps(os.path.join(_OUT.value, "deformations.png"), {n: swept[n] for n in names},
+                   panels, COLORS)  # fmt: skip
+
+
+def receptive_table(names, summaries: dict, p: runs.Plan) -> None:
+    measured = {}
+    for name in names:
+        seeds = runs.seed_measures(p, name)
+        fields = [np.asarray(m["field"]) for m in seeds]
+        measured[name] = {
+            "fields": fields,
+            "theoretical": summaries[name]["receptive_field"],
+            "side_90": [flatten_receptive.mass_side(f) for f in fields],
+            "sec": sum(m["field_sec"] for m in seeds),
+        }
+    rows = [[name, str(len(m["fields"])), f"{m['theoretical']} px",
+             interval(m["side_90"], scale=1)] for name, m in measured.items()]  # fmt: skip
+    note = (
+        "Effective receptive field (Luo et al. 2016): the magnitude of the gradient of the "
+        "centre unit of the last map before the flatten or global pool (summed over its "
+        "channels) with respect to each input pixel, averaged over the first "
+        f"{flatten_receptive.IMAGES:,} test images; the side of the smallest square around "
+        "its centre of mass that holds 90% of it, per seed [95% CI over the seeds]. "
+        "Theoretical: the pixels a unit of that map can see (layers.receptive_field). "
+        + reproduce(measured, sum(m["sec"] for m in measured.values()))
+        + " The minutes are the gradients' only (the training is in accuracy.md)."
+    )
+    header = ["model", "seeds", "theoretical receptive field", "side holding 90% of the "
+              "gradient, px [95% CI]"]  # fmt: skip
+    write_table("receptive_fields", header, rows, note)
+    flatten_receptive.figure(os.path.join(_OUT.value, "receptive_fields.png"), measured)
 
 
 def main(_):
-    os.makedirs(_OUT.value, exist_ok=True)
-    data = fashion()
-    if _FULL.value:
-        full_budget_table(data)
-        return
-    summaries = {name: train_variant(name, data) for name in selected()}
-    accuracy_table(summaries)
-    efficiency_table(summaries)
-    swept = [n for n in dict.fromkeys(INVARIANCE + CONTROLS) if n in summaries]
-    invariance_tables({name: sweep_accuracy(name, data) for name in swept})
-    if "CNN" in summaries and "GAP CNN" in summaries:
-        flatten_equivariance.write(_OUT.value, data, lambda n: os.path.join(run_dir(n), "seed_0"))
+    p = plan()
+    os.makedirs(p.out, exist_ok=True)
+    data = runs.fashion(p)
+    names = selected(p)
+    choices = runs.choose_learning_rates(names, data, p)
+    learning_rate_table(choices, p)
+    full_sets = [n for n in names if n in runs.MAIN]  # The smaller training sets train last.
+    first = runs.test_accuracies(full_sets, data, p, choices, functools.partial(measure, p))
+    p = dataclasses.replace(p, more=close_variants(first))
+    measured = functools.partial(measure, p)
+    summaries = runs.train_variants(full_sets, data, p, choices, measured)
+    accuracy_table(summaries, choices, p)
+    comparisons_table(data, summaries, p)
+    sweep_tables(sweeps.swept([n for n in dict.fromkeys(INVARIANCE + CONTROLS)
+                               if n in summaries], p), p)  # fmt: skip
+    runs.keep_params([n for n in EQUIVARIANCE if n in summaries], data, p, choices, measured)
+    if all(n in summaries for n in EQUIVARIANCE):
+        flatten_equivariance.write(
+            _OUT.value, data,
+            {n: {"seeds": [m["equivariance"] for m in runs.seed_measures(p, n, p.seeds)],
+                 "sec": sum(m["equivariance_sec"] for m in runs.seed_measures(p, n, p.seeds))}
+             for n in EQUIVARIANCE},
+            [runs.seed_dirs(p, n)[0] for n in EQUIVARIANCE],
+            lambda seconds: reproduce(EQUIVARIANCE, seconds)
+            + " The minutes are the measurement's and the figure's only (the training is in "
+            "accuracy.md).",
+        )  # fmt: skip
+    fields = [n for n in flatten_receptive.MODELS if n in summaries]
+    if fields:
+        receptive_table(fields, summaries, p)
     if "CNN" in summaries:
-        cnn = os.path.join(run_dir("CNN"), "seed_0")
-        explain.explain(cnn, output=os.path.join(_OUT.value, "explain.png"))
+        explain.explain(runs.seed_dirs(p, "CNN")[0], output=os.path.join(_OUT.value, "explain.png"))
+    smaller = [n for n in names if n not in runs.MAIN]
+    summaries |= runs.train_variants(smaller, data, p, choices, measured)
+    efficiency_table(summaries, choices, p)
 
 
 if __name__ == "__main__":

@@ -1,101 +1,136 @@
-"""The flatten write-up's figures: error bars, value labels, marked axes, chance lines."""
+"""The flatten write-up's figures: one colour per variant in every figure, 95% intervals
+over seeds (the count in each axis label), no clipped axis, no line hidden under another."""
 
 from __future__ import annotations
 
+import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 
+from benchmarks import flatten_stats
+
 CHANCE = 10.0  # Ten classes.
+MARKERS = "osD^vP*Xh<>p"
 
 
-def _mean_std(values) -> tuple[float, float]:
-    values = 100 * np.asarray(values)
-    return values.mean(), values.std(ddof=1) if len(values) > 1 else 0.0
+def palette(names) -> dict[str, tuple]:
+    """A colour per variant name, in the order given: the same in every figure."""
+    cmap = matplotlib.colormaps["tab20"]
+    return {name: cmap(i % 20) for i, name in enumerate(names)}
 
 
-def dot_plot(path: str, accuracies: dict[str, list[float]], title: str) -> None:
-    """Mean +- std per variant as a dot with an error bar and its value; the
+def _mean_ci(values) -> tuple[float, float]:
+    """Mean and the 95% interval's half-width, in percent; no interval for one seed."""
+    values = 100 * np.asarray(values, dtype=np.float64)
+    if len(values) < 2:
+        return float(values.mean()), 0.0
+    interval = flatten_stats.mean_interval(values)
+    return interval.estimate, interval.high - interval.estimate
+
+
+def _error_label(counts) -> str:
+    """What the error bars are, for series of ``counts`` seeds each."""
+    low, high = min(counts), max(counts)
+    if low < high:
+        return f"mean and 95% CI over {low}-{high} seeds"
+    return f"mean and 95% CI over {low} seeds" if low > 1 else "1 seed, no interval"
+
+
+def dot_plot(path: str, accuracies: dict[str, list[float]], title: str, colors: dict) -> None:
+    """Mean and 95% interval per variant as a dot with an error bar and its value; the
     accuracy axis is zoomed, and says so."""
     names = list(accuracies)
-    stats = [_mean_std(accuracies[n]) for n in names]
+    stats = [_mean_ci(accuracies[n]) for n in names]
     fig = Figure(figsize=(9, 0.45 * len(names) + 1.6))
     ax = fig.add_subplot(1, 1, 1)
-    y = np.arange(len(names))
-    ax.errorbar([m for m, _ in stats], y, xerr=[s for _, s in stats], fmt="o", capsize=4)
-    for yi, (m, s) in zip(y, stats):
-        ax.annotate(f"{m:.2f} ± {s:.2f}", (m + s, yi), xytext=(6, 0),
-                    textcoords="offset points", va="center", fontsize=8)  # fmt: skip
-    low = np.floor(min(m - s for m, s in stats) - 1)
-    high = np.ceil(max(m + s for m, s in stats) + 3)
+    for yi, (name, (m, half)) in enumerate(zip(names, stats)):
+        ax.errorbar(m, yi, xerr=half, fmt="o", capsize=4, color=colors[name])
+        ax.annotate(f"{m:.2f} ± {half:.2f} (n = {len(accuracies[name])})", (m + half, yi),
+                    xytext=(6, 0), textcoords="offset points", va="center", fontsize=8)  # fmt: skip
+    low = np.floor(min(m - h for m, h in stats) - 1)
+    high = np.ceil(max(m + h for m, h in stats) + 3)
     ax.set_xlim(low, high)
-    ax.set_yticks(y, names, fontsize=8)
+    ax.set_yticks(np.arange(len(names)), names, fontsize=8)
     ax.invert_yaxis()
     ax.grid(axis="x", alpha=0.3)
-    ax.set_xlabel(
-        f"test accuracy, % (mean ± std over seeds). Axis zoomed: {low:.0f} to {high:.0f}%"
-    )
+    bars = _error_label([len(v) for v in accuracies.values()])
+    ax.set_xlabel(f"test accuracy, % ({bars}). Axis zoomed: {low:.0f} to {high:.0f}%")
     ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
 
-def sweeps(path, results, shifts, rotations, shifts_only: bool = False) -> None:
-    """Accuracy under shifts (and rotations) with a chance line, and the drop from
-    each model's clean accuracy."""
-    panels = [("shift", shifts, "shift, pixels")]
-    if not shifts_only:
-        panels.append(("rotation", rotations, "rotation, degrees"))
-    columns = len(panels)
-    fig = Figure(figsize=(6 * columns, 8))
-    for i, (key, sweep, label) in enumerate(panels):  # Accuracy above, its drop below.
-        accuracy = fig.add_subplot(2, columns, i + 1)
-        drop = fig.add_subplot(2, columns, columns + i + 1)
-        for name, result in results.items():
-            acc = 100 * np.asarray(result[key]).T  # (seeds, sweep)
-            accuracy.errorbar(sweep, acc.mean(0), yerr=acc.std(0, ddof=1), marker="o",
-                              capsize=3, label=name)  # fmt: skip
-            lost = acc[:, :1] - acc
-            drop.errorbar(sweep, lost.mean(0), yerr=lost.std(0, ddof=1), marker="o", capsize=3)
-        accuracy.axhline(CHANCE, color="gray", linestyle=":", label="chance (10%)")
-        accuracy.set_ylim(0, 100)
-        accuracy.set_ylabel("test accuracy, %")
-        accuracy.set_title(f"accuracy under {key}", fontsize=10)
-        drop.set_ylim(0, None)
-        drop.set_ylabel("points lost from the clean accuracy")
-        drop.set_title(f"drop from the clean accuracy, {key}", fontsize=10)
-        for ax in (accuracy, drop):
-            ax.set_xlabel(label)
-            ax.grid(alpha=0.3)
-        accuracy.legend(fontsize=7)
+def _dodged(sweep, i: int, count: int) -> np.ndarray:
+    """The sweep's x values nudged apart per series, so equal curves stay visible."""
+    step = np.min(np.diff(sweep)) if len(sweep) > 1 else 1.0
+    return np.asarray(sweep, dtype=float) + step * 0.06 * (i - (count - 1) / 2)
+
+
+def sweeps(path, results: dict, panels, colors: dict, marks=()) -> None:
+    """One panel per ``(key, x label, levels)`` of ``panels``: each model's accuracy at each
+    level of ``results[model][key]`` (levels x seeds), mean and 95% interval, with a chance
+    line; ``marks``: x values to draw a dotted line at (the total stride's multiples)."""
+    counts = [len(r[panels[0][0]][0]) for r in results.values()]
+    columns = 2 if len(panels) == 4 else min(len(panels), 3)
+    rows = -(-len(panels) // columns)
+    fig = Figure(figsize=(5.5 * columns, 4.6 * rows))
+    for i, (key, label, levels) in enumerate(panels):
+        ax = fig.add_subplot(rows, columns, i + 1)
+        for j, (name, result) in enumerate(results.items()):
+            mean_ci = np.array([_mean_ci(seeds) for seeds in result[key]])
+            ax.errorbar(_dodged(levels, j, len(results)), mean_ci[:, 0], yerr=mean_ci[:, 1],
+                        label=name, marker=MARKERS[j % len(MARKERS)], capsize=3,
+                        color=colors[name],
+                        markerfacecolor="none" if j % 2 else colors[name])  # fmt: skip
+        for x in marks:
+            ax.axvline(x, color="gray", lw=0.8, ls=":")
+        ax.axhline(CHANCE, color="gray", linestyle="--", lw=0.8, label="chance (10%)")
+        ax.set_ylim(0, 100)
+        ax.set_ylabel(f"test accuracy, % ({_error_label(counts)})")
+        ax.set_xlabel(f"{label} (series nudged apart so that none hides another)", fontsize=8)
+        ax.set_title(f"accuracy under {key}", fontsize=10)
+        ax.grid(alpha=0.3)
+        if i == 0:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
 
-def data_efficiency(path, curves) -> None:
+def data_efficiency(path, curves, colors: dict) -> None:
     """Train (dashed) and test (solid) accuracy against the training-set size, log x;
-    and their gap."""
+    and their gap. The accuracy axis is zoomed to the curves, and says so."""
     fig = Figure(figsize=(11, 4.2))
     acc_ax, gap_ax = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
-    for i, (model, points) in enumerate(curves.items()):
-        color = f"C{i}"
-        sizes = [n for n, _, _ in points]
-        train = np.array([_mean_std(t) for _, t, _ in points])
-        test = np.array([_mean_std(t) for _, _, t in points])
+    values = []
+    counts = [len(t) for points in curves.values() for _, _, t in points]
+    for model, points in curves.items():
+        color = colors[model]
+        sizes = [size for size, _, _ in points]
+        train = np.array([_mean_ci(t) for _, t, _ in points])
+        test = np.array([_mean_ci(t) for _, _, t in points])
         acc_ax.errorbar(sizes, test[:, 0], yerr=test[:, 1], marker="o", capsize=3, color=color,
                         label=f"{model}: test")  # fmt: skip
         acc_ax.plot(sizes, train[:, 0], "--", marker=".", color=color, label=f"{model}: train")
-        gaps = [100 * (np.asarray(t) - np.asarray(s)) for _, t, s in points]
-        gap_ax.errorbar(sizes, [g.mean() for g in gaps], yerr=[g.std(ddof=1) for g in gaps],
-                        marker="o", capsize=3, color=color, label=model)  # fmt: skip
-    acc_ax.axhline(CHANCE, color="gray", linestyle=":", label="chance (10%)")
-    acc_ax.set_ylim(0, 100)
-    acc_ax.set_ylabel("accuracy, % (solid: test, dashed: train)")
+        gaps = np.array([_mean_ci(np.asarray(t) - np.asarray(s)) for _, t, s in points])
+        gap_ax.errorbar(sizes, gaps[:, 0], yerr=gaps[:, 1], marker="o", capsize=3, color=color,
+                        label=model)  # fmt: skip
+        values += [*(test[:, 0] - test[:, 1]), *(test[:, 0] + test[:, 1]), *train[:, 0]]
+    low, high = np.floor(min(values) - 1), min(100.0, np.ceil(max(values) + 1))
+    acc_ax.set_ylim(low, high)
+    acc_ax.set_ylabel(f"accuracy, % (axis zoomed: {low:.0f} to {high:.0f}; chance is 10)")
+    gap_ax.axhline(0, color="gray", lw=0.8)
     gap_ax.set_ylabel("train - test accuracy, points")
-    gap_ax.set_ylim(0, None)
-    for ax, title in ((acc_ax, "accuracy"), (gap_ax, "overfitting: the train-test gap")):
+    titles = {
+        acc_ax: f"accuracy (solid: test, dashed: train; {_error_label(counts)})",
+        gap_ax: f"overfitting: the train-test gap ({_error_label(counts)})",
+    }
+    for ax, title in titles.items():
         ax.set_xscale("log")
+        sizes = sorted({size for points in curves.values() for size, _, _ in points})
+        ax.set_xticks(sizes, [f"{size:,}" for size in sizes])
+        ax.minorticks_off()
         ax.set_xlabel("training images (log scale)")
-        ax.set_title(title, fontsize=10)
+        ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()

@@ -194,3 +194,15 @@ POOLS_TO_NOTHING = ("conv:8:3", *["max_pool:2"] * 4, "flatten", "dense:2")
 def test_a_spec_that_does_not_fit_the_input_names_the_layer(specs, message):
     with pytest.raises(ValueError, match=message):
         init(models.Sequential(specs), (8, 8, 1))
+
+
+def test_layer_specs_are_a_sequentials_own_and_a_presets_written_out():
+    cnn = models.create_model("cnn", 10)
+    assert models.layer_specs(cnn) == (
+        "conv:32:3", "relu", "max_pool:2", "conv:64:3", "relu", "max_pool:2", "flatten",
+        "dense:256", "relu", "dense:10",
+    )  # fmt: skip
+    mlp = models.create_model("mlp", 10, dense_features=(64,))
+    assert models.layer_specs(mlp) == ("flatten", "dense:64", "relu", "dense:10")
+    specs = ["conv:4:3", "relu", "global_avg_pool", "dense:3"]
+    assert models.layer_specs(models.Sequential(layers=specs)) == tuple(specs)

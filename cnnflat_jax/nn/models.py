@@ -35,6 +35,7 @@ __all__ = [
     "MODELS",
     "create_model",
     "from_fields",
+    "layer_specs",
 ]
 
 # CNN's pool field: "stride" means no pooling layer, each conv strides by pool_window.
@@ -244,3 +245,8 @@ def from_fields(fields: Mapping[str, Any], num_classes: int) -> nn.Module:
     """``create_model`` from a ``config.model``-style mapping that holds "name"."""
     fields = dict(fields)
     return create_model(fields.pop("name", None), num_classes, **fields)
+
+
+def layer_specs(model: nn.Module) -> tuple[str, ...]:
+    """A model's layers as specs: a ``Sequential``'s own, a preset's ``specs()``."""
+    return tuple(model.layers if isinstance(model, Sequential) else model.specs())

@@ -52,8 +52,7 @@ class Ported:
 
     def specs(self) -> tuple[str, ...]:
         """The model as layer specs, the final softmax (if any) included."""
-        module = self.module()
-        specs = tuple(module.layers if isinstance(module, models.Sequential) else module.specs())
+        specs = models.layer_specs(self.module())
         if self.softmax and specs[-1] not in layers.FINAL_KINDS:
             specs += ("softmax",)
         return specs
