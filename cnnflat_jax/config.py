@@ -14,18 +14,21 @@ loads, for the limits that depend on it (image size, training-set size).
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import jax
 import ml_collections
 
 from cnnflat_jax import paths
-from cnnflat_jax.data import folders, input_pipeline
+from cnnflat_jax.data import folders
 from cnnflat_jax.errors import Error
-from cnnflat_jax.nn import layers, models, ops
-from cnnflat_jax.train import memory, population, train_lib
+from cnnflat_jax.nn import layers
+
+# Loading a config (``train.py --help`` too) imports no JAX: the modules that
+# name the choices (models, optimizers, ...) and the checks that run the model
+# import it, so they are imported when a config is checked, not here.
 
 
 class ConfigError(Error, ValueError):
@@ -42,12 +45,18 @@ def show(value: Any) -> str:
     return str(value)
 
 
-@dataclasses.dataclass(frozen=True)
 class Rule:
-    """What a field may hold: ``allowed`` in words, ``why(value)`` the fault or None."""
+    """What a field may hold: ``allowed`` in words, ``why(value)`` the fault or None.
 
-    allowed: str
-    why: Callable[[Any], str | None]
+    ``allowed`` may be given as a function, called when first read.
+    """
+
+    def __init__(self, allowed: str | Callable[[], str], why: Callable[[Any], str | None]):
+        self._allowed, self.why = allowed, why
+
+    @property
+    def allowed(self) -> str:
+        return self._allowed() if callable(self._allowed) else self._allowed
 
 
 def _is_int(value: Any) -> bool:
@@ -96,8 +105,16 @@ def number(low=None, high=None, *, low_open=False, high_open=False) -> Rule:
     return Rule("a finite number" + _bounds(low, high, low_open, high_open), why)
 
 
-def choice(*options: str) -> Rule:
-    return Rule(", ".join(options), lambda v: None if v in options else "not a known choice")
+def choice_of(module: str, names: str) -> Rule:
+    """One of the names in ``module.names`` (a tuple, or a dict's keys), read
+    from that module when the rule is first used."""
+
+    def options() -> tuple[str, ...]:
+        return tuple(getattr(importlib.import_module(module), names))
+
+    return Rule(
+        lambda: ", ".join(options()), lambda v: None if v in options() else "not a known choice"
+    )
 
 
 def boolean() -> Rule:
@@ -180,6 +197,7 @@ class Field:
 
 
 _SEED = integer(-(2**63), 2**63 - 1)
+_TRAIN_LIB, _MODELS = "cnnflat_jax.train.train_lib", "cnnflat_jax.nn.models"
 
 # Every field but config.model's: one row each. ``defaults()`` builds the
 # default config from it (configs/default.py); ``check`` holds a config to it.
@@ -187,7 +205,7 @@ FIELDS: dict[str, Field] = {
     # Data: a TFDS catalog name ("auto" also finds local IDX copies), or
     # folder:PATH, a folder of class folders of pictures (docs/guide/pictures.md).
     "dataset": Field("fashion_mnist", dataset_name()),
-    "data_source": Field("auto", choice(*input_pipeline.SOURCES)),
+    "data_source": Field("auto", choice_of("cnnflat_jax.data.input_pipeline", "SOURCES")),
     # Data locations are part of the identity: other files may hold other data.
     "data_dir": Field("", directory()),  # TFDS data directory; "" = TFDS's default.
     "idx_dir": Field("", existing_directory()),  # Directory of MNIST-format IDX files.
@@ -210,22 +228,22 @@ FIELDS: dict[str, Field] = {
     "permute_pixels": Field(False, boolean()),  # Every image's pixels by one fixed permutation.
     # memory: whole splits in host memory. grain: training batches streamed from
     # ArrayRecord files through Grain (docs/guide/grain.md).
-    "input_pipeline": Field("memory", choice(*input_pipeline.PIPELINES)),
+    "input_pipeline": Field("memory", choice_of("cnnflat_jax.data.input_pipeline", "PIPELINES")),
     # grain: files from python -m cnnflat_jax.array_records; "" = TFDS's
     # ArrayRecord data source (the dataset prepared with that file format).
     "array_record_dir": Field("", existing_directory()),
-    "optimizer": Field("adam", choice(*train_lib.OPTIMIZERS)),
+    "optimizer": Field("adam", choice_of(_TRAIN_LIB, "OPTIMIZERS")),
     "learning_rate": Field(2e-3, number(0, low_open=True)),
     "momentum": Field(0.9, number(0, 1, high_open=True)),  # sgd only
     "weight_decay": Field(0.0, number(0)),  # adamw only
-    "schedule": Field("warmup_cosine", choice(*train_lib.SCHEDULES)),
+    "schedule": Field("warmup_cosine", choice_of(_TRAIN_LIB, "SCHEDULES")),
     "warmup_epochs": Field(1.0, number(0)),
     # Every training image moves by a random shift of up to N pixels each step
     # (zero fill; 0 = off).
     "augment_shift": Field(0, integer(0)),
     # The model's arithmetic; parameters, optimizer state and sums stay float32.
     # bfloat16 is for TPUs (and GPUs); on CPUs it is slower than float32.
-    "compute_dtype": Field("float32", choice(*train_lib.COMPUTE_DTYPES)),
+    "compute_dtype": Field("float32", choice_of(_TRAIN_LIB, "COMPUTE_DTYPES")),
     "batch_size": Field(128, integer(1)),
     "eval_batch_size": Field(1000, integer(1)),
     "num_epochs": Field(10, integer(1)),
@@ -242,7 +260,10 @@ FIELDS: dict[str, Field] = {
     # A gs:// workdir's lock is a lease (run/lease.py): a run that is gone holds
     # it this many seconds after its last renewal (every quarter of it).
     "workdir_lease_sec": Field(60.0, number(2), identity=False),
-    "loop": Field("compiled", choice(*train_lib.LOOPS)),
+    "loop": Field("compiled", choice_of(_TRAIN_LIB, "LOOPS")),
+    # JAX's persistent compilation cache (train/compilation_cache.py): a rerun
+    # loads its programs from disk. False, or CNNFLAT_COMPILATION_CACHE=0: off.
+    "compilation_cache": Field(True, boolean(), identity=False),
     "steps_per_dispatch": Field(50, integer(1)),  # Steps per compiled program call.
     "progress_bar": Field(True, boolean(), identity=False),
     # > 0: stop once an epoch reaches it.
@@ -271,16 +292,17 @@ FIELDS: dict[str, Field] = {
 # config.model's fields, all part of the identity; which of them a model takes
 # is its class's business. A default of None: not in the default model.
 MODEL_FIELDS: dict[str, Field] = {
-    "name": Field("cnn", choice(*models.MODELS)),
+    "name": Field("cnn", choice_of(_MODELS, "MODELS")),
     "conv_features": Field((32, 64), sequence(integer(1), non_empty=True)),
     "kernel_size": Field(3, integer(1)),
-    "padding": Field("SAME", choice(*models.PADDINGS)),  # The convs'; pools are VALID.
+    "padding": Field("SAME", choice_of(_MODELS, "PADDINGS")),  # The convs'; pools are VALID.
     # No pooling = "stride": the convs stride by pool_window.
-    "pool": Field("max", choice(*models.POOL_KINDS)),
+    "pool": Field("max", choice_of(_MODELS, "POOL_KINDS")),
     "pool_window": Field(2, integer(1)),
     "dense_features": Field((256,), sequence(integer(1))),
     "permute_flat": Field(False, boolean()),  # The flattened vector by one fixed permutation.
-    "conv_lowering": Field("auto", choice(*ops.CONV_LOWERINGS)),  # ops.conv2d's lowering.
+    # ops.conv2d's lowering.
+    "conv_lowering": Field("auto", choice_of("cnnflat_jax.nn.ops", "CONV_LOWERINGS")),
     "layers": Field(
         None, Rule("a tuple of layer specs: " + layers.USAGE, lambda v: _layers_fault(v))
     ),
@@ -365,6 +387,8 @@ def _check_rule(key: str, value: Any, rule: Rule) -> None:
 
 
 def _check_model(model: Mapping[str, Any]) -> None:
+    from cnnflat_jax.nn import models
+
     _check_rule("model.name", model.get("name"), MODEL_FIELDS["name"].rule)
     cls = models.MODELS[model["name"]]
     takes = set(cls.__dataclass_fields__) - {"parent", "name", "num_classes"}
@@ -392,6 +416,8 @@ def _check_layers(specs: Any) -> None:
 
 
 def _check_population(config: ml_collections.ConfigDict) -> None:
+    from cnnflat_jax.train import population
+
     size = config.population.size
     for list_name in population.MEMBER_LISTS:
         values = config.population[list_name]
@@ -409,6 +435,8 @@ def _check_population(config: ml_collections.ConfigDict) -> None:
 
 def _check_devices(config: ml_collections.ConfigDict) -> None:
     """Limits that depend on this run's devices and processes."""
+    import jax
+
     devices, processes = jax.device_count(), jax.process_count()
     if config.num_devices > devices:
         raise ConfigError(
@@ -451,6 +479,8 @@ def check_data(
 
     With ``num_classes``, the model must also output one logit per class.
     """
+    import jax
+
     data_shards = config.data_shards or jax.process_count()
     held = config.validation_examples
     if held % data_shards:
@@ -480,6 +510,10 @@ def check_data(
 def _check_model_shapes(model: Mapping[str, Any], image_shape, num_classes: int | None) -> Any:
     """The model runs on ``image_shape`` and, given ``num_classes``, outputs that many
     logits. Returns its variables' shapes (``params``, sown ``intermediates``)."""
+    import jax
+
+    from cnnflat_jax.nn import models
+
     module = models.from_fields(model, num_classes or 1)
     x = jax.ShapeDtypeStruct((1, *image_shape), jax.numpy.float32)
     try:
@@ -505,6 +539,9 @@ def _check_memory(config: ml_collections.ConfigDict, variables, image_shape) -> 
     """The run's memory floor (``memory.needs``) fits the memory there is. When
     even one example per batch would not fit, the model is named; else the
     larger of the two batch sizes."""
+    import jax
+
+    from cnnflat_jax.train import memory
 
     def needs(batch_size, eval_batch_size, steps_per_dispatch):
         return memory.needs(
@@ -536,6 +573,8 @@ def _hwc(shape) -> str:
 
 def _check_cnn_sizes(model: Mapping[str, Any], image_shape: tuple[int, ...]) -> None:
     """Every conv kernel and pooling window must fit the map it slides over."""
+    from cnnflat_jax.nn import models
+
     fields = {**models.CNN.__dataclass_fields__, **model}
 
     def value(key):

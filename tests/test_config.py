@@ -63,6 +63,7 @@ BAD_VALUES = {
     "loop": ("python", "allowed: compiled, per_step"),
     "steps_per_dispatch": ("0", "less than 1"),
     "progress_bar": ("maybe", "allowed: True or False"),
+    "compilation_cache": ("maybe", "allowed: True or False"),
     "stop_at_test_accuracy": ("2", "greater than 1; allowed: a finite number in [0, 1]"),
     "max_loss": ("-1", "less than 0"),
     "population.size": ("0", "less than 1"),

@@ -11,11 +11,11 @@ import time
 import numpy as np
 import pytest
 from helpers import idx_config, idx_flags, write_idx_dataset
+from tensorboard.compat.proto import event_pb2
 
 from cnnflat_jax.run import trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-event_pb2 = pytest.importorskip("tensorboardX.proto.event_pb2")
 
 
 def read_events(workdir):

@@ -3,10 +3,12 @@ config, log lines, a progress bar and a population's summary table."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import sys
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -53,7 +55,7 @@ class MetricsLog:
             )
             workdir_lib.replace_file(self.path, "".join(self.lines))
         else:
-            workdir_lib.append_line(self.path, self.lines[-1])
+            workdir_lib.append(self.path, self.lines[-1])
 
     def restore(self, lines: list[str]) -> None:
         """Makes the file ``lines`` (a checkpoint's copy), warning of each line
@@ -90,7 +92,6 @@ class MetricsLog:
         """The run's figures, to TensorBoard (they are files already)."""
         if self.events:
             self.events.write_figures(workdir, epoch)
-            self.events.close()
 
     def read(self) -> list[dict[str, Any]]:
         return [record for _, record in self._lines()]
@@ -196,6 +197,28 @@ def epoch_record(
     if team.is_population:
         return population_record(epoch, step, team.members, totals, scores, timing)
     return {"epoch": epoch, "step": step, **scores_record(totals, scores), **timing}
+
+
+class Phases:
+    """Seconds a run spends in each of its phases, summed over its epochs, in
+    the order they first ran: ``with phases("eval"): ...``."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            elapsed = time.perf_counter() - start
+            self.seconds[name] = self.seconds.get(name, 0.0) + elapsed
+
+    def line(self) -> str:
+        """``data 0.21 s, build 0.55 s, ...``: the log line's form
+        (``benchmarks/startup.py`` reads it)."""
+        return ", ".join(f"{name} {sec:.2f} s" for name, sec in self.seconds.items())
 
 
 def shown_record(record: dict[str, Any], team: population.Population) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from cnnflat_jax.data import batching, input_pipeline
 from cnnflat_jax.nn import models
 from cnnflat_jax.run import checkpoints, outputs, reporting, run_state
 from cnnflat_jax.run import workdir as workdir_lib
-from cnnflat_jax.train import evaluation, population, sharding, train_lib
+from cnnflat_jax.train import compilation_cache, evaluation, population, sharding, train_lib
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -45,6 +45,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     """
     start = time.perf_counter()
     config_lib.check(config)
+    compilation_cache.enable(config.compilation_cache)
     with (
         run_state.stop_signals() as stopping,
         run_state.workdir_lock(workdir, config.workdir_lease_sec),
@@ -61,46 +62,54 @@ def _stop_if_asked(stopping: run_state.Stopping, phase: str, after_training: boo
 def _run(
     config: ml_collections.ConfigDict, workdir: str, start: float, stopping: run_state.Stopping
 ) -> dict[str, Any]:
-    mesh = sharding.data_mesh(config.num_devices)
-    data_shards = config.data_shards or jax.process_count()
-    data = input_pipeline.load_data(config, data_shards)
-    _stop_if_asked(stopping, "loading the data")
-    config_lib.check_data(config, data.image_shape, data.train_total, data.num_classes)
-    train, validation = batching.split_validation(data, config.validation_examples, data_shards)
+    phases = reporting.Phases()
+    with phases("data"):
+        mesh = sharding.data_mesh(config.num_devices)
+        data_shards = config.data_shards or jax.process_count()
+        data = input_pipeline.load_data(config, data_shards)
+        _stop_if_asked(stopping, "loading the data")
+        config_lib.check_data(config, data.image_shape, data.train_total, data.num_classes)
+        train, validation = batching.split_validation(data, config.validation_examples, data_shards)
     reporting.log_data(data, sum(train.shard_sizes), config.validation_examples, mesh, data_shards)
 
-    model = models.from_fields(config.model, data.num_classes)
-    steps = batching.steps_per_epoch(train.shard_sizes, config.batch_size)
-    team = population.of_config(config)  # One model or K members: decided here, once.
-    state, data_keys = population.initial_state(config, team, model, data.image_shape, steps)
-    state = sharding.replicate(state, mesh)
+    with phases("build"):
+        model = models.from_fields(config.model, data.num_classes)
+        steps = batching.steps_per_epoch(train.shard_sizes, config.batch_size)
+        team = population.of_config(config)  # One model or K members: decided here, once.
+        state, data_keys = population.initial_state(config, team, model, data.image_shape, steps)
+        state = sharding.replicate(state, mesh)
     reporting.log_model(config.model.name, state.params, team)
     _stop_if_asked(stopping, "building the model")
 
     lead = jax.process_index() == 0
-    learning_rates = train_lib.learning_rates(config, steps, team.members)
-    metrics_log = reporting.MetricsLog(workdir, enabled=lead, learning_rates=learning_rates)
-    run_checkpoints = checkpoints.RunCheckpoints(
-        workdir_lib.not_a_link(workdir_lib.path(workdir, workdir_lib.CHECKPOINTS)),
-        config.checkpoints_to_keep,
-        run_config=json.loads(config.to_json_best_effort()),
-    )
-    if lead and not run_checkpoints.all_steps():  # A new run: its config is its identity.
-        workdir_lib.write_config(workdir, config)
-    state, position = run_state.RunPosition.resume(run_checkpoints, state, metrics_log, config)
+    with phases("resume"):
+        learning_rates = train_lib.learning_rates(config, steps, team.members)
+        metrics_log = reporting.MetricsLog(workdir, enabled=lead, learning_rates=learning_rates)
+        run_checkpoints = checkpoints.RunCheckpoints(
+            workdir_lib.not_a_link(workdir_lib.path(workdir, workdir_lib.CHECKPOINTS)),
+            config.checkpoints_to_keep,
+            run_config=json.loads(config.to_json_best_effort()),
+        )
+        if lead and not run_checkpoints.all_steps():  # A new run: its config is its identity.
+            workdir_lib.write_config(workdir, config)
+        state, position = run_state.RunPosition.resume(run_checkpoints, state, metrics_log, config)
 
-    compile_start = time.perf_counter()
-    steps_per_dispatch = min(config.steps_per_dispatch, steps)
-    train_fn = train_lib.build_train(
-        state, mesh, loop=config.loop, mode=team.mode, steps=steps_per_dispatch,
-        batch_size=config.batch_size, image_shape=data.image_shape, max_loss=config.max_loss,
-    )  # fmt: skip
-    eval_sets = evaluation.eval_splits(data, validation, config.eval_batch_size, data_shards, mesh)
-    eval_fns = {
-        name: evaluation.eval_batches.lower(state, *arrays, population=team.is_population).compile()
-        for name, arrays in eval_sets.items()
-    }
-    compile_sec = time.perf_counter() - compile_start
+    with phases("compile"):
+        steps_per_dispatch = min(config.steps_per_dispatch, steps)
+        train_fn = train_lib.build_train(
+            state, mesh, loop=config.loop, mode=team.mode, steps=steps_per_dispatch,
+            batch_size=config.batch_size, image_shape=data.image_shape, max_loss=config.max_loss,
+        )  # fmt: skip
+        eval_sets = evaluation.eval_splits(
+            data, validation, config.eval_batch_size, data_shards, mesh
+        )
+        eval_fns = {
+            name: evaluation.eval_batches.lower(
+                state, *arrays, population=team.is_population
+            ).compile()
+            for name, arrays in eval_sets.items()
+        }
+    compile_sec = phases.seconds["compile"]
     logging.info("Compiled the %s training loop and eval in %.2f s", config.loop, compile_sec)
     _stop_if_asked(stopping, "compiling")
 
@@ -112,11 +121,13 @@ def _run(
         plan = batching.members_plan(
             data_keys, epoch, train.shard_sizes, config.batch_size, steps_per_dispatch
         )
-        state, totals, epoch_sec = epochs.train(state, plan, position)
-        scores = {
-            name: evaluation.evaluate(state, eval_sets[name], fn, population=team.is_population)
-            for name, fn in eval_fns.items()
-        }
+        with phases("train"):
+            state, totals, epoch_sec = epochs.train(state, plan, position)
+        with phases("eval"):
+            scores = {
+                name: evaluation.evaluate(state, eval_sets[name], fn, population=team.is_population)
+                for name, fn in eval_fns.items()
+            }
         timing = {
             # For a population: images trained on by all members together, per second.
             "images_per_sec": float(np.sum(totals["count"])) / epoch_sec,
@@ -125,19 +136,23 @@ def _run(
         }
         step = run_state.global_step(state)
         record = reporting.epoch_record(epoch, step, team, totals, scores, timing)
-        metrics_log.write_epoch(record)
+        with phases("records"):
+            metrics_log.write_epoch(record)
         reporting.log_epoch(record, config.num_epochs)
         stopped = 0 < config.stop_at_test_accuracy <= record["test_accuracy"]
         finished = run_state.RunPosition(epoch + 1, 0, {}, record, stopped)
-        finished.save(run_checkpoints, state, metrics_log.lines)
+        with phases("checkpoint"):
+            finished.save(run_checkpoints, state, metrics_log.lines)
         if stopped:
             logging.info("Reached test accuracy %.4f: stopping.", config.stop_at_test_accuracy)
             break
         if signum := stopping.at_step(step):
             raise run_state.stopped_error(signum, state, run_checkpoints)
-    run_checkpoints.close()
+    with phases("checkpoint"):
+        run_checkpoints.close()
 
-    outputs.write(config, team, workdir, state, record, data, train, metrics_log, lead)
+    with phases("outputs"):
+        outputs.write(config, team, workdir, state, record, data, train, metrics_log, lead)
     _stop_if_asked(stopping, "writing the outputs", after_training=True)
     logging.info(
         "Done: %d epochs, %d steps, test accuracy %.4f, %.0f images/s, compile %.2f s,"
@@ -145,6 +160,7 @@ def _run(
         record["epoch"], record["step"], record["test_accuracy"],
         record["images_per_sec"], compile_sec, time.perf_counter() - start, workdir,
     )  # fmt: skip
+    logging.info("Time: %s", phases.line())
     return {**record, "compile_sec": compile_sec, "source": data.source}
 
 

@@ -12,14 +12,14 @@
     W/.lock                 held while a run uses the directory
 
 Every file a run writes here goes through ``replace_file`` or
-``append_line``, which never follow a symbolic link: whoever can write into a
+``append``, which never follow a symbolic link: whoever can write into a
 shared run directory cannot make a training job write anywhere else. A link
 where the run expects one of its own files is a one-line ``RunError``.
 
 A workdir may be a local directory or a ``gs://bucket/path`` (read and
 written through ``etils.epath``; its lock is ``lease.py``'s). Object storage
 has no links, no directories and no appends: an object is replaced whole by
-one upload, which is what ``replace_file`` needs, and ``append_line``
+one upload, which is what ``replace_file`` needs, and ``append``
 rewrites the object. Every other
 module reads and tests the run's files through this one (``read_text``,
 ``exists``, ``is_directory``, from ``cnnflat_jax.paths``), so none of them
@@ -182,21 +182,22 @@ def replace_file(target: str | os.PathLike, content: bytes | str) -> None:
     os.replace(temporary, target)
 
 
-def append_line(target: str | os.PathLike, line: str) -> None:
-    """Appends ``line`` to ``target`` (created if missing), never through a link.
+def append(target: str | os.PathLike, content: bytes | str) -> None:
+    """Appends ``content`` to ``target`` (created if missing), never through a link.
 
-    An object cannot be appended to: it is rewritten whole with the line added.
+    An object cannot be appended to: it is rewritten whole with ``content`` added.
 
     Raises:
       RunError: ``target`` is a symbolic link.
     """
+    content = content.encode() if isinstance(content, str) else content
     if is_remote(target):
         before = read_bytes(target) if exists(target) else b""
-        replace_file(target, before + line.encode())
+        replace_file(target, before + content)
         return
     flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | _NO_FOLLOW
-    with os.fdopen(os.open(not_a_link(target), flags, 0o666), "a") as f:
-        f.write(line)
+    with os.fdopen(os.open(not_a_link(target), flags, 0o666), "ab") as f:
+        f.write(content)
 
 
 def own_directory(target: str | os.PathLike) -> str:

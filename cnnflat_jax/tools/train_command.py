@@ -15,6 +15,7 @@ resumes from its latest checkpoint. Several processes (hosts):
 ``--coordinator_address=auto`` finds the others itself.
 """
 
+import atexit
 import contextlib
 import logging as std_logging
 import os
@@ -22,20 +23,37 @@ import re
 import sys
 from collections.abc import Iterator
 
+_exit_code: list[int] = []  # The command's exit code, once it has ended.
+
+
+def _end_without_teardown() -> None:
+    """Once the command has ended and every other exit function has run (the
+    checkpoints', JAX's), ends the process with its exit code, skipping the
+    interpreter's teardown: freeing thousands of modules and XLA's client
+    costs a run 0.4 s and writes nothing."""
+    if _exit_code:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(_exit_code[0])
+
+
+# Registered before any other exit function, so it runs after all of them.
+atexit.register(_end_without_teardown)
+
 from cnnflat_jax.run import early_signals
 
 # Before JAX loads: a signal while train.py starts up ends it in one line, never
 # a KeyboardInterrupt inside an import or an XLA callback.
 early_signals.exit_on_signals("starting up; nothing new was saved")
 
-import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from cnnflat_jax import config as config_lib
 from cnnflat_jax import configs, errors
-from cnnflat_jax.run import checkpoints, lost_peer, run_state, trainer
-from cnnflat_jax.train import sharding
+
+# JAX, Orbax and the trainer are imported by ``run``: ``--help`` and a bad flag
+# or config need none of them, and answer in a fraction of a second.
 
 
 @contextlib.contextmanager
@@ -130,10 +148,19 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def main() -> None:
     """The command line (``train.py``, ``cnnflat-train``)."""
-    app.run(run, flags_parser=parse_flags)
+    try:
+        app.run(run, flags_parser=parse_flags)
+    except SystemExit as e:  # Python prints a message given as the code, and exits 1.
+        _exit_code.append(e.code if isinstance(e.code, int) else int(e.code is not None))
+        raise
 
 
 def run(argv):
+    import jax
+
+    from cnnflat_jax.run import checkpoints, lost_peer, run_state, trainer
+    from cnnflat_jax.train import sharding
+
     if len(argv) > 1:
         sys.exit(f"error: unexpected arguments: {' '.join(argv[1:])}")
     # JAX logs, at INFO, each backend it finds missing (libtpu on every CPU run).
