@@ -1,5 +1,7 @@
-"""End-to-end: `python train.py` as a user runs it, on real Fashion-MNIST."""
+"""End-to-end: `python train.py` as a user runs it, on real Fashion-MNIST, and what
+its start-up imports (the fixed cost, held in place without timing anything)."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -15,18 +17,49 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REAL_DATA = os.path.isdir(input_pipeline.DEBIAN_IDX_DIRS["fashion_mnist"])
 
 
-def train(workdir, *flags):
-    command = [sys.executable, "train.py", "--config", "configs/smoke.py"]
+def train(workdir, *flags, python=()):
+    command = [sys.executable, *python, "train.py", "--config", "configs/smoke.py"]
     command += ["--workdir", str(workdir), *flags]
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
-@pytest.mark.skipif(
-    not REAL_DATA, reason="needs Debian's dataset-fashion-mnist (.ci/run installs it)"
-)
-def test_smoke_run_on_real_fashion_mnist_writes_metrics_config_and_params(tmp_path):
-    result = train(tmp_path, "--config.num_epochs=2")
+def imported(importtime_stderr: str) -> set[str]:
+    """The top-level packages that ``python -X importtime`` listed on stderr."""
+    lines = [line for line in importtime_stderr.splitlines() if line.startswith("import time:")]
+    return {line.split("|")[2].strip().split(".")[0] for line in lines[1:]}
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    """``train.py --config configs/smoke.py`` for 2 epochs on the real data, under
+    ``-X importtime``: ``(workdir, result)``."""
+    if not REAL_DATA:
+        pytest.skip("needs Debian's dataset-fashion-mnist (.ci/run installs it)")
+    workdir = tmp_path_factory.mktemp("smoke")
+    result = train(workdir, "--config.num_epochs=2", python=("-X", "importtime"))
     assert result.returncode == 0, result.stderr[-3000:]
+    return workdir, result
+
+
+def test_help_imports_no_jax_orbax_matplotlib_tensorflow_or_torch():
+    command = [sys.executable, "-X", "importtime", "train.py", "--help"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert "--workdir: Directory for metrics and params." in result.stdout
+    packages = imported(result.stderr)
+    assert {"absl", "ml_collections", "cnnflat_jax"} <= packages  # The listing was read.
+    assert not packages & {"jax", "flax", "orbax", "matplotlib", "tensorflow", "torch"}
+
+
+def test_a_smoke_run_imports_neither_tensorflow_nor_torch(smoke_run):
+    for package in ("tensorflow", "torch"):  # Installed here (the test extras), so importable.
+        assert importlib.util.find_spec(package) is not None, package
+    packages = imported(smoke_run[1].stderr)
+    assert {"jax", "flax", "orbax", "matplotlib", "PIL", "tensorboard"} <= packages
+    assert not packages & {"tensorflow", "torch", "tensorboardX"}
+
+
+def test_smoke_run_on_real_fashion_mnist_writes_metrics_config_and_params(smoke_run):
+    tmp_path, result = smoke_run
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2]
     for key in [

@@ -148,6 +148,9 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def main() -> None:
     """The command line (``train.py``, ``cnnflat-train``)."""
+    # ``--help`` lists the main module's key flags: this command's, whatever its script.
+    for flag in (_CONFIG, _WORKDIR, _COORDINATOR, _NUM_PROCESSES, _PROCESS_ID):
+        flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[flag.name])
     try:
         app.run(run, flags_parser=parse_flags)
     except SystemExit as e:  # Python prints a message given as the code, and exits 1.
