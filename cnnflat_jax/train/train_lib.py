@@ -104,7 +104,7 @@ def learning_rates(
     config: ml_collections.ConfigDict, steps_per_epoch: int, member_list: list[dict[str, Any]]
 ) -> Callable[[int], list[float]]:
     """``step -> [each member's learning rate at that step]`` (one entry for one model)."""
-    shape = schedule_shape(config, steps_per_epoch)
+    shape = jax.jit(schedule_shape(config, steps_per_epoch))  # One program, not one per op.
     return lambda step: [member["learning_rate"] * float(shape(step)) for member in member_list]
 
 
