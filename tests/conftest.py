@@ -1,12 +1,20 @@
 """Strict JAX settings for the whole suite, set before any computation."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 # The suite runs on CPUs. Where libtpu is installed (the newest stack, for the TPU
 # pre-flight tests), JAX would otherwise try a TPU backend in every process and
 # print libtpu's start-up complaints on stderr; compiling for a TPU topology
 # (tests/test_tpu_check.py) works either way.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent compilation cache for the session, this process's and every
+# train.py, export or predict it starts: a program compiled once loads after.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="cnnflat_jax-tests-xla-")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 import gcs_emulator  # noqa: E402
 import jax  # noqa: E402
