@@ -260,6 +260,9 @@ FIELDS: dict[str, Field] = {
     # A gs:// workdir's lock is a lease (run/lease.py): a run that is gone holds
     # it this many seconds after its last renewal (every quarter of it).
     "workdir_lease_sec": Field(60.0, number(2), identity=False),
+    # Several processes: one not heard from for this many seconds counts as lost
+    # (killed, its host gone), and the others stop (JAX's heartbeat timeout).
+    "peer_timeout_sec": Field(100, integer(2), identity=False),
     "loop": Field("compiled", choice_of(_TRAIN_LIB, "LOOPS")),
     # JAX's persistent compilation cache (train/compilation_cache.py): a rerun
     # loads its programs from disk. False, or CNNFLAT_COMPILATION_CACHE=0: off.
@@ -378,6 +381,13 @@ def check(config: ml_collections.ConfigDict) -> None:
     _check_model(config.model)
     _check_population(config)
     _check_devices(config)
+
+
+def check_field(config: ml_collections.ConfigDict, key: str) -> None:
+    """Raises ``ConfigError`` if the field ``key`` (flat) breaks its rule: for a
+    field used before the whole config can be checked (``check`` needs JAX's
+    devices, and a multi-process run has them only once it has started)."""
+    _check_rule(key, flat_fields(config).get(key), FIELDS[key].rule)
 
 
 def _check_rule(key: str, value: Any, rule: Rule) -> None:

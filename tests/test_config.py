@@ -60,6 +60,7 @@ BAD_VALUES = {
     "checkpoint_every_steps": ("0", "less than 1"),
     "checkpoints_to_keep": ("0", "less than 1"),
     "workdir_lease_sec": ("1", "less than 2"),
+    "peer_timeout_sec": ("1", "less than 2"),
     "loop": ("python", "allowed: compiled, per_step"),
     "steps_per_dispatch": ("0", "less than 1"),
     "progress_bar": ("maybe", "allowed: True or False"),

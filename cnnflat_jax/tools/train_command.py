@@ -171,7 +171,13 @@ def run(argv):
     with one_line_errors(sys.argv):
         config = _CONFIG.value
         config.keys()  # A config file that failed to load raises on first use.
-    sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    try:
+        config_lib.check_field(config, "peer_timeout_sec")
+    except errors.Error as e:
+        sys.exit(f"error: {e}")
+    sharding.initialize_distributed(
+        _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, config.peer_timeout_sec
+    )
     if jax.process_index() > 0:
         logging.set_verbosity(logging.WARNING)  # Process 0 reports for all.
     if jax.process_count() > 1:  # SIGTERM is JAX's (a preemption sync point); SIGINT stops.

@@ -21,7 +21,10 @@ AXIS = "data"
 
 
 def initialize_distributed(
-    coordinator_address: str = "", num_processes: int = 0, process_id: int = -1
+    coordinator_address: str = "",
+    num_processes: int = 0,
+    process_id: int = -1,
+    peer_timeout_sec: int = 100,
 ) -> None:
     """Starts JAX's multi-controller runtime when running as several processes.
 
@@ -29,7 +32,9 @@ def initialize_distributed(
     ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID`` set, this does nothing (one
     process). ``auto`` as the address calls ``jax.distributed.initialize()``
     with no arguments, which finds the cluster itself on Cloud TPU, Slurm and
-    Open MPI. On CPU the processes talk through gloo collectives.
+    Open MPI. On CPU the processes talk through gloo collectives. A process
+    not heard from for ``peer_timeout_sec`` counts as lost, and the others
+    stop (JAX's heartbeat timeout).
     """
     address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS", "")
     count = num_processes or int(os.environ.get("JAX_NUM_PROCESSES", 0))
@@ -38,14 +43,17 @@ def initialize_distributed(
         return
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if address == "auto":
-        jax.distributed.initialize()
+        jax.distributed.initialize(heartbeat_timeout_seconds=peer_timeout_sec)
     else:
         if not (address and count and index >= 0):
             raise ValueError(
                 "a multi-process run needs a coordinator address, the process count and this "
                 f"process's id; got address={address!r}, count={count}, id={index}"
             )
-        jax.distributed.initialize(address, num_processes=count, process_id=index)
+        jax.distributed.initialize(
+            address, num_processes=count, process_id=index,
+            heartbeat_timeout_seconds=peer_timeout_sec,
+        )  # fmt: skip
     logging.info(
         "Process %d of %d, %d local of %d devices",
         jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count(),
