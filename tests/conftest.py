@@ -10,10 +10,13 @@ import tempfile
 # print libtpu's start-up complaints on stderr; compiling for a TPU topology
 # (tests/test_tpu_check.py) works either way.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# One persistent compilation cache for the session, this process's and every
-# train.py, export or predict it starts: a program compiled once loads after.
+# One persistent compilation cache for the session, shared by this process (and
+# pytest-xdist's workers, which inherit the variables) and every train.py, export
+# or predict it starts: a program compiled once loads after. Bounded in every
+# process, so that JAX locks every read and write of it.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="cnnflat_jax-tests-xla-")
+    os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(2**32)
     atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 import gcs_emulator  # noqa: E402

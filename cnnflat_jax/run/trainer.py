@@ -18,7 +18,7 @@ from cnnflat_jax.data import batching, input_pipeline
 from cnnflat_jax.nn import models
 from cnnflat_jax.run import checkpoints, outputs, reporting, run_state
 from cnnflat_jax.run import workdir as workdir_lib
-from cnnflat_jax.train import compilation_cache, evaluation, population, sharding, train_lib
+from cnnflat_jax.train import evaluation, population, sharding, train_lib
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -45,7 +45,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     """
     start = time.perf_counter()
     config_lib.check(config)
-    compilation_cache.enable(config.compilation_cache)
     with (
         run_state.stop_signals() as stopping,
         run_state.workdir_lock(workdir, config.workdir_lease_sec),

@@ -162,7 +162,7 @@ def run(argv):
     import jax
 
     from cnnflat_jax.run import checkpoints, lost_peer, run_state, trainer
-    from cnnflat_jax.train import sharding
+    from cnnflat_jax.train import compilation_cache, sharding
 
     if len(argv) > 1:
         sys.exit(f"error: unexpected arguments: {' '.join(argv[1:])}")
@@ -171,10 +171,12 @@ def run(argv):
     with one_line_errors(sys.argv):
         config = _CONFIG.value
         config.keys()  # A config file that failed to load raises on first use.
-    try:
+    try:  # The fields used before the trainer checks the whole config.
+        config_lib.check_field(config, "compilation_cache")
         config_lib.check_field(config, "peer_timeout_sec")
     except errors.Error as e:
         sys.exit(f"error: {e}")
+    compilation_cache.enable(config.compilation_cache)
     sharding.initialize_distributed(
         _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, config.peer_timeout_sec
     )

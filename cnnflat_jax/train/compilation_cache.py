@@ -1,19 +1,24 @@
-"""JAX's persistent compilation cache, on for every run unless turned off: a run
-whose programs were compiled before loads them from disk instead.
+"""JAX's persistent compilation cache, on for every ``train.py`` run unless turned
+off: a run whose programs were compiled before loads them from disk instead.
 
-Where: ``$JAX_COMPILATION_CACHE_DIR`` when set, else a folder per user and
-per CPU (``$XDG_CACHE_HOME``, or ``~/.cache``, then ``cnnflat_jax/xla/<cpu>``).
-XLA:CPU compiles for the features of the CPU it runs on and refuses to load
-a program compiled for other ones, so a home folder shared by machines of
-several kinds keeps one cache per kind rather than one that misses on all.
+Where: a folder per user and per CPU (``$XDG_CACHE_HOME``, or ``~/.cache``,
+then ``cnnflat_jax/xla/<cpu>``). XLA:CPU compiles for the features of the
+CPU it runs on and refuses to load a program compiled for other ones, so a
+home folder shared by machines of several kinds keeps one cache per kind
+rather than one that misses on all. The folder holds at most ``MAX_BYTES``,
+the least recently used programs evicted first, and several processes may
+share it (the hosts of a multi-process run, the runs of a sweep): JAX then
+takes a file lock around every read and write, so no process reads a
+program that another is still writing.
+
+``$JAX_COMPILATION_CACHE_DIR`` chooses another folder, which other JAX
+programs may use too: there JAX's own settings apply, and its lock only with
+a bound (``JAX_COMPILATION_CACHE_MAX_SIZE``, in bytes, for every process
+that uses the folder; JAX keeps a bounded folder's bookkeeping only in the
+processes that have one).
 
 Off: ``--config.compilation_cache=False``, or ``CNNFLAT_COMPILATION_CACHE=0``
 in the environment.
-
-Several processes may share the folder (the hosts of a multi-process run,
-the runs of a sweep): with a size bound, JAX evicts the least recently used
-programs and takes a file lock around every read and write, so no process
-reads a program that another is still writing.
 """
 
 from __future__ import annotations
@@ -51,8 +56,9 @@ def _cpu_tag() -> str:
 
 
 def enable(on: bool = True) -> str | None:
-    """Turns the persistent cache on (see the module's docstring for where), or off when ``on`` is
-    False or the environment says off. Call it before the first compilation.
+    """Turns the persistent cache on (see the module's docstring for where), or
+    off when ``on`` is False or the environment says off. Call it before the
+    first compilation: it sets JAX's configuration for the whole process.
 
     Returns:
       The cache folder, or None when it is off.
@@ -62,11 +68,13 @@ def enable(on: bool = True) -> str | None:
     if not on or os.environ.get(OFF_VARIABLE, "").strip().lower() in ("0", "false", "no", "off"):
         jax.config.update("jax_compilation_cache_dir", None)
         return None
-    directory = os.environ.get("JAX_COMPILATION_CACHE_DIR") or default_directory()
+    chosen = os.environ.get("JAX_COMPILATION_CACHE_DIR")
+    directory = chosen or default_directory()
     jax.config.update("jax_compilation_cache_dir", directory)
     # Every program, however small or quick to compile: a run has a dozen
     # sub-second ones, and together they cost a second.
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
-    jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
+    if not chosen:  # The folder is this project's runs' alone: bounded, and locked.
+        jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
     return directory
