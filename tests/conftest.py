@@ -17,6 +17,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="cnnflat_jax-tests-xla-")
     os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(2**32)
+    # The processes started here cache every program, as train.py does (the
+    # benchmarks' workers train the same model for several seeds).
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 import gcs_emulator  # noqa: E402
@@ -28,6 +31,9 @@ os.environ.setdefault("KERAS_BACKEND", "jax")
 
 # Several CPU devices so that sharded code paths run on a laptop or CI.
 jax.config.update("jax_num_cpu_devices", 8)
+# This process compiles thousands of small test programs, which other processes
+# seldom share: only the slow ones (JAX's default) are worth a file.
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 # A silent broadcast of mismatched ranks is a bug in our ops: make it raise.
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
