@@ -161,7 +161,6 @@ def main() -> None:
 def run(argv):
     import jax
 
-    from cnnflat_jax.run import checkpoints, lost_peer, run_state, trainer
     from cnnflat_jax.train import compilation_cache, sharding
 
     if len(argv) > 1:
@@ -171,7 +170,7 @@ def run(argv):
     with one_line_errors(sys.argv):
         config = _CONFIG.value
         config.keys()  # A config file that failed to load raises on first use.
-    try:  # The fields used before the trainer checks the whole config.
+    try:  # The fields used before the whole config can be checked.
         config_lib.check_field(config, "compilation_cache")
         config_lib.check_field(config, "peer_timeout_sec")
     except errors.Error as e:
@@ -180,6 +179,11 @@ def run(argv):
     sharding.initialize_distributed(
         _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, config.peer_timeout_sec
     )
+    try:  # Before the trainer's modules load: a mistake is answered at once.
+        config_lib.check(config)
+    except errors.Error as e:
+        sys.exit(f"error: {e}")
+    from cnnflat_jax.run import checkpoints, lost_peer, run_state, trainer
     if jax.process_index() > 0:
         logging.set_verbosity(logging.WARNING)  # Process 0 reports for all.
     if jax.process_count() > 1:  # SIGTERM is JAX's (a preemption sync point); SIGINT stops.
