@@ -1,4 +1,4 @@
-"""The run's figures drawn as one image array: the image grid and the confusion matrix."""
+"""The run's figures drawn as one image array: the curves, the confusion matrix, image grids."""
 
 import numpy as np
 
@@ -61,3 +61,44 @@ def test_the_confusion_matrix_darkens_with_the_count_and_writes_it():
         left = image.shape[1] - 16 - 3 * plots._CELL + j * plots._CELL
         cell = image[top + 8 : top + plots._CELL - 8, left + 8 : left + plots._CELL - 8]
         assert len(np.unique(cell.reshape(-1, 3), axis=0)) > 2, (i, j)
+
+
+def line_pixels(panel, color):
+    """``(columns, rows)`` of ``panel``'s pixels of ``color``, outside the legend
+    (the box outlined in light gray) and the margins."""
+    gray = np.all(panel == (200, 200, 200), axis=-1)  # Also a shade of antialiased text.
+    rows = np.flatnonzero(gray.sum(axis=1) > 30)  # The box's top and bottom edges.
+    columns = np.flatnonzero(gray.sum(axis=0) > 20)  # Its sides.
+    hit = np.all(panel == color, axis=-1)
+    hit[rows.min() : rows.max() + 1, columns.min() : columns.max() + 1] = False
+    rows, columns = np.nonzero(hit)
+    return columns, rows
+
+
+def test_the_curves_plot_each_series_in_its_colour_where_its_values_lie():
+    records = [
+        {"epoch": e, "train_loss": 1.0, "test_loss": 2.0 - e / 5, "train_accuracy": 0.5 + e / 20,
+         "test_accuracy": 0.5}
+        for e in range(1, 6)
+    ]  # fmt: skip
+    image = plots.curves_image(records)
+    assert image.shape == (plots._PANEL[1], 2 * plots._PANEL[0], 3)
+    loss, accuracy = image[:, : plots._PANEL[0]], image[:, plots._PANEL[0] :]
+    train, test = plots._CYCLE[:2]  # The first two colours of the cycle.
+    # The test loss falls: its pixels run from the upper left to the lower right.
+    assert np.corrcoef(*line_pixels(loss, test))[0, 1] > 0.9
+    assert np.corrcoef(*line_pixels(accuracy, train))[0, 1] < -0.9  # The train accuracy rises.
+    _, level = line_pixels(loss, train)  # Dashed, but level.
+    assert level.max() - level.min() < 20 and len(level) > 100
+
+
+def test_a_population_draws_a_train_and_a_test_line_per_member():
+    records = [
+        {"epoch": e, "member": m, "train_loss": 1.0 + m, "test_loss": 1.5 + m,
+         "train_accuracy": 0.6, "test_accuracy": 0.5 + 0.1 * m}
+        for e in (1, 2) for m in range(3)
+    ] + [{"epoch": 2, "member": "ensemble", "test_loss": 0.1, "test_accuracy": 0.9}]  # fmt: skip
+    image = plots.curves_image(records)
+    for color in plots._CYCLE[:6]:
+        assert np.all(image == color, axis=-1).sum() > 50, color
+    assert np.all(image == plots._CYCLE[6], axis=-1).sum() == 0  # The ensemble has none.

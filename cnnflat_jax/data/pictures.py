@@ -44,7 +44,7 @@ def read_picture(
       UnreadableImageError: not a picture Pillow reads, truncated, too large,
         or 32-bit pixels, which have no 0-255 scale.
     """
-    from PIL import Image  # Pillow: matplotlib's own dependency.
+    from PIL import Image
 
     name = name or str(file)
     try:

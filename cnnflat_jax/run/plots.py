@@ -1,27 +1,17 @@
-"""Figures written to the workdir: plots with matplotlib's object API (no global
-state), imported only when one is drawn; image grids as one array, with Pillow."""
+"""The figures a run writes to its workdir, each drawn as one RGB array with Pillow
+and saved as a PNG: the training curves, the confusion matrix and image grids.
+(matplotlib drew them before: importing it and laying them out cost a short run
+nearly a second.)"""
 
 from __future__ import annotations
 
 import io
 import math
 import os
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from cnnflat_jax.run import workdir as workdir_lib
-
-if TYPE_CHECKING:
-    from matplotlib.figure import Figure
-
-
-def save_png(fig: Figure, path: str | os.PathLike) -> None:
-    """The figure as a PNG at ``path``, whole or not at all, never through a link."""
-    png = io.BytesIO()
-    fig.savefig(png, format="png", dpi=100)
-    workdir_lib.replace_file(path, png.getvalue())
-
 
 # An image grid's cell: the image scaled to fit a square of this many pixels,
 # under a title of up to two lines, in a cell this wide.
@@ -115,35 +105,136 @@ def confusion_image(confusion: np.ndarray) -> np.ndarray:
     return np.asarray(image)
 
 
-def save_training_curves(path: str | os.PathLike, records: list[dict]) -> None:
-    """Loss and accuracy per epoch, train and test, from ``metrics.jsonl`` records.
+# matplotlib's default colour cycle (tab10): each line takes the next colour.
+_CYCLE = (
+    (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+    (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207),
+)  # fmt: skip
+_PANEL = (500, 380)  # One panel of the curves: width, height in pixels.
+_PLOT = (70, 12, 12, 44)  # The plot area's margins in a panel: left, top, right, bottom.
 
-    A population's records draw one line per member.
-    """
-    from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(10, 3.8))
-    loss_ax, accuracy_ax = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+def nice_ticks(low: float, high: float, count: int = 6, whole: bool = False) -> list[float]:
+    """Round tick values (1, 2, 2.5 or 5 times a power of ten apart; whole
+    numbers if ``whole``) covering ``[low, high]`` with about ``count`` ticks."""
+    span = max(high - low, abs(high) * 1e-3, 1e-12)
+    raw = span / max(count - 1, 1)
+    power = 10 ** math.floor(math.log10(raw))
+    step = next(m * power for m in (1, 2, 2.5, 5, 10) if m * power >= raw)
+    step = max(round(step), 1) if whole else step
+    first = math.floor(low / step) * step
+    return [first + k * step for k in range(math.ceil((high - first) / step - 1e-9) + 1)]
+
+
+def _decimals(step: float) -> int:
+    """Decimals that write every multiple of ``step`` exactly (0.25: 2, 0.5: 1)."""
+    return next(d for d in range(12) if abs(step * 10**d - round(step * 10**d)) < 1e-6)
+
+
+def line_panel(
+    series: list[tuple[str, str, list[float], list[float]]], x_label: str, y_label: str
+) -> np.ndarray:
+    """One chart as an RGB image: ``(label, style, xs, ys)`` lines ("-" solid,
+    "--" dashed) with round markers, in the colour cycle's order, on round
+    ticks with a light grid, a legend in the corner with the fewest points and
+    named axes. The x values are whole numbers (epochs)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    image = Image.new("RGB", _PANEL, "white")
+    draw, font = ImageDraw.Draw(image), ImageFont.load_default(size=12)
+    left, top = _PLOT[0], _PLOT[1]
+    right, bottom = _PANEL[0] - _PLOT[2], _PANEL[1] - _PLOT[3]
+    xs = [x for _, _, line_xs, _ in series for x in line_xs]
+    ys = [y for _, _, _, line_ys in series for y in line_ys]
+    x_pad = 0.05 * (max(xs) - min(xs)) or 0.5
+    x_low, x_high = min(xs) - x_pad, max(xs) + x_pad
+    x_ticks = [t for t in nice_ticks(min(xs), max(xs), whole=True) if min(xs) <= t <= max(xs)]
+    pad = 0.05 * ((max(ys) - min(ys)) or abs(max(ys)) or 1)
+    y_ticks = nice_ticks(min(ys) - pad, max(ys) + pad)
+    y_low, y_high = y_ticks[0], y_ticks[-1]
+
+    def at(x, y):
+        return (
+            left + (x - x_low) / (x_high - x_low) * (right - left),
+            bottom - (y - y_low) / (y_high - y_low) * (bottom - top),
+        )
+
+    decimals = _decimals(y_ticks[1] - y_ticks[0])
+    for x in x_ticks:
+        px = at(x, y_low)[0]
+        draw.line((px, top, px, bottom), fill=(225, 225, 225))
+        draw.text((px, bottom + 5), f"{x:g}", fill="black", font=font, anchor="ma")
+    for y in y_ticks:
+        py = at(x_low, y)[1]
+        draw.line((left, py, right, py), fill=(225, 225, 225))
+        draw.text((left - 5, py), f"{y:.{decimals}f}", fill="black", font=font, anchor="rm")
+    draw.rectangle((left, top, right, bottom), outline="black")
+    points = [[at(x, y) for x, y in zip(line_xs, line_ys)] for *_, line_xs, line_ys in series]
+    for k, ((_, style, *_), line) in enumerate(zip(series, points)):
+        color = _CYCLE[k % len(_CYCLE)]
+        for a, b in zip(line, line[1:]):
+            _segment(draw, a, b, color, dashed=style == "--")
+        for px, py in line:
+            draw.ellipse((px - 3, py - 3, px + 3, py + 3), fill=color)
+    width = max(draw.textlength(label, font=font) for label, *_ in series) + 44
+    height = 6 + 17 * len(series)
+    corners = [
+        (x, y) for y in (top + 8, bottom - 8 - height) for x in (right - 8 - width, left + 8)
+    ]
+    covered = [
+        sum(x <= px <= x + width and y <= py <= y + height for line in points for px, py in line)
+        for x, y in corners
+    ]
+    x, y = corners[covered.index(min(covered))]  # The first of the least covered.
+    draw.rectangle((x, y, x + width, y + height), fill="white", outline=(200, 200, 200))
+    for k, (label, style, *_) in enumerate(series):
+        row = y + 11 + 17 * k
+        _segment(draw, (x + 6, row), (x + 30, row), _CYCLE[k % len(_CYCLE)], style == "--")
+        draw.text((x + 36, row), label, fill="black", font=font, anchor="lm")
+    draw.text(((left + right) / 2, _PANEL[1] - 6), x_label, fill="black", font=font, anchor="md")
+    label = Image.new("RGB", (bottom - top, 16), "white")
+    ImageDraw.Draw(label).text(
+        ((bottom - top) / 2, 2), y_label, fill="black", font=font, anchor="ma"
+    )
+    image.paste(label.rotate(90, expand=True), (4, top))
+    return np.asarray(image)
+
+
+def _segment(draw, a, b, color, dashed: bool) -> None:
+    """A line from ``a`` to ``b``, 2 pixels wide; dashed: 7 on, 4 off."""
+    if not dashed:
+        draw.line((*a, *b), fill=color, width=2)
+        return
+    length = max(math.dist(a, b), 1e-9)
+    for start in np.arange(0, length, 11.0):
+        s, e = start / length, min(start + 7, length) / length
+        begin = (a[0] + s * (b[0] - a[0]), a[1] + s * (b[1] - a[1]))
+        draw.line((*begin, a[0] + e * (b[0] - a[0]), a[1] + e * (b[1] - a[1])), fill=color, width=2)
+
+
+def curves_image(records: list[dict]) -> np.ndarray:
+    """Loss and accuracy per epoch, train (dashed) and test (solid), side by side,
+    from ``metrics.jsonl`` records; a population's draw one pair per member."""
     runs: dict = {}
     for record in records:
         if record.get("member") != "ensemble":
             runs.setdefault(record.get("member"), []).append(record)
-    for member, rows in runs.items():
-        suffix = "" if member is None else f" (member {member})"
-        epochs = [r["epoch"] for r in rows]
-        for ax, metric in ((loss_ax, "loss"), (accuracy_ax, "accuracy")):
+    panels = []
+    for metric, name in (("loss", "cross-entropy loss"), ("accuracy", "accuracy")):
+        series = []
+        for member, rows in runs.items():
+            suffix = "" if member is None else f" (member {member})"
+            epochs = [r["epoch"] for r in rows]
             for split, style in (("train", "--"), ("test", "-")):
-                ax.plot(epochs, [r[f"{split}_{metric}"] for r in rows], style, marker="o",
-                        markersize=3, label=f"{split}{suffix}")  # fmt: skip
-    for ax, metric in ((loss_ax, "cross-entropy loss"), (accuracy_ax, "accuracy")):
-        ax.set_xlabel("epoch")
-        ax.xaxis.get_major_locator().set_params(integer=True)  # Whole epochs.
-        ax.set_ylabel(metric)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    # Fixed margins: tight_layout measures every label first (a fifth of the time).
-    fig.subplots_adjust(left=0.07, right=0.99, bottom=0.13, top=0.97, wspace=0.22)
-    save_png(fig, path)
+                values = [r[f"{split}_{metric}"] for r in rows]
+                series.append((f"{split}{suffix}", style, epochs, values))
+        panels.append(line_panel(series, "epoch", name))
+    return np.concatenate(panels, axis=1)
+
+
+def save_training_curves(path: str | os.PathLike, records: list[dict]) -> None:
+    """The curves as a PNG (``curves_image``)."""
+    save_image(path, curves_image(records))
 
 
 def save_confusion_matrix(path: str | os.PathLike, confusion: np.ndarray) -> None:

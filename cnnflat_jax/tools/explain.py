@@ -13,7 +13,9 @@ position, the channel it came from and the spatial position (h, w).
 
 from __future__ import annotations
 
+import io
 import math
+import os
 import sys
 
 import jax
@@ -24,7 +26,6 @@ from matplotlib.patches import ConnectionPatch, Rectangle
 from cnnflat_jax import errors
 from cnnflat_jax.data import input_pipeline
 from cnnflat_jax.nn import models
-from cnnflat_jax.run import plots
 from cnnflat_jax.run import workdir as workdir_lib
 from cnnflat_jax.train import train_lib
 
@@ -185,8 +186,15 @@ def explain(
         f"predicted {predicted} ({names[predicted]})"
     )
     path = output or workdir_lib.path(workdir, workdir_lib.explain_figure(index))
-    plots.save_png(figure(named, title), path)
+    _save_png(figure(named, title), path)
     return path
+
+
+def _save_png(fig: Figure, path: str | os.PathLike) -> None:
+    """The figure as a PNG at ``path``, whole or not at all, never through a link."""
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
+    workdir_lib.replace_file(path, png.getvalue())
 
 
 def main() -> None:

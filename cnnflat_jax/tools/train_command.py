@@ -184,6 +184,7 @@ def run(argv):
     except errors.Error as e:
         sys.exit(f"error: {e}")
     from cnnflat_jax.run import checkpoints, lost_peer, run_state, trainer
+
     if jax.process_index() > 0:
         logging.set_verbosity(logging.WARNING)  # Process 0 reports for all.
     if jax.process_count() > 1:  # SIGTERM is JAX's (a preemption sync point); SIGINT stops.
