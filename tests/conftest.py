@@ -10,6 +10,10 @@ import tempfile
 # print libtpu's start-up complaints on stderr; compiling for a TPU topology
 # (tests/test_tpu_check.py) works either way.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# pytest-xdist's workers each load libtpu to compile for TPU topologies; by
+# default libtpu allows one process per machine (a lock file in /tmp), and
+# the test that runs tpu_check in a subprocess has loaded it too.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 # One persistent compilation cache for the session, shared by this process (and
 # pytest-xdist's workers, which inherit the variables) and every train.py, export
 # or predict it starts: a program compiled once loads after. Bounded in every

@@ -53,7 +53,7 @@ def load_params(path: str | os.PathLike, like: Any) -> Any:
     ``like`` may hold arrays or ``jax.ShapeDtypeStruct``s; a tree whose
     shapes do not match raises ``ValueError`` naming the mismatch.
     """
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    device = jax.sharding.make_single_device_sharding(jax.local_devices()[0])
     # On this process's first device, whatever topology trained them.
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), like)
     with _orbax_quiet(), ocp.StandardCheckpointer() as checkpointer:
