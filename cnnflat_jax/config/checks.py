@@ -8,7 +8,7 @@ from typing import Any
 import ml_collections
 
 from cnnflat_jax.config import fit
-from cnnflat_jax.config.fields import FIELDS, MODEL_FIELDS, is_group, default_fields, flat_fields
+from cnnflat_jax.config.fields import FIELDS, MODEL_FIELDS, default_fields, flat_fields, is_group
 from cnnflat_jax.config.rules import ConfigError, Rule, show
 from cnnflat_jax.nn import layers
 

@@ -175,10 +175,10 @@ def run(argv):
         config_lib.check_field(config, "peer_timeout_sec")
     except errors.Error as e:
         sys.exit(f"error: {e}")
-    compilation_cache.enable(config.compilation_cache)
     sharding.initialize_distributed(
         _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, config.peer_timeout_sec
     )
+    compilation_cache.enable(config.compilation_cache)
     try:  # Before the trainer's modules load: a mistake is answered at once.
         config_lib.check(config)
     except errors.Error as e:

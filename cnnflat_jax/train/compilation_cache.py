@@ -18,7 +18,9 @@ that uses the folder; JAX keeps a bounded folder's bookkeeping only in the
 processes that have one).
 
 Off: ``--config.compilation_cache=False``, or ``CNNFLAT_COMPILATION_CACHE=0``
-in the environment.
+in the environment; and always in a run of several processes on CPUs, whose
+programs, loaded from the cache by jax 0.12, hang in their first collective
+across processes (compiled afresh, they run).
 """
 
 from __future__ import annotations
@@ -57,15 +59,17 @@ def _cpu_tag() -> str:
 
 def enable(on: bool = True) -> str | None:
     """Turns the persistent cache on (see the module's docstring for where), or
-    off when ``on`` is False or the environment says off. Call it before the
-    first compilation: it sets JAX's configuration for the whole process.
+    off when ``on`` is False, the environment says off, or the run is several
+    processes on CPUs. Call it after ``jax.distributed.initialize`` and before
+    the first compilation: it sets JAX's configuration for the whole process.
 
     Returns:
       The cache folder, or None when it is off.
     """
     import jax
 
-    if not on or os.environ.get(OFF_VARIABLE, "").strip().lower() in ("0", "false", "no", "off"):
+    off = os.environ.get(OFF_VARIABLE, "").strip().lower() in ("0", "false", "no", "off")
+    if not on or off or (jax.process_count() > 1 and jax.default_backend() == "cpu"):
         jax.config.update("jax_compilation_cache_dir", None)
         return None
     chosen = os.environ.get("JAX_COMPILATION_CACHE_DIR")
