@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 from benchmarks import flatten_stats
 from cnnflat_jax.data import input_pipeline, transforms
 from cnnflat_jax.nn import models
-from cnnflat_jax.run import workdir as workdir_lib
+from cnnflat_jax.run import trained_run
 from cnnflat_jax.tools import explain
 from cnnflat_jax.train import train_lib
 
@@ -32,7 +32,7 @@ ROWS = (*(f"{s} px" for s in SHIFTS), *BASELINES)  # The table's, in order.
 
 def trained(workdir: str):
     """A trained run as ``images -> {stage: array}``."""
-    run = workdir_lib.load_run(workdir)
+    run = trained_run.load_run(workdir)
     model, params = run.model, run.params
 
     def stages(images: np.ndarray) -> dict[str, np.ndarray]:

@@ -15,7 +15,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from cnnflat_jax.nn import layers, models
-from cnnflat_jax.run import workdir as workdir_lib
+from cnnflat_jax.run import trained_run
 from cnnflat_jax.train import train_lib
 
 MODELS = ("CNN", "GAP CNN", "GAP CNN, deeper")
@@ -31,7 +31,7 @@ def last_map_position(specs) -> int:
 
 def field(workdir: str, images: np.ndarray) -> np.ndarray:
     """(H, W): mean over ``images`` of |d centre unit / d input pixel|, for one trained run."""
-    run = workdir_lib.load_run(workdir)
+    run = trained_run.load_run(workdir)
     model, params = run.model, run.params
     position = last_map_position(models.layer_specs(model))
 

@@ -33,10 +33,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cnnflat_jax import config as config_lib
 from cnnflat_jax.configs import default
 from cnnflat_jax.data import idx, input_pipeline, transforms
 from cnnflat_jax.nn import layers, models
-from cnnflat_jax.run import run_state, trainer
+from cnnflat_jax.run import run_state, trained_run, trainer
 from cnnflat_jax.run import workdir as workdir_lib
 from cnnflat_jax.train import evaluation
 
@@ -255,7 +256,7 @@ def finished(workdir: str, config, measured: bool = False, params: bool = False)
     or None; also None when it lacks its MEASURES (``measured``) or its final
     parameters (``params``)."""
     try:
-        if workdir_lib.read_config(workdir) != json.loads(config.to_json_best_effort()):
+        if workdir_lib.read_config(workdir) != config_lib.as_json(config):
             return None
         if os.path.exists(workdir_lib.path(workdir, DIVERGED)):
             with open(workdir_lib.path(workdir, DIVERGED)) as f:
@@ -470,7 +471,7 @@ def seed_classifiers(dirs: list[str]) -> list:
     """One ``images -> predicted labels`` function per trained run in ``dirs``."""
     classifiers = []
     for workdir in dirs:
-        run = workdir_lib.load_run(workdir)
+        run = trained_run.load_run(workdir)
         config, model, params = run.config, run.model, run.params
 
         def classify(images, params=params, model=model, config=config):

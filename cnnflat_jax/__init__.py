@@ -15,7 +15,7 @@ os.environ.setdefault("EPATH_USE_TF", "false")
 
 _HOMES = {
     "Error": "errors",
-    "load_run": "run.workdir",
+    "load_run": "run.trained_run",
     "CNN": "models",
     "MLP": "models",
     "Sequential": "models",

@@ -18,6 +18,7 @@ import pytest
 from helpers import final_params, idx_flags, write_idx_dataset
 
 from cnnflat_jax.data import array_records, input_pipeline
+from cnnflat_jax.run import trained_run
 from cnnflat_jax.run import workdir as workdir_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -99,7 +100,7 @@ def test_a_run_on_gs_writes_there_and_matches_the_run_on_disk(on_gcs, on_disk):
     assert ".lock" not in names  # The lease is given back at the end.
     assert epoch_scores(workdir) == epoch_scores(on_disk)
     assert_bit_identical(final_params(workdir), final_params(on_disk))
-    run = workdir_lib.load_run(workdir)
+    run = trained_run.load_run(workdir)
     assert run.data["image_shape"] == [8, 8, 1]
     assert_bit_identical(run.params, final_params(on_disk))
 

@@ -28,7 +28,7 @@ def test_the_site_builds_offline_with_warnings_as_errors(tmp_path):
         for name in module.__all__
         if callable(getattr(module, name))
     ]
-    public += ["cnnflat_jax.nn.ops.CONV_LOWERINGS", "cnnflat_jax.run.workdir.load_run"]
+    public += ["cnnflat_jax.nn.ops.CONV_LOWERINGS", "cnnflat_jax.run.trained_run.load_run"]
     for name in public:
         assert f'id="{name}"' in api, name
     # The docstrings themselves, Google-style sections rendered by napoleon:

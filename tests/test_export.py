@@ -15,7 +15,7 @@ from helpers import idx_config, loaded_by, write_idx_dataset
 from PIL import Image
 
 from cnnflat_jax.data import idx
-from cnnflat_jax.run import trainer
+from cnnflat_jax.run import trained_run, trainer
 from cnnflat_jax.run import workdir as workdir_lib
 from cnnflat_jax.tools import predict
 
@@ -229,9 +229,9 @@ def test_a_population_exports_a_member_or_the_ensemble(tmp_path):
     assert result.returncode == 1 and "not a train.py workdir" in result.stderr
 
     with pytest.raises(workdir_lib.RunError, match="holds a population of 2 models; choose"):
-        workdir_lib.load_run(tmp_path / "run")
-    whole = workdir_lib.load_run(tmp_path / "run", whole_population=True)
-    one = workdir_lib.load_run(tmp_path / "run", 1)
+        trained_run.load_run(tmp_path / "run")
+    whole = trained_run.load_run(tmp_path / "run", whole_population=True)
+    one = trained_run.load_run(tmp_path / "run", 1)
     assert whole.team.size == 2 and one.team.is_population
     for stacked, alone in zip(jax.tree.leaves(whole.params), jax.tree.leaves(one.params)):
         assert stacked.shape[0] == 2
@@ -242,7 +242,7 @@ def test_a_population_exports_a_member_or_the_ensemble(tmp_path):
 
 def test_load_run_gives_the_run_s_config_data_info_model_and_final_params(trained):
     workdir, _, images, labels = trained
-    loaded = workdir_lib.load_run(workdir)
+    loaded = trained_run.load_run(workdir)
     config, data, model, params = loaded  # A tuple of the four, too.
     assert model is loaded.model and params is loaded.params and data is loaded.data
     assert loaded.config.to_dict() == json.loads((workdir / "config.json").read_text())
@@ -253,7 +253,7 @@ def test_load_run_gives_the_run_s_config_data_info_model_and_final_params(traine
     accuracy = np.mean(np.argmax(logits, 1) == labels)
     assert accuracy == pytest.approx(last_record(workdir)["test_accuracy"], abs=1e-6)
     with pytest.raises(workdir_lib.RunError, match="member 0 is out of range: .* holds one model"):
-        workdir_lib.load_run(workdir, 0)
+        trained_run.load_run(workdir, 0)
 
 
 def test_every_file_of_a_finished_run_is_named_by_the_run_directory_module(trained):
@@ -266,10 +266,10 @@ def test_every_file_of_a_finished_run_is_named_by_the_run_directory_module(train
 
 def test_a_workdir_that_is_not_a_finished_run_is_refused_in_one_line(tmp_path):
     with pytest.raises(workdir_lib.RunError, match="has no config.json"):
-        workdir_lib.load_run(tmp_path)
+        trained_run.load_run(tmp_path)
     (tmp_path / "config.json").write_text("[1, 2]")
     with pytest.raises(workdir_lib.RunError, match="not a JSON object"):
-        workdir_lib.load_run(tmp_path)
+        trained_run.load_run(tmp_path)
 
 
 def test_predict_imports_neither_flax_nor_the_model_code():

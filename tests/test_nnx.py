@@ -17,8 +17,7 @@ from cnnflat_jax import nnx_models
 from cnnflat_jax.configs import smoke
 from cnnflat_jax.data import idx, input_pipeline
 from cnnflat_jax.nn import layers, models
-from cnnflat_jax.run import trainer
-from cnnflat_jax.run import workdir as workdir_lib
+from cnnflat_jax.run import trained_run, trainer
 from cnnflat_jax.train import train_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -104,7 +103,7 @@ def test_parameters_of_another_model_or_shape_are_refused():
 def test_a_train_py_checkpoint_loads_into_nnx(tmp_path):
     data = write_idx_dataset(tmp_path / "data")
     trainer.train_and_evaluate(idx_config(data), str(tmp_path / "run"))
-    run = workdir_lib.load_run(str(tmp_path / "run"))
+    run = trained_run.load_run(str(tmp_path / "run"))
     model = nnx_models.from_linen(run.model, run.params, run.data["image_shape"])
     test_images = idx.read_idx(str(data / "t10k-images-idx3-ubyte"), ndim=3)[..., None]
     test_labels = idx.read_idx(str(data / "t10k-labels-idx1-ubyte"), ndim=1)

@@ -100,8 +100,8 @@ def test_signals_while_the_process_exits_never_end_it_without_a_line(data, tmp_p
 # Python stops running signal handlers), receives SIGTERM.
 SIGNAL_AS_THE_INTERPRETER_ENDS = """
 import os, signal, time
-from cnnflat_jax.run import early_signals
-early_signals.exit_on_signals("exiting; the run had ended and its outputs are complete")
+from cnnflat_jax.run import signals
+signals.exit_on_signals("exiting; the run had ended and its outputs are complete")
 class Last:
     def __del__(self):
         os.kill(os.getpid(), signal.SIGTERM)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -95,7 +96,7 @@ FIELDS: dict[str, Field] = {
     # dispatches) and at each epoch end; a rerun with the same workdir resumes.
     "checkpoint_every_steps": Field(1000, integer(1), identity=False),
     "checkpoints_to_keep": Field(3, integer(1), identity=False),
-    # A gs:// workdir's lock is a lease (run/lease.py): a run that is gone holds
+    # A gs:// workdir's lock is a lease (run/lock.py): a run that is gone holds
     # it this many seconds after its last renewal (every quarter of it).
     "workdir_lease_sec": Field(60.0, number(2), identity=False),
     # Several processes: one not heard from for this many seconds counts as lost
@@ -177,6 +178,12 @@ def _layers_fault(specs: Any) -> str | None:
     except layers.SpecError as e:
         return str(e)
     return None
+
+
+def as_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The config as JSON values (tuples as lists): what ``config.json`` and a
+    run's checkpoints hold as its identity, and what they are compared with."""
+    return json.loads(config.to_json_best_effort())
 
 
 def is_group(value: Any) -> bool:

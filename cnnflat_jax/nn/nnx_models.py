@@ -10,7 +10,7 @@ module itself (NNX), so it needs the input's shape when it is built::
 Parameters convert both ways, keeping Linen's names (``Conv2D_0``,
 ``Dense_1``, ...): ``from_linen`` builds the NNX module of a Linen model (the
 CNN and MLP presets included, through their ``specs()``) holding given Linen
-parameters, such as a ``train.py`` run's (``workdir.load_run``);
+parameters, such as a ``train.py`` run's (``trained_run.load_run``);
 ``to_linen_params`` gives an NNX module's parameters back in Linen's form.
 """
 

@@ -1,108 +1,31 @@
-"""Where a run stands, and how it stops and goes on.
+"""Where a run stands, and how it goes on: the run's identity, its position,
+resume past damaged checkpoints, and the stop on a diverging loss.
 
-The workdir lock, the run's fixed identity (its config), resume past damaged
-checkpoints, saves, SIGTERM/SIGINT, and stops on a diverging loss.
+The lock is ``lock.py``'s, the stop signals ``signals.py``'s.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
 import json
 import os
-import signal
-import threading
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
 from absl import logging
-from jax.experimental import multihost_utils
 
 from cnnflat_jax import config as config_lib
 from cnnflat_jax.errors import Error
-from cnnflat_jax.run import checkpoints, lease, reporting
+from cnnflat_jax.run import checkpoints, reporting
 from cnnflat_jax.run import workdir as workdir_lib
 from cnnflat_jax.run.workdir import RunError
-
-
-class Preempted(RuntimeError):
-    """SIGTERM or SIGINT arrived; a checkpoint was saved and rerunning resumes from it."""
-
-    def __init__(self, message: str, signum: int):
-        super().__init__(message)
-        self.exit_code = 128 + signum  # What a shell reports for that signal.
 
 
 class DivergedError(Error, RuntimeError):
     """The loss became NaN or Inf, or crossed ``config.max_loss``; the last good
     checkpoint is kept."""
-
-
-@contextlib.contextmanager
-def workdir_lock(workdir: str, lease_sec: float = 60.0) -> Iterator[None]:
-    """Creates ``workdir`` and holds an exclusive OS lock on the directory itself
-    (process 0 only); ``workdir/.lock`` names the holder's PID for others to read.
-
-    The lock belongs to the directory, not to a file in it, so deleting
-    ``.lock`` does not release it; the kernel drops it when the process ends,
-    however it ends, so a crash never leaves a stale lock behind.
-
-    On ``gs://`` the lock is a lease object renewed while the run lives, and
-    taken over ``lease_sec`` after a crashed run's last renewal, or at once by
-    a run on the machine where its holder ran and ended (``lease.py``).
-
-    Raises:
-      RunError: the workdir cannot be made or written, ``.lock`` is a symbolic
-        link, or another process holds the lock (named by its PID).
-    """
-    if workdir_lib.is_remote(workdir):
-        if jax.process_index() > 0:
-            yield
-            return
-        with lease.Lease(workdir_lib.path(workdir, workdir_lib.LOCK), lease_sec, workdir):
-            yield
-        return
-    workdir_lib.check_path_room(workdir)
-    try:
-        os.makedirs(workdir, exist_ok=True)
-        if jax.process_index() > 0:
-            directory = None
-        else:
-            directory = os.open(workdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError as e:
-        why = "it is a file" if os.path.isfile(workdir) else e.strerror
-        raise RunError(f"cannot use {workdir} as the workdir: {why} ({e.filename})") from None
-    if directory is None:
-        yield
-        return
-    try:
-        try:
-            fcntl.flock(directory, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise RunError(f"{workdir} is in use by process {_lock_holder(workdir)}") from None
-        workdir_lib.check_no_links(workdir)
-        lock = workdir_lib.path(workdir, workdir_lib.LOCK)
-        try:
-            workdir_lib.replace_file(lock, f"{os.getpid()}\n")
-        except OSError as e:
-            raise RunError(f"cannot use {workdir} as the workdir: {e.strerror} ({lock})") from None
-        yield
-    finally:
-        os.close(directory)  # Releases the lock.
-
-
-def _lock_holder(workdir: str) -> str:
-    """The PID in ``workdir/.lock``, read without following a link; "unknown" if none."""
-    try:
-        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
-        with os.fdopen(os.open(workdir_lib.path(workdir, workdir_lib.LOCK), flags)) as f:
-            return f.read(32).strip() or "unknown"
-    except OSError:
-        return "unknown"
 
 
 def check_same_run(workdir: str, config: ml_collections.ConfigDict) -> None:
@@ -135,7 +58,7 @@ def _refuse_another_run(
     """Raises ``RunError`` naming each identity field where ``config`` differs
     from ``saved_config`` (the run's own, read from ``source``)."""
     old = config_lib.flat_fields(saved_config)
-    new = config_lib.flat_fields(json.loads(config.to_json_best_effort()))
+    new = config_lib.flat_fields(config_lib.as_json(config))
     defaults = config_lib.default_fields()
     changed = [
         f"{key} {config_lib.show(old.get(key, defaults.get(key)))} -> {config_lib.show(value)}"
@@ -272,78 +195,6 @@ class RunPosition:
             )
         metrics_log.truncate(0)
         return state, cls()
-
-
-@dataclasses.dataclass(frozen=True)
-class Stopping:
-    """Which stop signal (SIGTERM or SIGINT) has arrived, or 0.
-
-    ``at_step(step)`` is asked at the training loop's step boundaries (every
-    process agrees on it; the run saves and stops); ``now()`` between the
-    phases around the loop (loading, building, compiling, writing outputs),
-    where there is nothing to save.
-    """
-
-    at_step: Callable[[int], int]
-    now: Callable[[], int]
-
-
-@contextlib.contextmanager
-def stop_signals() -> Iterator[Stopping]:
-    """Records SIGTERM and SIGINT for the whole run instead of letting them
-    kill it or raise mid-way (a ``KeyboardInterrupt`` inside XLA's compiler
-    can crash the process): the run stops at the next boundary, in one line.
-
-    With several processes JAX's preemption sync point makes every process
-    agree on the step of a SIGTERM; one process catches both itself, from
-    its main thread.
-    """
-    if jax.process_count() > 1:
-        yield Stopping(
-            lambda step: signal.SIGTERM * multihost_utils.reached_preemption_sync_point(step),
-            lambda: 0,
-        )
-        return
-    if threading.current_thread() is not threading.main_thread():
-        yield Stopping(lambda step: 0, lambda: 0)
-        return
-    received = []
-
-    def first() -> int:
-        return received[0] if received else 0
-
-    previous = {
-        signum: signal.signal(signum, lambda signum, _: received.append(signum))
-        for signum in (signal.SIGTERM, signal.SIGINT)
-    }
-    try:
-        yield Stopping(lambda step: first(), first)
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-
-
-def stopped_between_phases(signum: int, phase: str, after_training: bool = False) -> Preempted:
-    """The stop of a signal that arrived while ``phase`` ran, outside the training loop."""
-    what = "preempted" if signum == signal.SIGTERM else "interrupted"
-    done = (
-        "the run is finished and its outputs are complete"
-        if after_training
-        else "training had not (re)started, so nothing new was saved; rerun the same command "
-        "to go on"
-    )
-    return Preempted(f"{what} ({signal.Signals(signum).name}) while {phase}; {done}", signum)
-
-
-def stopped_error(
-    signum: int, state: Any, run_checkpoints: checkpoints.RunCheckpoints
-) -> Preempted:
-    what = "preempted" if signum == signal.SIGTERM else "interrupted"
-    return Preempted(
-        f"{what} ({signal.Signals(signum).name}) at step {global_step(state)}; saved a "
-        f"checkpoint in {run_checkpoints.directory}. Rerun the same command to resume.",
-        signum,
-    )
 
 
 def diverged_error(

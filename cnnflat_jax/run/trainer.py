@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from collections.abc import Callable
 from typing import Any
@@ -16,7 +15,7 @@ from absl import logging
 from cnnflat_jax import config as config_lib
 from cnnflat_jax.data import batching, input_pipeline
 from cnnflat_jax.nn import models
-from cnnflat_jax.run import checkpoints, outputs, reporting, run_state
+from cnnflat_jax.run import checkpoints, lock, outputs, reporting, run_state, signals
 from cnnflat_jax.run import workdir as workdir_lib
 from cnnflat_jax.train import evaluation, population, sharding, train_lib
 
@@ -37,29 +36,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     Raises:
       config.ConfigError: a bad config, before any data is read.
-      run_state.RunError: the workdir is in use, holds a run with another
+      workdir.RunError: the workdir is in use, holds a run with another
         config, or has checkpoints but none intact.
-      run_state.Preempted: SIGTERM or SIGINT arrived; a checkpoint was saved.
+      signals.Preempted: SIGTERM or SIGINT arrived; a checkpoint was saved.
       run_state.DivergedError: a NaN, Inf or too large loss; the last good
         checkpoint is kept.
     """
     start = time.perf_counter()
     config_lib.check(config)
     with (
-        run_state.stop_signals() as stopping,
-        run_state.workdir_lock(workdir, config.workdir_lease_sec),
+        signals.stop_signals() as stopping,
+        lock.workdir_lock(workdir, config.workdir_lease_sec),
     ):
         run_state.check_same_run(workdir, config)
         return _run(config, workdir, start, stopping)
 
 
-def _stop_if_asked(stopping: run_state.Stopping, phase: str, after_training: bool = False):
+def _stop_if_asked(stopping: signals.Stopping, phase: str, after_training: bool = False):
     if signum := stopping.now():
-        raise run_state.stopped_between_phases(signum, phase, after_training)
+        raise signals.stopped_between_phases(signum, phase, after_training)
 
 
 def _run(
-    config: ml_collections.ConfigDict, workdir: str, start: float, stopping: run_state.Stopping
+    config: ml_collections.ConfigDict, workdir: str, start: float, stopping: signals.Stopping
 ) -> dict[str, Any]:
     phases = reporting.Phases()
     with phases("data"):
@@ -87,10 +86,10 @@ def _run(
         run_checkpoints = checkpoints.RunCheckpoints(
             workdir_lib.not_a_link(workdir_lib.path(workdir, workdir_lib.CHECKPOINTS)),
             config.checkpoints_to_keep,
-            run_config=json.loads(config.to_json_best_effort()),
+            run_config=config_lib.as_json(config),
         )
         if lead and not run_checkpoints.all_steps():  # A new run: its config is its identity.
-            workdir_lib.write_config(workdir, config)
+            workdir_lib.write_config(workdir, run_checkpoints.run_config)
         state, position = run_state.RunPosition.resume(run_checkpoints, state, metrics_log, config)
 
     with phases("compile"):
@@ -149,7 +148,7 @@ def _run(
             logging.info("Reached test accuracy %.4f: stopping.", config.stop_at_test_accuracy)
             break
         if signum := stopping.at_step(step):
-            raise run_state.stopped_error(signum, state, run_checkpoints)
+            raise signals.stopped_error(signum, step, run_checkpoints.directory)
     with phases("checkpoint"):
         run_checkpoints.close()
 
@@ -217,6 +216,8 @@ class _Epochs:
                     position.epoch, d + 1, totals, position.record, data_state=stream.get_state()
                 ).save(self.run_checkpoints, state, self.metrics_log.lines)
             if signum:
-                raise run_state.stopped_error(signum, state, self.run_checkpoints)
+                raise signals.stopped_error(
+                    signum, run_state.global_step(state), self.run_checkpoints.directory
+                )
         bar.close()
         return state, totals, time.perf_counter() - epoch_start

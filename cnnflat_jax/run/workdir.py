@@ -1,4 +1,4 @@
-"""The run directory (``--workdir``): the name of every file in it, and a finished run loaded.
+"""The run directory (``--workdir``): the name of every file in it, read and written safely.
 
     W/config.json           the run's config: its identity (``read_config``)
     W/metrics.jsonl         one record per epoch (``reporting.MetricsLog``)
@@ -17,7 +17,7 @@ shared run directory cannot make a training job write anywhere else. A link
 where the run expects one of its own files is a one-line ``RunError``.
 
 A workdir may be a local directory or a ``gs://bucket/path`` (read and
-written through ``etils.epath``; its lock is ``lease.py``'s). Object storage
+written through ``etils.epath``; its lock is ``lock.py``'s). Object storage
 has no links, no directories and no appends: an object is replaced whole by
 one upload, which is what ``replace_file`` needs, and ``append``
 rewrites the object. Every other
@@ -34,7 +34,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from typing import Any, NamedTuple
+from typing import Any
 
 from cnnflat_jax import paths
 from cnnflat_jax.errors import Error
@@ -240,9 +240,9 @@ def read_config(workdir: str | os.PathLike) -> dict[str, Any]:
     return config
 
 
-def write_config(workdir: str | os.PathLike, config: Any) -> None:
-    """``config.json``: the resolved ``ml_collections`` config (atomically)."""
-    replace_file(path(workdir, CONFIG), config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+def write_config(workdir: str | os.PathLike, config: dict[str, Any]) -> None:
+    """``config.json``: the run's resolved config, as JSON values (atomically)."""
+    write_json(path(workdir, CONFIG), config)
 
 
 def write_data_info(
@@ -273,82 +273,3 @@ def read_data_info(workdir: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(info, dict) or any(key not in info for key in keys):
         raise RunError(f"{path(workdir, DATA_INFO)} lacks one of {', '.join(keys)}")
     return info
-
-
-def model_fields(config: Any) -> dict[str, Any]:
-    """A loaded config's ``model`` group as ``models.from_fields`` takes it (JSON's
-    lists as tuples)."""
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in config.model.items()}
-
-
-class TrainedRun(NamedTuple):
-    """A finished ``train.py`` run, loaded: ``config, data, model, params = load_run(w)``.
-
-    Attributes:
-      config: the run's config (an ``ml_collections.ConfigDict``).
-      data: ``data.json``: the dataset, image shape, class count and names.
-      model: the Flax module of one model.
-      params: one model's parameters, or every member's stacked on a leading
-        axis when a population was loaded whole.
-    """
-
-    config: Any
-    data: dict[str, Any]
-    model: Any
-    params: Any
-
-    @property
-    def team(self) -> Any:
-        """The run's ``population.Population``: one model, or its members."""
-        from cnnflat_jax.train import population
-
-        return population.of_config(self.config)
-
-
-def load_run(
-    workdir: str | os.PathLike, member: int | None = None, *, whole_population: bool = False
-) -> TrainedRun:
-    """A finished run: its config, data info, model and final parameters.
-
-    Args:
-      workdir: a ``train.py`` workdir that finished (it has ``final_params/``).
-      member: for a population, which member's parameters to load.
-      whole_population: for a population with no ``member``, load every
-        member's parameters, stacked.
-
-    Raises:
-      RunError: not a finished run; a population without a member (unless
-        ``whole_population``); a member out of range, or one given for a
-        single model.
-    """
-    import jax
-    import ml_collections
-
-    from cnnflat_jax.nn import models
-    from cnnflat_jax.run import checkpoints
-    from cnnflat_jax.train import population
-
-    config = ml_collections.ConfigDict(read_config(workdir))
-    data = read_data_info(workdir)
-    team = population.of_config(config)
-    if team.is_population and member is None and not whole_population:
-        raise RunError(
-            f"{os.fspath(workdir)!r} holds a population of {team.size} models; choose a member"
-        )
-    if member is not None and not (team.is_population and 0 <= member < team.size):
-        size = f"a population of {team.size}" if team.is_population else "one model"
-        raise RunError(
-            f"member {member} is out of range: {os.fspath(workdir)!r} holds {size}"
-            + (f" (members 0 to {team.size - 1})" if team.is_population else "")
-        )
-    model = models.from_fields(model_fields(config), data["num_classes"])
-    x = jax.ShapeDtypeStruct((1, *data["image_shape"]), jax.numpy.float32)
-    like = jax.eval_shape(model.init, jax.random.key(0), x)["params"]
-    if team.is_population:
-        like = jax.tree.map(lambda a: jax.ShapeDtypeStruct((team.size, *a.shape), a.dtype), like)
-    if not is_directory(path(workdir, FINAL_PARAMS)):
-        raise RunError(f"{os.fspath(workdir)!r} has no {FINAL_PARAMS}/: the run has not finished")
-    params = checkpoints.load_params(path(workdir, FINAL_PARAMS), like)
-    if member is not None:
-        params = jax.tree.map(lambda a: a[member], params)
-    return TrainedRun(config, data, model, params)

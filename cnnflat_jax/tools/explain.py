@@ -26,6 +26,7 @@ from matplotlib.patches import ConnectionPatch, Rectangle
 from cnnflat_jax import errors
 from cnnflat_jax.data import input_pipeline
 from cnnflat_jax.nn import models
+from cnnflat_jax.run import trained_run
 from cnnflat_jax.run import workdir as workdir_lib
 from cnnflat_jax.train import train_lib
 
@@ -159,7 +160,7 @@ def explain(
 
     Writes ``output`` (default ``workdir/explain_<index>.png``) and returns its path.
     """
-    run = workdir_lib.load_run(workdir, member)
+    run = trained_run.load_run(workdir, member)
     config = run.config
     data = input_pipeline.load_dataset(
         config.dataset,

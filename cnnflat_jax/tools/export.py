@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from absl import app, flags
 
 from cnnflat_jax import errors
-from cnnflat_jax.run import reporting
+from cnnflat_jax.run import reporting, trained_run
 from cnnflat_jax.run import workdir as workdir_lib
 from cnnflat_jax.train import train_lib
 
@@ -48,7 +48,7 @@ def inference_function(workdir: str, member: int | None = None, ensemble: bool =
     """``(images_uint8_NHWC -> logits, what)`` for a finished run's final parameters."""
     if ensemble and member is not None:
         raise workdir_lib.RunError("choose --member or --ensemble, not both")
-    run = workdir_lib.load_run(workdir, member, whole_population=True)
+    run = trained_run.load_run(workdir, member, whole_population=True)
     model = run.model
     if not run.team.is_population:
         if ensemble:

@@ -40,11 +40,11 @@ def _end_without_teardown() -> None:
 # Registered before any other exit function, so it runs after all of them.
 atexit.register(_end_without_teardown)
 
-from cnnflat_jax.run import early_signals
+from cnnflat_jax.run import signals
 
 # Before JAX loads: a signal while train.py starts up ends it in one line, never
 # a KeyboardInterrupt inside an import or an XLA callback.
-early_signals.exit_on_signals("starting up; nothing new was saved")
+signals.exit_on_signals("starting up; nothing new was saved")
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -183,20 +183,20 @@ def run(argv):
         config_lib.check(config)
     except errors.Error as e:
         sys.exit(f"error: {e}")
-    from cnnflat_jax.run import checkpoints, lost_peer, run_state, trainer
+    from cnnflat_jax.run import checkpoints, lost_peer, trainer
 
     if jax.process_index() > 0:
         logging.set_verbosity(logging.WARNING)  # Process 0 reports for all.
     if jax.process_count() > 1:  # SIGTERM is JAX's (a preemption sync point); SIGINT stops.
         lost_peer.filter_stderr()
-        early_signals.exit_on_signals(
+        signals.exit_on_signals(
             "running with several processes; stopped without a new checkpoint (the ones "
             "written before are intact: rerun the same command to resume)"
         )
     try:
         trainer.train_and_evaluate(config, _WORKDIR.value)
-        early_signals.exit_on_signals("exiting; the run had ended and its outputs are complete")
-    except run_state.Preempted as e:
+        signals.exit_on_signals("exiting; the run had ended and its outputs are complete")
+    except signals.Preempted as e:
         print(f"{e}", file=sys.stderr)
         sys.exit(e.exit_code)
     except errors.Error as e:

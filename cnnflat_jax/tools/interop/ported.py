@@ -16,7 +16,7 @@ import numpy as np
 
 from cnnflat_jax.errors import Error
 from cnnflat_jax.nn import layers, models, ops
-from cnnflat_jax.run import workdir as workdir_lib
+from cnnflat_jax.run import trained_run
 
 
 class UnsupportedModelError(Error, ValueError):
@@ -241,12 +241,12 @@ def from_workdir(
     num_classes: int | None = None,
     member: int | None = None,
 ) -> Ported:
-    """A model trained by ``train.py`` (``workdir.load_run``): a population's
+    """A model trained by ``train.py`` (``trained_run.load_run``): a population's
     ``member``. ``input_hwc`` and ``num_classes``, when given, must match the run's.
 
     It was trained on images scaled to [0, 1]; feed it (and its exports) those.
     """
-    run = workdir_lib.load_run(workdir, member)
+    run = trained_run.load_run(workdir, member)
     run_hwc, run_classes = tuple(run.data["image_shape"]), run.data["num_classes"]
     for name, given, actual in (
         ("input_hwc", input_hwc, run_hwc),
@@ -254,4 +254,4 @@ def from_workdir(
     ):
         if given is not None and tuple(np.atleast_1d(given)) != tuple(np.atleast_1d(actual)):
             raise UnsupportedModelError(f"from_workdir: {name}={given}, but the run's is {actual}")
-    return Ported(workdir_lib.model_fields(run.config), run_classes, run_hwc, run.params)
+    return Ported(trained_run.model_fields(run.config), run_classes, run_hwc, run.params)

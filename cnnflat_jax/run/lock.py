@@ -1,5 +1,8 @@
-"""The workdir lock on object storage (``gs://``): a lease object at ``W/.lock``.
+"""The workdir lock: one run at a time in a workdir, on a local disk or on ``gs://``.
 
+``workdir_lock`` is the one interface. On a local disk it is an ``flock`` on
+the directory itself, which the kernel drops when the process ends, however
+it ends. On object storage (``gs://``) it is a lease object at ``W/.lock``.
 A bucket has no ``flock``, and nothing ends with the process that held it.
 So the lock is an object that its holder keeps renewing, and every write of
 it is conditional on the object's generation, which Cloud Storage checks
@@ -28,19 +31,87 @@ being within a few seconds of the bucket's (NTP, as on every Cloud VM).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import fcntl
 import json
 import os
 import socket
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import jax
 from absl import logging
 
+from cnnflat_jax.run import workdir as workdir_lib
 from cnnflat_jax.run.workdir import RunError
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str, lease_sec: float = 60.0) -> Iterator[None]:
+    """Creates ``workdir`` and holds an exclusive OS lock on the directory itself
+    (process 0 only); ``workdir/.lock`` names the holder's PID for others to read.
+
+    The lock belongs to the directory, not to a file in it, so deleting
+    ``.lock`` does not release it; the kernel drops it when the process ends,
+    however it ends, so a crash never leaves a stale lock behind.
+
+    On ``gs://`` the lock is a lease object renewed while the run lives, and
+    taken over ``lease_sec`` after a crashed run's last renewal, or at once by
+    a run on the machine where its holder ran and ended (``Lease``).
+
+    Raises:
+      RunError: the workdir cannot be made or written, ``.lock`` is a symbolic
+        link, or another process holds the lock (named by its PID).
+    """
+    if workdir_lib.is_remote(workdir):
+        if jax.process_index() > 0:
+            yield
+            return
+        with Lease(workdir_lib.path(workdir, workdir_lib.LOCK), lease_sec, workdir):
+            yield
+        return
+    workdir_lib.check_path_room(workdir)
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        if jax.process_index() > 0:
+            directory = None
+        else:
+            directory = os.open(workdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as e:
+        why = "it is a file" if os.path.isfile(workdir) else e.strerror
+        raise RunError(f"cannot use {workdir} as the workdir: {why} ({e.filename})") from None
+    if directory is None:
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(directory, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunError(f"{workdir} is in use by process {_lock_holder(workdir)}") from None
+        workdir_lib.check_no_links(workdir)
+        lock = workdir_lib.path(workdir, workdir_lib.LOCK)
+        try:
+            workdir_lib.replace_file(lock, f"{os.getpid()}\n")
+        except OSError as e:
+            raise RunError(f"cannot use {workdir} as the workdir: {e.strerror} ({lock})") from None
+        yield
+    finally:
+        os.close(directory)  # Releases the lock.
+
+
+def _lock_holder(workdir: str) -> str:
+    """The PID in ``workdir/.lock``, read without following a link; "unknown" if none."""
+    try:
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+        with os.fdopen(os.open(workdir_lib.path(workdir, workdir_lib.LOCK), flags)) as f:
+            return f.read(32).strip() or "unknown"
+    except OSError:
+        return "unknown"
 
 
 def _blob(uri: str) -> Any:
