@@ -16,18 +16,17 @@ from __future__ import annotations
 import io
 import math
 import os
-import sys
 
 import jax
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import ConnectionPatch, Rectangle
 
-from cnnflat_jax import errors
 from cnnflat_jax.data import input_pipeline
 from cnnflat_jax.nn import models
 from cnnflat_jax.run import trained_run
 from cnnflat_jax.run import workdir as workdir_lib
+from cnnflat_jax.tools import command
 from cnnflat_jax.train import train_lib
 
 __all__ = [
@@ -209,10 +208,8 @@ def main() -> None:
 
     def run(argv):
         del argv
-        try:
+        with command.one_line_failures(ValueError):
             path = explain(workdir.value, index.value, member.value, output.value)
-        except (ValueError, OSError, errors.Error) as e:
-            sys.exit(f"error: {e}")
         print(path)
 
     app.run(run)

@@ -23,7 +23,6 @@ here); ``--platforms=cpu,cuda,tpu`` lowers it for several.
 from __future__ import annotations
 
 import hashlib
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +31,7 @@ from absl import app, flags
 from cnnflat_jax import errors
 from cnnflat_jax.run import reporting, trained_run
 from cnnflat_jax.run import workdir as workdir_lib
+from cnnflat_jax.tools import command
 from cnnflat_jax.train import train_lib
 
 __all__ = ["ExportError", "PLATFORMS", "inference_function", "export", "main"]
@@ -127,11 +127,9 @@ def main() -> None:
 
     def run(argv):
         if len(argv) > 1 or not workdir.value:
-            sys.exit("usage: python -m cnnflat_jax.export --workdir W [--member K | --ensemble]")
-        try:
+            command.usage("python -m cnnflat_jax.export --workdir W [--member K | --ensemble]")
+        with command.one_line_failures():
             path = export(workdir.value, member.value, ensemble.value, platforms.value)
-        except (OSError, errors.Error) as e:
-            sys.exit(f"error: {e}")
         print(f"wrote {path}")
 
     app.run(run)

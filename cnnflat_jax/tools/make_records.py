@@ -3,10 +3,8 @@ pictures (``--dataset folder:PATH``), -> ArrayRecord files."""
 
 from __future__ import annotations
 
-import sys
-
-from cnnflat_jax import errors
 from cnnflat_jax.data import array_records, input_pipeline
+from cnnflat_jax.tools import command
 
 
 def main() -> None:
@@ -29,15 +27,15 @@ def main() -> None:
 
     def run(argv):
         if len(argv) > 1 or not out_dir.value or repeat.value < 1:
-            sys.exit(
-                "usage: python -m cnnflat_jax.array_records --out_dir DIR [--dataset NAME] "
+            command.usage(
+                "python -m cnnflat_jax.array_records --out_dir DIR [--dataset NAME] "
                 "[--idx_dir DIR] [--repeat K>=1] [--dataset folder:PATH --image_size H,W "
                 "--image_channels 1|3 --validation_examples N]"
             )
         size = tuple(int(n) for n in image_size.value if n.isdigit() and int(n) > 0)
         if len(size) != 2 or len(image_size.value) != 2:
-            sys.exit(f"error: --image_size={','.join(image_size.value)}: not HEIGHT,WIDTH (>= 1)")
-        try:
+            command.fail(f"--image_size={','.join(image_size.value)}: not HEIGHT,WIDTH (>= 1)")
+        with command.one_line_failures():
             data = input_pipeline.load_dataset(
                 dataset.value, source="idx", idx_dir=idx_dir.value, num_classes=num_classes.value,
                 image_size=size, image_channels=int(image_channels.value), held_out=held_out.value,
@@ -50,8 +48,6 @@ def main() -> None:
                 out_dir.value, data.name, data.num_classes, splits, repeat.value,
                 class_names=list(data.folder_classes),
             )  # fmt: skip
-        except (OSError, errors.Error) as e:
-            sys.exit(f"error: {e}")
         print(f"wrote {out_dir.value}: {len(data.train.labels) * repeat.value} train and "
               f"{len(data.test_labels)} test records from {data.source}")  # fmt: skip
 

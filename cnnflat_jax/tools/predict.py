@@ -34,6 +34,7 @@ from cnnflat_jax.data import idx, pictures
 from cnnflat_jax.data.pictures import UnreadableImageError
 from cnnflat_jax.errors import Error
 from cnnflat_jax.run import workdir as workdir_lib
+from cnnflat_jax.tools import command
 
 __all__ = [
     "DamagedExportError",
@@ -177,31 +178,45 @@ def _read_npy(local: str, path: str) -> np.ndarray:
     return np.array(mapped)
 
 
+USAGE = "python -m cnnflat_jax.predict --workdir W FILES..."
+
+
 def main(argv: list[str]) -> int:
-    args = argv[1:]
-    if args and args[0].startswith("--workdir="):
-        args = ["--workdir", args[0].removeprefix("--workdir="), *args[1:]]
-    if len(args) < 3 or args[0] != "--workdir":
-        print("usage: python -m cnnflat_jax.predict --workdir W FILES...", file=sys.stderr)
-        return 2
-    workdir, files = args[1], args[2:]
-    try:
-        classes, serialized = read_export(workdir)
-        shape, resize = tuple(classes["image_shape"]), bool(classes.get("resize_pictures"))
-        images = [x for path in files for x in read_images(path, shape, resize)]
-        exported = _deserialize(serialized, workdir)
-    except OSError as e:
-        print(f"error: {e}; run python -m cnnflat_jax.export --workdir {workdir}", file=sys.stderr)
-        return 1
-    except Error as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    """The command line: ``argv`` is the program's name, ``--workdir W`` and the
+    files. Returns 0; a wrong command line ends it with code 2, a file that
+    cannot be read (``error:``) with 1."""
+    workdir, files = _arguments(argv)
+    with command.one_line_failures():
+        try:
+            classes, serialized = read_export(workdir)
+            shape, resize = tuple(classes["image_shape"]), bool(classes.get("resize_pictures"))
+            images = [x for path in files for x in read_images(path, shape, resize)]
+            exported = _deserialize(serialized, workdir)
+        except OSError as e:
+            command.fail(f"{e}; run python -m cnnflat_jax.export --workdir {workdir}")
     logits = exported.call(np.stack([image for _, image in images]))
     probabilities = np.asarray(_softmax(np.asarray(logits, np.float64)))
     for (name, _), p in zip(images, probabilities):
         best = int(np.argmax(p))
         print(f"{name}\t{classes['class_names'][best]}\t{p[best]:.4f}")
     return 0
+
+
+def _arguments(argv: list[str]) -> tuple[str, list[str]]:
+    """``--workdir W`` (or ``--workdir=W``) and the files, parsed by absl."""
+    from absl import flags
+
+    parsed = flags.FlagValues()
+    flags.DEFINE_string(
+        "workdir", None, "A run exported by cnnflat_jax.export.", flag_values=parsed
+    )
+    try:
+        files = parsed(argv)[1:]
+    except flags.Error:
+        command.usage(USAGE, code=2)
+    if not parsed.workdir or not files:
+        command.usage(USAGE, code=2)
+    return parsed.workdir, files
 
 
 def console() -> None:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import re
-import sys
 from typing import Any
 
 import jax
@@ -34,6 +33,7 @@ from cnnflat_jax import configs
 from cnnflat_jax.data import batching
 from cnnflat_jax.errors import Error
 from cnnflat_jax.nn import models
+from cnnflat_jax.tools import command
 from cnnflat_jax.train import evaluation, population, sharding, train_lib
 
 __all__ = ["CHIPS", "Chip", "DATASETS", "PreflightError", "Report", "check", "main"]
@@ -297,14 +297,12 @@ def main() -> None:
 
     def run(argv):
         if len(argv) > 1:
-            sys.exit(f"usage: {__doc__.splitlines()[0]}")
+            command.usage(__doc__.splitlines()[0])
         shape = None
         if image_shape.value:
             shape = (tuple(int(n) for n in image_shape.value), num_classes.value,
                      *(int(n) for n in examples.value))  # fmt: skip
-        try:
+        with command.one_line_failures():
             print(check(config_flag.value, topology.value, shape))
-        except Error as e:
-            sys.exit(f"error: {e}")
 
     app.run(run, flags_parser=lambda argv: flags.FLAGS(configs.resolve_flags(argv)))

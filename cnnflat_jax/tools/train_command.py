@@ -41,6 +41,7 @@ def _end_without_teardown() -> None:
 atexit.register(_end_without_teardown)
 
 from cnnflat_jax.run import signals
+from cnnflat_jax.tools import command
 
 # Before JAX loads: a signal while train.py starts up ends it in one line, never
 # a KeyboardInterrupt inside an import or an XLA callback.
@@ -50,7 +51,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from cnnflat_jax import config as config_lib
-from cnnflat_jax import configs, errors
+from cnnflat_jax import configs
 
 # JAX, Orbax and the trainer are imported by ``run``: ``--help`` and a bad flag
 # or config need none of them, and answer in a fraction of a second.
@@ -70,22 +71,22 @@ def one_line_errors(argv: list[str]) -> Iterator[None]:
     except flags.Error as e:
         match = re.match(r"flag --config\.([\w.]+)=(.*?): (.*)", str(e))
         if not match:
-            sys.exit(f"error: {e}")
+            command.fail(str(e))
         key, value, why = match.groups()
         field = config_lib.FIELDS.get(key) or config_lib.MODEL_FIELDS.get(
             key.removeprefix("model.")
         )
         allowed = f"; allowed: {field.rule.allowed}" if field else ""
-        sys.exit(f"error: config.{key}={value}: {why}{allowed}")
+        command.fail(f"config.{key}={value}: {why}{allowed}")
     except (AttributeError, KeyError) as e:
-        sys.exit(f"error: {_unknown_override(e, argv)}")
+        command.fail(_unknown_override(e, argv))
     except Exception as e:  # Whatever the config file's own code raised.
         reason = [line.strip() for line in str(e).splitlines() if line.strip()]
         detail = f"{type(e).__name__}: {reason[-1]}" if reason else type(e).__name__
         spec = _flag_value(argv, "config")
         if spec and not os.path.exists(configs.resolve(spec).partition(":")[0]):
             detail += f"; a config is a file's path or a shipped one: {', '.join(configs.NAMES)}"
-        sys.exit(f"error: config file {spec or 'default'}: {detail}")
+        command.fail(f"config file {spec or 'default'}: {detail}")
 
 
 def _flag_value(argv: list[str], flag: str) -> str | None:
@@ -164,25 +165,21 @@ def run(argv):
     from cnnflat_jax.train import compilation_cache, sharding
 
     if len(argv) > 1:
-        sys.exit(f"error: unexpected arguments: {' '.join(argv[1:])}")
+        command.fail(f"unexpected arguments: {' '.join(argv[1:])}")
     # JAX logs, at INFO, each backend it finds missing (libtpu on every CPU run).
     std_logging.getLogger("jax._src.xla_bridge").setLevel(std_logging.WARNING)
     with one_line_errors(sys.argv):
         config = _CONFIG.value
         config.keys()  # A config file that failed to load raises on first use.
-    try:  # The fields used before the whole config can be checked.
+    with command.one_line_failures():  # The fields used before the whole config is checked.
         config_lib.check_field(config, "compilation_cache")
         config_lib.check_field(config, "peer_timeout_sec")
-    except errors.Error as e:
-        sys.exit(f"error: {e}")
     sharding.initialize_distributed(
         _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, config.peer_timeout_sec
     )
     compilation_cache.enable(config.compilation_cache)
-    try:  # Before the trainer's modules load: a mistake is answered at once.
+    with command.one_line_failures():  # Before the trainer's modules load: answered at once.
         config_lib.check(config)
-    except errors.Error as e:
-        sys.exit(f"error: {e}")
     from cnnflat_jax.run import checkpoints, lost_peer, trainer
 
     if jax.process_index() > 0:
@@ -193,29 +190,24 @@ def run(argv):
             "running with several processes; stopped without a new checkpoint (the ones "
             "written before are intact: rerun the same command to resume)"
         )
-    try:
-        trainer.train_and_evaluate(config, _WORKDIR.value)
-        signals.exit_on_signals("exiting; the run had ended and its outputs are complete")
-    except signals.Preempted as e:
-        print(f"{e}", file=sys.stderr)
-        sys.exit(e.exit_code)
-    except errors.Error as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        if isinstance(e, checkpoints.CheckpointWriteError):
+    with command.one_line_failures():
+        try:
+            trainer.train_and_evaluate(config, _WORKDIR.value)
+            signals.exit_on_signals("exiting; the run had ended and its outputs are complete")
+        except checkpoints.CheckpointWriteError as e:
             # Orbax's failed writes leave tasks that complain when the
             # interpreter finalises them: the error is said, so leave without.
+            command.say_error(str(e))
             os._exit(1)
-        sys.exit(1)
-    except OSError as e:  # A full disk, a read-only or unusable workdir, a permission.
-        sys.exit(f"error: {os_error(e)}")
-    except jax.errors.JaxRuntimeError as e:
-        if jax.process_count() == 1:
-            raise
-        # A collective failed: a peer is gone. Leave at once: JAX's shutdown at exit
-        # would wait for it.
-        print(f"error: {lost_peer.LOST_PEER} ({str(e).splitlines()[0]})", file=sys.stderr)
-        sys.stderr.flush()
-        os._exit(1)
+        except OSError as e:  # A full disk, a read-only or unusable workdir, a permission.
+            command.fail(os_error(e))
+        except jax.errors.JaxRuntimeError as e:
+            if jax.process_count() == 1:
+                raise
+            # A collective failed: a peer is gone. Leave at once: JAX's shutdown at exit
+            # would wait for it.
+            command.say_error(f"{lost_peer.LOST_PEER} ({str(e).splitlines()[0]})")
+            os._exit(1)
 
 
 def os_error(error: OSError) -> str:
