@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from helpers import idx_bytes, write_idx_dataset
 
-from cnnflat_jax.data import input_pipeline
+from cnnflat_jax.data import input_pipeline, tfds_source
 from cnnflat_jax.data.idx import IdxError, read_idx
 
 DEBIAN_DIR = input_pipeline.DEBIAN_IDX_DIRS["fashion_mnist"]
@@ -97,11 +97,11 @@ def test_nothing_loadable_gives_one_error_listing_attempts_and_fixes(tmp_path, m
     monkeypatch.setitem(input_pipeline.DEBIAN_IDX_DIRS, "fashion_mnist", str(tmp_path / "debian"))
 
     def offline(name, data_dir, part, num_classes, *, download):
-        raise input_pipeline._NotAvailable(
+        raise tfds_source.NotAvailable(
             "download failed: no network" if download else "not prepared"
         )
 
-    monkeypatch.setattr(input_pipeline, "_load_tfds", offline)
+    monkeypatch.setattr(tfds_source, "load", offline)
     with pytest.raises(input_pipeline.DatasetError) as info:
         input_pipeline.load_dataset("fashion_mnist", idx_dir=str(tmp_path / "mine"))
     message = str(info.value)
@@ -123,9 +123,9 @@ def test_auto_prefers_a_prepared_tfds_copy_then_local_idx(tmp_path, monkeypatch)
 
     def not_prepared(name, data_dir, part, num_classes, *, download):
         calls.append(download)
-        raise input_pipeline._NotAvailable("not prepared")
+        raise tfds_source.NotAvailable("not prepared")
 
-    monkeypatch.setattr(input_pipeline, "_load_tfds", not_prepared)
+    monkeypatch.setattr(tfds_source, "load", not_prepared)
     data = input_pipeline.load_dataset("fashion_mnist")
     assert calls == [False]  # Looked for a prepared copy, never tried to download.
     assert data.source == f"IDX files in {directory}"
@@ -137,7 +137,7 @@ def test_failed_download_removes_what_it_wrote(tmp_path):
     (data_dir / "downloads" / "keep.txt").write_text("from an earlier run")
     watched = [str(data_dir), str(data_dir / "fake"), str(data_dir / "downloads")]
     with pytest.raises(ConnectionError):
-        with input_pipeline._removed_on_failure(watched):
+        with tfds_source._removed_on_failure(watched):
             (data_dir / "downloads" / "part.tmp").write_bytes(b"half")
             os.makedirs(data_dir / "fake" / "1.0.0.incomplete")
             raise ConnectionError("network unreachable")
@@ -148,17 +148,15 @@ def test_failed_download_removes_what_it_wrote(tmp_path):
 def test_a_fresh_data_dir_is_removed_whole_on_failure(tmp_path):
     data_dir = tmp_path / "new"
     with pytest.raises(OSError):
-        with input_pipeline._removed_on_failure([str(data_dir)]):
+        with tfds_source._removed_on_failure([str(data_dir)]):
             (data_dir / "x").mkdir(parents=True)
             raise OSError("disk full")
     assert not data_dir.exists()
 
 
 def test_looking_for_a_prepared_tfds_copy_writes_nothing(tmp_path):
-    with pytest.raises(input_pipeline._NotAvailable, match="not prepared"):
-        input_pipeline._load_tfds(
-            "mnist", str(tmp_path / "tfds"), input_pipeline.Part(), 0, download=False
-        )
+    with pytest.raises(tfds_source.NotAvailable, match="not prepared"):
+        tfds_source.load("mnist", str(tmp_path / "tfds"), input_pipeline.Part(), 0, download=False)
     assert not (tmp_path / "tfds").exists()
 
 

@@ -28,7 +28,8 @@ from typing import Any
 import numpy as np
 
 from cnnflat_jax import paths
-from cnnflat_jax.data import transforms
+from cnnflat_jax.data import folders, transforms
+from cnnflat_jax.data.dataset import DatasetError
 from cnnflat_jax.data.examples import check_labels
 from cnnflat_jax.errors import Error
 
@@ -175,6 +176,48 @@ def open_split(directory: str, split: str, info: dict[str, Any], ids: np.ndarray
         return raw[:, _LABEL_BYTES:].reshape(len(records), *shape), labels
 
     return Records(source, decode, ids, shape, path)
+
+
+def open_written(name: str, directory: str, info: dict[str, Any], image_shape):
+    """``(open_split, counts, num_classes, source, class_names)`` of a directory
+    that ``write`` wrote for ``name`` (``info``, its ``read_info``); a folder's
+    records must hold pictures of ``image_shape``."""
+    if not _same_dataset(info.get("dataset"), name):
+        raise DatasetError(
+            f"{directory} holds {info.get('dataset')!r}, not {name!r} "
+            f"({INFO_FILE}); set --config.dataset or --config.array_record_dir"
+        )
+    class_names = ()
+    if folders.is_folder(name):
+        class_names = _folder_classes(name, directory, info, image_shape)
+
+    def open_split_ids(split, ids):
+        return open_split(directory, split, info, ids)
+
+    source = f"ArrayRecord files in {directory}"
+    return open_split_ids, info["splits"], info["num_classes"], source, class_names
+
+
+def _same_dataset(written: object, name: str) -> bool:
+    """Whether records written for ``written`` hold ``name`` (a folder by its absolute path)."""
+    if not isinstance(written, str) or not (folders.is_folder(written) and folders.is_folder(name)):
+        return written == name
+    return paths.absolute(folders.root(written)) == paths.absolute(folders.root(name))
+
+
+def _folder_classes(name: str, directory: str, info: dict, image_shape) -> tuple[str, ...]:
+    """The class names of a folder's records, checked to hold ``image_shape`` pictures."""
+    if tuple(info["image_shape"]) != tuple(image_shape):
+        raise DatasetError(
+            f"{directory} holds {_hwc(info['image_shape'])} pictures of {name}, but the config "
+            f"asks for {_hwc(image_shape)} (image_size, image_channels); write the records "
+            "again with those, or set the config to match"
+        )
+    return tuple(info.get("class_names", ()))
+
+
+def _hwc(shape) -> str:
+    return "x".join(map(str, shape))
 
 
 def _ids(ids: np.ndarray) -> str:

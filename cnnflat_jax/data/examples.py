@@ -3,7 +3,7 @@
 ``Arrays`` holds examples in host memory (the memory pipeline);
 ``array_records.Records`` reads them from a random-access source as they are
 asked for (the grain pipeline). Both offer ``len``, ``take``, ``read`` and
-``stream`` (``input_pipeline.Examples``), so the trainer meets one kind of
+``stream`` (``Examples``), so the trainer meets one kind of
 object; ``stream`` gives an iterator over an epoch's dispatches whose
 ``get_state()`` says where it stands. ``check_labels`` checks any source's labels.
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterator
+from typing import Protocol
 
 import numpy as np
 
@@ -36,6 +37,20 @@ class DispatchIterator(Iterator[Dispatch]):
 
     def get_state(self) -> dict[str, int]:
         return {"next_index": self._next}
+
+
+class Examples(Protocol):
+    """A split's examples, in memory or in a random-access source."""
+
+    def __len__(self) -> int: ...
+
+    def take(self, positions: np.ndarray | slice) -> Examples: ...
+
+    def read(self, positions: np.ndarray | slice = ...) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def stream(
+        self, read_dispatch: Callable[[int], Dispatch], count: int, start: int, state: dict | None
+    ) -> Iterator[Dispatch]: ...
 
 
 @dataclasses.dataclass(frozen=True)

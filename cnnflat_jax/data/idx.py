@@ -15,6 +15,8 @@ import zlib
 import numpy as np
 
 from cnnflat_jax import paths
+from cnnflat_jax.data import catalog, dataset
+from cnnflat_jax.data.examples import check_labels
 from cnnflat_jax.errors import Error
 
 _UBYTE = 0x08
@@ -76,3 +78,46 @@ def write_idx(path: str | os.PathLike, array: np.ndarray) -> None:
     header = struct.pack(f">HBB{array.ndim}I", 0, _UBYTE, array.ndim, *array.shape)
     with (gzip.open if os.fspath(path).endswith(".gz") else open)(path, "wb") as f:
         f.write(header + array.tobytes())
+
+
+FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+
+def _find_file(directory: str, stem: str) -> str:
+    for candidate in (stem + ".gz", stem):
+        path = paths.join(directory, candidate)
+        if paths.exists(path):
+            return path
+    raise IdxError(f"{directory}: no {stem} or {stem}.gz")
+
+
+def load(name: str, directory: str, part: dataset.Part, num_classes: int) -> dataset.Dataset:
+    """``part`` of the IDX files in ``directory``; the class count is ``num_classes``,
+    else the catalog's (IDX files carry none)."""
+    entry = catalog.CATALOG.get(name)
+    num_classes = num_classes or (entry.num_classes if entry else 0)
+    if not num_classes:
+        raise dataset.DatasetError(
+            f"IDX files carry no class count and {name!r} is not one of "
+            f"{sorted(catalog.CATALOG)}: set --config.num_classes"
+        )
+    arrays, totals, where = {}, {}, {}
+    for split, (images_stem, labels_stem) in FILES.items():
+        images_path = _find_file(directory, images_stem)
+        labels_path = _find_file(directory, labels_stem)
+        images = read_idx(images_path, ndim=3)
+        labels = read_idx(labels_path, ndim=1)
+        if len(images) != len(labels):
+            raise IdxError(
+                f"{labels_path}: {len(labels)} labels for {len(images)} images in {images_path}"
+            )
+        check_labels(labels, num_classes, labels_path, IdxError)
+        totals[split], start, stop = part.bounds(split, len(labels))
+        arrays[split] = (images[start:stop, ..., None].copy(), labels[start:stop].astype(np.int32))
+        where[split] = images_path
+    return dataset.from_arrays(
+        name, f"IDX files in {directory}", num_classes, arrays, totals, where
+    )

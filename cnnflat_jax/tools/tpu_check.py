@@ -30,7 +30,7 @@ import numpy as np
 
 from cnnflat_jax import config as config_lib
 from cnnflat_jax import configs
-from cnnflat_jax.data import batching
+from cnnflat_jax.data import batching, catalog
 from cnnflat_jax.errors import Error
 from cnnflat_jax.nn import models
 from cnnflat_jax.tools import command
@@ -55,13 +55,11 @@ CHIPS = {
     "v6e": Chip(32, 918),
 }
 
-# What a dataset's images look like, without reading it: (image shape,
-# classes, training examples, test examples).
+# What a dataset's images look like, without reading it (the data catalog's):
+# (image shape, classes, training examples, test examples).
 DATASETS = {
-    "mnist": ((28, 28, 1), 10, 60_000, 10_000),
-    "fashion_mnist": ((28, 28, 1), 10, 60_000, 10_000),
-    "kmnist": ((28, 28, 1), 10, 60_000, 10_000),
-    "cifar10": ((32, 32, 3), 10, 50_000, 10_000),
+    name: (entry.image_shape, entry.num_classes, entry.train_examples, entry.test_examples)
+    for name, entry in catalog.CATALOG.items()
 }
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
