@@ -12,20 +12,15 @@ error.
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.typing import ArrayLike
 
-from cnnflat_jax.nn import conv, tiled_pool
-
-Array = jnp.ndarray
-IntOrPair = int | tuple[int, int]
-Padding = str | Sequence[tuple[int, int]]
+from cnnflat_jax.nn import arguments, conv, tiled_pool
+from cnnflat_jax.nn.arguments import Array, IntOrPair, Padding
 
 #: The names ``conv2d(lowering=...)`` accepts.
 CONV_LOWERINGS = ("auto", *conv.LOWERINGS)
@@ -43,94 +38,6 @@ __all__ = [
     "CONV_LOWERINGS",
     "FLAT_ORDERS",
 ]
-
-
-def _is_int(value) -> bool:
-    """A Python or NumPy integer (not a bool)."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
-
-
-def _pair(value: IntOrPair, name: str, fn: str) -> tuple[int, int]:
-    """Returns ``value`` as a pair of positive ints, or raises naming ``name``."""
-    pair = (value, value) if _is_int(value) else value
-    if not isinstance(pair, (tuple, list)) or len(pair) != 2 or not all(map(_is_int, pair)):
-        raise TypeError(f"{fn}: {name} must be an int or a pair of ints, got {value!r}")
-    if min(pair) < 1:
-        raise ValueError(f"{fn}: {name} must be >= 1, got {value!r}")
-    return int(pair[0]), int(pair[1])
-
-
-def _real(x: ArrayLike, name: str, fn: str) -> Array:
-    """``x`` as an array; complex values have no order (ReLU, max) and are refused."""
-    x = jnp.asarray(x)
-    if jnp.issubdtype(x.dtype, jnp.complexfloating):
-        raise TypeError(f"{fn}: {name} must be real, got dtype {x.dtype}")
-    return x
-
-
-def _as_nhwc(x: ArrayLike, name: str, fn: str) -> tuple[Array, bool]:
-    """Returns ``x`` as NHWC and whether it was a single HWC example."""
-    x = _real(x, name, fn)
-    if x.ndim == 3:
-        return x[None], True
-    if x.ndim == 4:
-        return x, False
-    raise ValueError(
-        f"{fn}: {name} must be NHWC (N, H, W, C) or HWC (H, W, C), got shape {tuple(x.shape)}"
-    )
-
-
-def _explicit_padding(
-    padding: Padding,
-    in_hw: tuple[int, int],
-    window_hw: tuple[int, int],
-    stride_hw: tuple[int, int],
-    fn: str,
-) -> tuple[tuple[int, int], tuple[int, int]]:
-    """Resolves "SAME"/"VALID"/explicit padding to ((top, bottom), (left, right)).
-
-    SAME follows TensorFlow: output size ceil(in / stride), and an odd total pad
-    puts the extra cell at the end (bottom/right).
-    """
-    if isinstance(padding, str):
-        mode = padding.upper()
-        if mode == "VALID":
-            return (0, 0), (0, 0)
-        if mode == "SAME":
-            pads = []
-            for size, window, stride in zip(in_hw, window_hw, stride_hw):
-                out = -(-size // stride)
-                total = max((out - 1) * stride + window - size, 0)
-                pads.append((total // 2, total - total // 2))
-            return pads[0], pads[1]
-        raise ValueError(
-            f"{fn}: padding must be 'SAME', 'VALID' or ((top, bottom), (left, right)), "
-            f"got {padding!r}"
-        )
-    try:
-        (top, bottom), (left, right) = padding
-        pads = ((int(top), int(bottom)), (int(left), int(right)))
-    except (TypeError, ValueError):
-        raise ValueError(
-            f"{fn}: padding must be 'SAME', 'VALID' or ((top, bottom), (left, right)), "
-            f"got {padding!r}"
-        ) from None
-    if min(min(p) for p in pads) < 0:
-        raise ValueError(f"{fn}: explicit padding must be >= 0, got {padding!r}")
-    return pads
-
-
-def _check_output_size(in_hw, pads, window_hw, stride_hw, fn: str, what: str) -> tuple[int, int]:
-    out = tuple(
-        (size + lo + hi - window) // stride + 1
-        for size, (lo, hi), window, stride in zip(in_hw, pads, window_hw, stride_hw)
-    )
-    if min(out) < 1:
-        raise ValueError(
-            f"{fn}: {what} {window_hw} does not fit the input's spatial size {in_hw} "
-            f"with padding {pads}; the output would be {out}"
-        )
-    return out
 
 
 def conv2d(
@@ -185,8 +92,8 @@ def conv2d(
              [20., 24.]], dtype=float32)
     """
     fn = "conv2d"
-    x_NHWC, single = _as_nhwc(x, "x", fn)
-    kernel = _real(kernel, "kernel", fn)
+    x_NHWC, single = arguments.as_nhwc(x, "x", fn)
+    kernel = arguments.real(kernel, "kernel", fn)
     if kernel.ndim != 4:
         raise ValueError(
             f"{fn}: kernel must be HWIO (kh, kw, C_in, C_out), got shape {tuple(kernel.shape)}"
@@ -197,12 +104,12 @@ def conv2d(
             f"{fn}: kernel C_in={c_in} (kernel shape {tuple(kernel.shape)}) does not "
             f"match the channels of x, C={x_NHWC.shape[3]} (x shape {tuple(jnp.shape(x))})"
         )
-    stride_hw = _pair(stride, "stride", fn)
-    dilation_hw = _pair(dilation, "dilation", fn)
+    stride_hw = arguments.pair(stride, "stride", fn)
+    dilation_hw = arguments.pair(dilation, "dilation", fn)
     effective_hw = tuple(d * (k - 1) + 1 for k, d in zip((kh, kw), dilation_hw))
     in_hw = tuple(x_NHWC.shape[1:3])
-    pads = _explicit_padding(padding, in_hw, effective_hw, stride_hw, fn)
-    _check_output_size(in_hw, pads, effective_hw, stride_hw, fn, "dilated kernel")
+    pads = arguments.explicit_padding(padding, in_hw, effective_hw, stride_hw, fn)
+    arguments.output_size(in_hw, pads, effective_hw, stride_hw, fn, "dilated kernel")
     if lowering == "auto":
         lowering = "hybrid" if jax.default_backend() == "cpu" else "lax"
     if lowering not in conv.LOWERINGS:
@@ -213,18 +120,8 @@ def conv2d(
     lowered = conv.LOWERINGS[lowering]
     y_NHWC = lowered(x_NHWC.astype(dtype), kernel.astype(dtype), stride_hw, pads, dilation_hw)
     if bias is not None:
-        y_NHWC = y_NHWC + _channel_vector(bias, c_out, fn).reshape(1, 1, 1, c_out)
+        y_NHWC = y_NHWC + arguments.channel_vector(bias, c_out, fn).reshape(1, 1, 1, c_out)
     return y_NHWC[0] if single else y_NHWC
-
-
-def _channel_vector(bias: ArrayLike, size: int, fn: str) -> Array:
-    bias = jnp.asarray(bias)
-    if bias.shape != (size,):
-        raise ValueError(
-            f"{fn}: bias must have shape ({size},) to match the kernel's outputs, "
-            f"got shape {tuple(bias.shape)}"
-        )
-    return bias
 
 
 def relu(x: ArrayLike) -> Array:
@@ -238,7 +135,7 @@ def relu(x: ArrayLike) -> Array:
       >>> relu(jnp.array([-1.0, 0.0, 2.0, jnp.nan]))
       Array([ 0.,  0.,  2., nan], dtype=float32)
     """
-    return _relu(_real(x, "x", "relu"))
+    return _relu(arguments.real(x, "x", "relu"))
 
 
 @jax.custom_jvp
@@ -255,12 +152,12 @@ def _relu_jvp(primals, tangents):
 
 
 def _pool(x, window, stride, padding, fn: str, reducer: str) -> Array:
-    x_NHWC, single = _as_nhwc(x, "x", fn)
-    window_hw = _pair(window, "window", fn)
-    stride_hw = window_hw if stride is None else _pair(stride, "stride", fn)
+    x_NHWC, single = arguments.as_nhwc(x, "x", fn)
+    window_hw = arguments.pair(window, "window", fn)
+    stride_hw = window_hw if stride is None else arguments.pair(stride, "stride", fn)
     in_hw = tuple(x_NHWC.shape[1:3])
-    pads = _explicit_padding(padding, in_hw, window_hw, stride_hw, fn)
-    _check_output_size(in_hw, pads, window_hw, stride_hw, fn, "window")
+    pads = arguments.explicit_padding(padding, in_hw, window_hw, stride_hw, fn)
+    arguments.output_size(in_hw, pads, window_hw, stride_hw, fn, "window")
     if stride_hw == window_hw and pads == ((0, 0), (0, 0)):
         y_NHWC = tiled_pool.pool(x_NHWC, window_hw, reducer)
         return y_NHWC[0] if single else y_NHWC
@@ -373,7 +270,7 @@ def global_avg_pool(x: ArrayLike) -> Array:
       >>> global_avg_pool(jnp.arange(8.0).reshape(2, 2, 2))
       Array([3., 4.], dtype=float32)
     """
-    x_NHWC, single = _as_nhwc(x, "x", "global_avg_pool")
+    x_NHWC, single = arguments.as_nhwc(x, "x", "global_avg_pool")
     if not jnp.issubdtype(x_NHWC.dtype, jnp.floating):
         x_NHWC = x_NHWC.astype(jnp.float32)
     y_NC = jnp.mean(x_NHWC, axis=(1, 2))
@@ -397,7 +294,7 @@ def dropout(x: ArrayLike, rate: float, key: jax.Array) -> Array:
       >>> sorted(set(y.tolist()))
       [0.0, 1.3333333730697632]
     """
-    x = _real(x, "x", "dropout")
+    x = arguments.real(x, "x", "dropout")
     if not 0 <= rate < 1:
         raise ValueError(f"dropout: rate must be in [0, 1), got {rate!r}")
     if rate == 0:
@@ -431,8 +328,8 @@ def flatten(x: ArrayLike, *, batch_dims: int = 1) -> Array:
       >>> flatten(jnp.arange(4).reshape(2, 1, 2), batch_dims=0)
       Array([0, 1, 2, 3], dtype=int32)
     """
-    x = _real(x, "x", "flatten")
-    if not _is_int(batch_dims) or batch_dims < 0:
+    x = arguments.real(x, "x", "flatten")
+    if not arguments.is_int(batch_dims) or batch_dims < 0:
         raise ValueError(f"flatten: batch_dims must be an int >= 0, got {batch_dims!r}")
     if x.ndim < batch_dims:
         raise ValueError(
@@ -521,8 +418,8 @@ def dense(x: ArrayLike, kernel: ArrayLike, bias: ArrayLike | None = None) -> Arr
       Array([21.5], dtype=float32)
     """
     fn = "dense"
-    x = _real(x, "x", fn)
-    kernel = _real(kernel, "kernel", fn)
+    x = arguments.real(x, "x", fn)
+    kernel = arguments.real(kernel, "kernel", fn)
     if kernel.ndim != 2:
         raise ValueError(f"{fn}: kernel must have shape (in, out), got shape {tuple(kernel.shape)}")
     if x.ndim < 1 or x.shape[-1] != kernel.shape[0]:
@@ -533,5 +430,5 @@ def dense(x: ArrayLike, kernel: ArrayLike, bias: ArrayLike | None = None) -> Arr
     y = jnp.matmul(x, kernel)
     if bias is not None:
         out = kernel.shape[1]
-        y = y + _channel_vector(bias, out, fn).reshape((1,) * (y.ndim - 1) + (out,))
+        y = y + arguments.channel_vector(bias, out, fn).reshape((1,) * (y.ndim - 1) + (out,))
     return y
