@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from helpers import idx_config, write_idx_dataset
 
+from benchmarks.flatten_experiments import deformations
 from cnnflat_jax.data import transforms
 from cnnflat_jax.nn import models, ops
 from cnnflat_jax.run import trainer
@@ -118,8 +119,8 @@ def test_random_shift_moves_each_image_by_one_of_the_allowed_shifts():
 
 def test_rotate_by_0_and_90_degrees_is_exact():
     images = np.random.default_rng(0).integers(0, 255, (2, 7, 7, 3), dtype=np.uint8)
-    np.testing.assert_array_equal(transforms.rotate(images, 0), images)
-    np.testing.assert_array_equal(transforms.rotate(images, 90), np.rot90(images, 1, axes=(1, 2)))
+    np.testing.assert_array_equal(deformations.rotate(images, 0), images)
+    np.testing.assert_array_equal(deformations.rotate(images, 90), np.rot90(images, 1, axes=(1, 2)))
 
 
 def test_shear_by_whole_pixels_moves_each_row_by_its_offset_from_the_centre():
@@ -127,18 +128,18 @@ def test_shear_by_whole_pixels_moves_each_row_by_its_offset_from_the_centre():
     expected = np.concatenate(
         [transforms.shift(images[:, r : r + 1], 0, r - 2) for r in range(5)], axis=1
     )  # Row r moves r - 2 columns right (the centre row stays).
-    np.testing.assert_array_equal(transforms.shear(images, 1.0), expected)
-    np.testing.assert_array_equal(transforms.shear(images, 0.0), images)
+    np.testing.assert_array_equal(deformations.shear(images, 1.0), expected)
+    np.testing.assert_array_equal(deformations.shear(images, 0.0), images)
 
 
 def test_scale_by_2_doubles_distances_from_the_centre():
     images = np.zeros((1, 9, 9, 1), np.uint8)
     images[0, 3, 5, 0] = 200  # One row up, one column right of the centre (4, 4).
-    zoomed = transforms.scale(images, 2.0)
+    zoomed = deformations.scale(images, 2.0)
     assert zoomed[0, 2, 6, 0] == 200  # Twice as far: two rows up, two columns right.
     assert zoomed[0, 4, 4, 0] == 0
-    np.testing.assert_array_equal(transforms.scale(images, 1.0), images)
-    shrunk = transforms.scale(zoomed, 0.5)
+    np.testing.assert_array_equal(deformations.scale(images, 1.0), images)
+    shrunk = deformations.scale(zoomed, 0.5)
     assert shrunk[0, 3, 5, 0] == 200 and shrunk.sum() == 200
 
 
@@ -147,17 +148,19 @@ def test_elastic_deformation_moves_pixels_by_the_asked_root_mean_square():
     # away from the border, bilinear sampling of a ramp reads the displacement back.
     cols = np.tile(np.arange(64), (64, 1))
     images = np.stack([3 * cols, 3 * cols.T], -1)[None].astype(np.uint8)
-    np.testing.assert_array_equal(transforms.elastic(images, 0.0), images)
+    np.testing.assert_array_equal(deformations.elastic(images, 0.0), images)
     for alpha in (1.0, 3.0):
-        moved = transforms.elastic(images, alpha).astype(float)[0, 10:-10, 10:-10]
+        moved = deformations.elastic(images, alpha).astype(float)[0, 10:-10, 10:-10]
         shift_yx = (moved - images[0, 10:-10, 10:-10]) / 3
         rms = np.sqrt(np.mean(np.sum(shift_yx**2, axis=-1)))
         # The whole field's RMS is alpha; the blur's zero border damps the edges, so the
         # interior moves a little more.
         assert alpha <= rms <= 1.25 * alpha, (alpha, rms)
-    np.testing.assert_array_equal(transforms.elastic(images, 1.0), transforms.elastic(images, 1.0))
+    np.testing.assert_array_equal(
+        deformations.elastic(images, 1.0), deformations.elastic(images, 1.0)
+    )
     assert not np.array_equal(
-        transforms.elastic(images, 1.0, seed=1), transforms.elastic(images, 1.0)
+        deformations.elastic(images, 1.0, seed=1), deformations.elastic(images, 1.0)
     )
 
 

@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from benchmarks import flatten_equivariance, flatten_measures, flatten_stats
+from benchmarks.flatten_experiments import equivariance as flatten_equivariance
+from benchmarks.flatten_experiments import measures as flatten_measures
+from benchmarks.flatten_experiments import stats as flatten_stats
 
 
 def test_mean_interval_is_students_t_worked_by_hand():

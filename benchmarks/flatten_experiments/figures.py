@@ -7,7 +7,7 @@ import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 
-from benchmarks import flatten_stats
+from benchmarks.flatten_experiments import stats
 
 CHANCE = 10.0  # Ten classes.
 MARKERS = "osD^vP*Xh<>p"
@@ -24,7 +24,7 @@ def _mean_ci(values) -> tuple[float, float]:
     values = 100 * np.asarray(values, dtype=np.float64)
     if len(values) < 2:
         return float(values.mean()), 0.0
-    interval = flatten_stats.mean_interval(values)
+    interval = stats.mean_interval(values)
     return interval.estimate, interval.high - interval.estimate
 
 
@@ -40,15 +40,15 @@ def dot_plot(path: str, accuracies: dict[str, list[float]], title: str, colors: 
     """Mean and 95% interval per variant as a dot with an error bar and its value; the
     accuracy axis is zoomed, and says so."""
     names = list(accuracies)
-    stats = [_mean_ci(accuracies[n]) for n in names]
+    intervals = [_mean_ci(accuracies[n]) for n in names]
     fig = Figure(figsize=(9, 0.45 * len(names) + 1.6))
     ax = fig.add_subplot(1, 1, 1)
-    for yi, (name, (m, half)) in enumerate(zip(names, stats)):
+    for yi, (name, (m, half)) in enumerate(zip(names, intervals)):
         ax.errorbar(m, yi, xerr=half, fmt="o", capsize=4, color=colors[name])
         ax.annotate(f"{m:.2f} ± {half:.2f} (n = {len(accuracies[name])})", (m + half, yi),
                     xytext=(6, 0), textcoords="offset points", va="center", fontsize=8)  # fmt: skip
-    low = np.floor(min(m - h for m, h in stats) - 1)
-    high = np.ceil(max(m + h for m, h in stats) + 3)
+    low = np.floor(min(m - h for m, h in intervals) - 1)
+    high = np.ceil(max(m + h for m, h in intervals) + 3)
     ax.set_xlim(low, high)
     ax.set_yticks(np.arange(len(names)), names, fontsize=8)
     ax.invert_yaxis()

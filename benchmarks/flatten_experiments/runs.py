@@ -12,7 +12,7 @@ Each model trains alone on one CPU core, ``Plan.workers`` at a time (on the 2-co
 machine two one-core runs do 1.6x the work of one two-core run in the same time),
 so a model's numbers do not depend on how many run beside it: the same seed gives
 the same model bit for bit. Right after training, on the same core, each seed is
-measured (``flatten_measures.measure_seed``) and leaves ``measures.json``: with its
+measured (``measures.measure_seed``) and leaves ``measures.json``: with its
 ``config.json``, ``metrics.jsonl`` and ``run_sec.json`` (a few kilobytes), all the
 tables need. Runs are kept under ``Plan.out`` and reused; one whose parameters are
 gone retrains, bit for bit the same, only when a measurement needs its model.
@@ -428,7 +428,7 @@ def keep_params(names, data, plan: Plan, rates: dict, measure) -> None:
 
 
 def measures(workdir: str) -> dict:
-    """What ``flatten_measures.measure_seed`` measured of the seed trained in ``workdir``."""
+    """What ``measures.measure_seed`` measured of the seed trained in ``workdir``."""
     return workdir_lib.read_json(workdir, MEASURES, "the seed's measurements")
 
 

@@ -15,7 +15,7 @@ import time
 import numpy as np
 from matplotlib.figure import Figure
 
-from benchmarks import flatten_stats
+from benchmarks.flatten_experiments import stats
 from cnnflat_jax.data import input_pipeline, transforms
 from cnnflat_jax.nn import models
 from cnnflat_jax.run import trained_run
@@ -211,7 +211,7 @@ def spread(values, scale: float = 1.0, digits: int = 3) -> str:
     values = scale * np.asarray(values, dtype=np.float64)
     if len(values) < 2:
         return f"{values.mean():.{digits}f}"
-    interval = flatten_stats.mean_interval(values)
+    interval = stats.mean_interval(values)
     return f"{interval.estimate:.{digits}f} [{interval.low:.{digits}f}, {interval.high:.{digits}f}]"
 
 

@@ -6,11 +6,11 @@
 The budget is the same for every variant: ``--num_epochs`` (1) epoch of 60,000
 training images (469 steps of batch 128) with ``configs/default.py``'s Adam and
 warmup + cosine schedule, at the learning rate chosen for the variant on a
-validation split (``flatten_runs``). Each variant trains ``--seeds`` (5) models;
+validation split (``runs``). Each variant trains ``--seeds`` (5) models;
 then the variants of each compared pair (``COMPARISONS``) whose mean accuracies are
 less than ``CLOSE`` apart get ``--more_seeds`` (10). Tables give means with 95%
 intervals, and ``comparisons.md`` tests the differences the write-up claims
-(``flatten_stats``).
+(``stats``).
 
 Writes, to ``--out``: ``learning_rates.md``, ``accuracy.md``, ``comparisons.md``,
 ``data_efficiency.md``, ``shifts.md`` and ``shift_controls.md`` (every shift of 0-8
@@ -34,11 +34,16 @@ import os
 import numpy as np
 from absl import app, flags
 
-from benchmarks import flatten_equivariance, flatten_measures, flatten_receptive, flatten_stats
-from benchmarks import flatten_figures as figures
-from benchmarks import flatten_runs as runs
-from benchmarks import flatten_sweeps as sweeps
-from benchmarks.flatten_sweeps import DIRECTIONS, SHIFTS, SWEEPS, is_clean
+from benchmarks.flatten_experiments import (
+    equivariance,
+    figures,
+    measures,
+    receptive,
+    runs,
+    stats,
+    sweeps,
+)
+from benchmarks.flatten_experiments.sweeps import DIRECTIONS, SHIFTS, SWEEPS, is_clean
 from cnnflat_jax.data import input_pipeline
 from cnnflat_jax.tools import explain
 
@@ -175,7 +180,7 @@ def interval(values, scale: float = 100) -> str:
     values = np.asarray(values, dtype=np.float64)
     if len(values) < 2:
         return f"{scale * values.mean():.2f}"
-    return flatten_stats.mean_interval(values).text(scale)
+    return stats.mean_interval(values).text(scale)
 
 
 def write_table(name: str, header: list[str], rows: list[list[str]], note: str) -> None:
@@ -258,12 +263,12 @@ def accuracy_table(summaries: dict, choices: dict, p: runs.Plan) -> None:
 def measure(p: runs.Plan, name: str, seed: int):
     """What measures seed ``seed`` of variant ``name`` once trained: the sweeps of a swept
     variant's first ``p.seeds`` seeds, the equivariance of the CNN's and the GAP CNN's,
-    the effective receptive field of ``flatten_receptive.MODELS``' seeds."""
+    the effective receptive field of ``receptive.MODELS``' seeds."""
     first = seed < p.seeds
     return functools.partial(
-        flatten_measures.measure_seed, name=name, part=(p.train_images, p.test_images),
+        measures.measure_seed, name=name, part=(p.train_images, p.test_images),
         sweep=first and name in INVARIANCE + CONTROLS,
-        equivariance=first and name in EQUIVARIANCE, field=name in flatten_receptive.MODELS,
+        equivariance=first and name in EQUIVARIANCE, field=name in receptive.MODELS,
     )  # fmt: skip
 
 
@@ -271,7 +276,7 @@ def test_correct(name: str, data: input_pipeline.Dataset, p: runs.Plan) -> np.nd
     """Bool ``(seeds, test images)``: which test images each seed's model gets right, the
     input of the paired comparisons."""
     images = len(data.test_labels)
-    return np.stack([flatten_measures.test_right(m, images) for m in runs.seed_measures(p, name)])
+    return np.stack([measures.test_right(m, images) for m in runs.seed_measures(p, name)])
 
 
 def comparisons_table(data, summaries: dict, p: runs.Plan) -> None:
@@ -282,8 +287,8 @@ def comparisons_table(data, summaries: dict, p: runs.Plan) -> None:
         if a not in summaries or b not in summaries:
             continue
         correct_a, correct_b = test_correct(a, data, p), test_correct(b, data, p)
-        difference = flatten_stats.difference(correct_a, correct_b)
-        p_value = flatten_stats.mcnemar(correct_a[0], correct_b[0])
+        difference = stats.difference(correct_a, correct_b)
+        p_value = stats.mcnemar(correct_a[0], correct_b[0])
         verdict = "different" if difference.excludes_zero() else "not shown to differ"
         rows.append([a, b, f"{len(correct_a)} / {len(correct_b)}", difference.text(),
                      f"{p_value:.2g}", verdict])  # fmt: skip
@@ -332,7 +337,7 @@ def rises(swept: dict, names) -> str:
             if accuracy.shape[1] < 2:
                 continue  # One seed: no interval.
             for s in range(len(SHIFTS) - 1):
-                rise = flatten_stats.mean_interval(accuracy[s + 1] - accuracy[s])
+                rise = stats.mean_interval(accuracy[s + 1] - accuracy[s])
                 if rise.low > 0:
                     found.append(f"{name}, {direction}, {SHIFTS[s]} -> {SHIFTS[s + 1]} px: "
                                  f"+{rise.text()}")  # fmt: skip
@@ -404,7 +409,7 @@ def receptive_table(names, summaries: dict, p: runs.Plan) -> None:
         measured[name] = {
             "fields": fields,
             "theoretical": summaries[name]["receptive_field"],
-            "side_90": [flatten_receptive.mass_side(f) for f in fields],
+            "side_90": [receptive.mass_side(f) for f in fields],
             "sec": sum(m["field_sec"] for m in seeds),
         }
     rows = [[name, str(len(m["fields"])), f"{m['theoretical']} px",
@@ -413,7 +418,7 @@ def receptive_table(names, summaries: dict, p: runs.Plan) -> None:
         "Effective receptive field (Luo et al. 2016): the magnitude of the gradient of the "
         "centre unit of the last map before the flatten or global pool (summed over its "
         "channels) with respect to each input pixel, averaged over the first "
-        f"{flatten_receptive.IMAGES:,} test images; the side of the smallest square around "
+        f"{receptive.IMAGES:,} test images; the side of the smallest square around "
         "its centre of mass that holds 90% of it, per seed [95% CI over the seeds]. "
         "Theoretical: the pixels a unit of that map can see (layers.receptive_field). "
         + reproduce(measured, sum(m["sec"] for m in measured.values()))
@@ -422,7 +427,7 @@ def receptive_table(names, summaries: dict, p: runs.Plan) -> None:
     header = ["model", "seeds", "theoretical receptive field", "side holding 90% of the "
               "gradient, px [95% CI]"]  # fmt: skip
     write_table("receptive_fields", header, rows, note)
-    flatten_receptive.figure(os.path.join(_OUT.value, "receptive_fields.png"), measured)
+    receptive.figure(os.path.join(_OUT.value, "receptive_fields.png"), measured)
 
 
 def main(_):
@@ -443,7 +448,7 @@ def main(_):
                                if n in summaries], p), p)  # fmt: skip
     runs.keep_params([n for n in EQUIVARIANCE if n in summaries], data, p, choices, measured)
     if all(n in summaries for n in EQUIVARIANCE):
-        flatten_equivariance.write(
+        equivariance.write(
             _OUT.value, data,
             {n: {"seeds": [m["equivariance"] for m in runs.seed_measures(p, n, p.seeds)],
                  "sec": sum(m["equivariance_sec"] for m in runs.seed_measures(p, n, p.seeds))}
@@ -453,7 +458,7 @@ def main(_):
             + " The minutes are the measurement's and the figure's only (the training is in "
             "accuracy.md).",
         )  # fmt: skip
-    fields = [n for n in flatten_receptive.MODELS if n in summaries]
+    fields = [n for n in receptive.MODELS if n in summaries]
     if fields:
         receptive_table(fields, summaries, p)
     if "CNN" in summaries:
@@ -461,7 +466,3 @@ def main(_):
     smaller = [n for n in names if n not in runs.MAIN]
     summaries |= runs.train_variants(smaller, data, p, choices, measured)
     efficiency_table(summaries, choices, p)
-
-
-if __name__ == "__main__":
-    app.run(main)

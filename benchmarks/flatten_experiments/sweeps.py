@@ -3,14 +3,14 @@
 Every shift of 0-8 pixels in x, y and diagonally (the CNN's total stride is 4),
 rotation, horizontal shear, scale and elastic deformation, each at a few levels;
 zero fill, bilinear resampling, all test images. ``sweep`` measures one seed (right
-after it trains: ``flatten_measures``); ``swept`` gathers a variant's seeds.
+after it trains: ``measures``); ``swept`` gathers a variant's seeds.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from benchmarks import flatten_runs as runs
+from benchmarks.flatten_experiments import deformations, runs
 from cnnflat_jax.data import transforms
 
 SHIFTS = tuple(range(9))  # Pixels.
@@ -23,12 +23,12 @@ TRANSFORMS = {
     **{f"shift {d}": (lambda x, s, d=d: transforms.shift(x, s * DIRECTIONS[d][0],
                                                         s * DIRECTIONS[d][1]))
        for d in DIRECTIONS},
-    "rotation +": transforms.rotate,
-    "rotation -": lambda x, a: transforms.rotate(x, -a),
-    "shear +": transforms.shear,
-    "shear -": lambda x, k: transforms.shear(x, -k),
-    "scale": transforms.scale,
-    "elastic": transforms.elastic,
+    "rotation +": deformations.rotate,
+    "rotation -": lambda x, a: deformations.rotate(x, -a),
+    "shear +": deformations.shear,
+    "shear -": lambda x, k: deformations.shear(x, -k),
+    "scale": deformations.scale,
+    "elastic": deformations.elastic,
 }  # fmt: skip
 SWEEPS = {  # Sweep -> (its levels, the transforms whose mean it reports).
     **{f"shift {d}": (SHIFTS, (f"shift {d}",)) for d in DIRECTIONS},

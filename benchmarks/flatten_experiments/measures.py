@@ -3,9 +3,9 @@
 ``measure_seed`` runs in the training process, on its core, right after the seed
 trains, and its result is kept as the run's ``measures.json``: the seed's accuracy on
 its own training images, which test images it gets right (the paired comparisons'
-input) and, where asked, its sweeps (``flatten_sweeps``), its similarities under
-shifts (``flatten_equivariance``) and its effective receptive field
-(``flatten_receptive``). The tables then need the runs' small files only.
+input) and, where asked, its sweeps (``sweeps``), its similarities under
+shifts (``equivariance``) and its effective receptive field
+(``receptive``). The tables then need the runs' small files only.
 """
 
 from __future__ import annotations
@@ -16,8 +16,7 @@ import time
 
 import numpy as np
 
-from benchmarks import flatten_equivariance, flatten_receptive, flatten_sweeps
-from benchmarks import flatten_runs as runs
+from benchmarks.flatten_experiments import receptive, runs, sweeps
 from cnnflat_jax.data import input_pipeline
 
 
@@ -52,16 +51,14 @@ def measure_seed(
     }
     if sweep:
         result["sweeps"], result["sweeps_sec"] = timed(
-            flatten_sweeps.sweep, classify, test, data.test_labels, float(np.mean(right))
+            sweeps.sweep, classify, test, data.test_labels, float(np.mean(right))
         )
     if equivariance:
         result["equivariance"], result["equivariance_sec"] = timed(
-            flatten_equivariance.measure, workdir, test, data.test_labels
+            equivariance.measure, workdir, test, data.test_labels
         )
     if field:
-        gradient, result["field_sec"] = timed(
-            flatten_receptive.field, workdir, test[: flatten_receptive.IMAGES]
-        )
+        gradient, result["field_sec"] = timed(receptive.field, workdir, test[: receptive.IMAGES])
         result["field"] = gradient.tolist()
     return {**result, "sec": time.perf_counter() - start}
 
