@@ -1,8 +1,8 @@
 """The programs that ``train.py`` runs, built as the trainer builds them, for timing.
 
 Every benchmark that times our training goes through ``training`` here, so it
-times ``train_lib.build_train``'s program with the host gather in front of
-each call, as a run does.
+times the program a run builds (``cnnflat_jax.train.programs``) with the host
+gather in front of each call, as a run does.
 """
 
 from __future__ import annotations
@@ -16,8 +16,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from cnnflat_jax.data import batching, input_pipeline
-from cnnflat_jax.nn import models
-from cnnflat_jax.train import evaluation, population, sharding, train_lib
+from cnnflat_jax.train import evaluation, population, programs, sharding, train_lib
 
 # The per-layer profiles' names for what no conv or dense layer claims.
 BETWEEN = "between layers (ReLU, pool, flatten, loss)"
@@ -55,20 +54,23 @@ def training(
     """
     mesh = mesh or sharding.data_mesh(config.num_devices)
     train, _ = batching.split_validation(data, 0, 1)
-    model = models.from_fields(config.model, data.num_classes)
     steps_per_epoch = batching.steps_per_epoch(train.shard_sizes, config.batch_size)
-    team = population.of_config(config)
-    state, keys = population.initial_state(config, team, model, data.image_shape, steps_per_epoch)
-    state = sharding.replicate(state, mesh)
+    begun = programs.start(config, data.image_shape, data.num_classes, steps_per_epoch, mesh)
     start = time.perf_counter()
-    program = train_lib.build_train(
-        state, mesh, loop=loop, mode=team.mode, steps=steps, batch_size=config.batch_size,
-        image_shape=data.image_shape,
+    program = programs.train_program(
+        config, begun.state, begun.team, mesh, data.image_shape, steps_per_epoch,
+        loop=loop, steps=steps,
     )  # fmt: skip
     compile_sec = time.perf_counter() - start
-    indices, mask = batching.members_plan(keys, 1, train.shard_sizes, config.batch_size, steps)
+    indices, mask = batching.members_plan(
+        begun.data_keys, 1, train.shard_sizes, config.batch_size, steps
+    )
     return Training(
-        state, program, len(indices), lambda d: train.batches(indices[d], mask[d]), compile_sec
+        begun.state,
+        program,
+        len(indices),
+        lambda d: train.batches(indices[d], mask[d]),
+        compile_sec,
     )
 
 
@@ -77,8 +79,9 @@ def eval_program(
 ) -> tuple[Callable[[train_lib.TrainState], dict], float]:
     """``(evaluate(state) -> totals, compile seconds)`` for the test split, as a run compiles it."""
     mesh = sharding.data_mesh(config.num_devices)
-    arrays = evaluation.eval_splits(data, None, config.eval_batch_size, 1, mesh)["test"]
+    splits = evaluation.eval_splits(data, None, config.eval_batch_size, 1, mesh)
     start = time.perf_counter()
-    is_population = population.of_config(config).is_population
-    compiled = evaluation.eval_batches.lower(state, *arrays, population=is_population).compile()
+    team = population.of_config(config)
+    compiled = programs.eval_programs(state, team, {"test": splits["test"]})["test"]
+    arrays = splits["test"]
     return lambda state: compiled(state, *arrays), time.perf_counter() - start

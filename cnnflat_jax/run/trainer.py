@@ -14,10 +14,9 @@ from absl import logging
 
 from cnnflat_jax import config as config_lib
 from cnnflat_jax.data import batching, input_pipeline
-from cnnflat_jax.nn import models
 from cnnflat_jax.run import checkpoints, lock, outputs, reporting, run_state, signals
 from cnnflat_jax.run import workdir as workdir_lib
-from cnnflat_jax.train import evaluation, population, sharding, train_lib
+from cnnflat_jax.train import evaluation, programs, sharding, train_lib
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -71,11 +70,9 @@ def _run(
     reporting.log_data(data, sum(train.shard_sizes), config.validation_examples, mesh, data_shards)
 
     with phases("build"):
-        model = models.from_fields(config.model, data.num_classes)
         steps = batching.steps_per_epoch(train.shard_sizes, config.batch_size)
-        team = population.of_config(config)  # One model or K members: decided here, once.
-        state, data_keys = population.initial_state(config, team, model, data.image_shape, steps)
-        state = sharding.replicate(state, mesh)
+        begun = programs.start(config, data.image_shape, data.num_classes, steps, mesh)
+        team, state, data_keys = begun.team, begun.state, begun.data_keys
     reporting.log_model(config.model.name, state.params, team)
     _stop_if_asked(stopping, "building the model")
 
@@ -93,23 +90,12 @@ def _run(
         state, position = run_state.RunPosition.resume(run_checkpoints, state, metrics_log, config)
 
     with phases("compile"):
-        steps_per_dispatch = min(config.steps_per_dispatch, steps)
-        train_fn = train_lib.build_train(
-            state, mesh, loop=config.loop, mode=team.mode, steps=steps_per_dispatch,
-            batch_size=config.batch_size, image_shape=data.image_shape, max_loss=config.max_loss,
-        )  # fmt: skip
+        steps_per_dispatch = programs.steps_per_dispatch(config, steps)
+        train_fn = programs.train_program(config, state, team, mesh, data.image_shape, steps)
         eval_sets = evaluation.eval_splits(
             data, validation, config.eval_batch_size, data_shards, mesh
         )
-        eval_fns, programs = {}, {}  # A test and a validation split of one shape share one.
-        for name, arrays in eval_sets.items():
-            shapes = tuple(array.shape for array in arrays)
-            if shapes not in programs:
-                lowered = evaluation.eval_batches.lower(
-                    state, *arrays, population=team.is_population
-                )
-                programs[shapes] = lowered.compile()
-            eval_fns[name] = programs[shapes]
+        eval_fns = programs.eval_programs(state, team, eval_sets)
     compile_sec = phases.seconds["compile"]
     logging.info("Compiled the %s training loop and eval in %.2f s", config.loop, compile_sec)
     _stop_if_asked(stopping, "compiling")

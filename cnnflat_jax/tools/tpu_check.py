@@ -32,9 +32,8 @@ from cnnflat_jax import config as config_lib
 from cnnflat_jax import configs
 from cnnflat_jax.data import batching, catalog
 from cnnflat_jax.errors import Error
-from cnnflat_jax.nn import models
 from cnnflat_jax.tools import command
-from cnnflat_jax.train import evaluation, population, sharding, train_lib
+from cnnflat_jax.train import programs, sharding
 
 __all__ = ["CHIPS", "Chip", "DATASETS", "PreflightError", "Report", "check", "main"]
 
@@ -213,18 +212,17 @@ def check(
             )
     mesh = jax.sharding.Mesh(np.array(devices[:chips]), (sharding.AXIS,))
     replicated = sharding.replicated(mesh)
-    model = models.from_fields(config.model, num_classes)
-    team = population.of_config(config)
     train_examples = (config.num_train_examples or train_total) - config.validation_examples
     steps = batching.steps_per_epoch(train_examples, config.batch_size)
     # Built here (on this machine's CPU: a small model), then only its shapes go on.
-    state, _ = population.initial_state(config, team, model, image_shape, steps)
-    state = _abstract(state, replicated)
-    common = dict(mode=team.mode, batch_size=config.batch_size, image_shape=image_shape)
-    dispatch = min(config.steps_per_dispatch, steps)
+    begun = programs.start(config, image_shape, num_classes, steps, mesh=None)
+    state, team = _abstract(begun.state, replicated), begun.team
+    dispatch = programs.steps_per_dispatch(config, steps)
     with _fits(f"train ({dispatch} steps)", topology):
-        train = train_lib.build_train(state, mesh, loop=config.loop, steps=dispatch, **common)
-        one_step = train_lib.build_train(state, mesh, loop="per_step", steps=1, **common)
+        train = programs.train_program(config, state, team, mesh, image_shape, steps)
+        one_step = programs.train_program(
+            config, state, team, mesh, image_shape, steps, loop="per_step", steps=1
+        )
     eval_batches = -(-(config.num_test_examples or test_total) // config.eval_batch_size)
     split = sharding.batch_sharding(mesh, 1)
     shape = (eval_batches, config.eval_batch_size)
@@ -234,9 +232,7 @@ def check(
         jax.ShapeDtypeStruct(shape, np.float32, sharding=split),
     )
     with _fits("eval", topology):
-        evaluate = evaluation.eval_batches.lower(
-            state, *eval_arrays, population=team.is_population
-        ).compile()
+        evaluate = programs.eval_programs(state, team, {"test": eval_arrays})["test"]
     report = Report(
         topology=topology,
         chips=chips,
