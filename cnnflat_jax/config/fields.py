@@ -21,7 +21,7 @@ from cnnflat_jax.config.rules import (
     number,
     sequence,
 )
-from cnnflat_jax.nn import layers
+from cnnflat_jax.nn import layers, presets
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,19 +132,25 @@ FIELDS: dict[str, Field] = {
 }
 
 # config.model's fields, all part of the identity; which of them a model takes
-# is its class's business. A default of None: not in the default model.
+# is its class's business. A default of None: not in the default model. The
+# default model is the CNN preset, with its own defaults.
+_CNN = presets.CNN
 MODEL_FIELDS: dict[str, Field] = {
     "name": Field("cnn", choice_of(_MODELS, "MODELS")),
-    "conv_features": Field((32, 64), sequence(integer(1), non_empty=True)),
-    "kernel_size": Field(3, integer(1)),
-    "padding": Field("SAME", choice_of(_MODELS, "PADDINGS")),  # The convs'; pools are VALID.
+    "conv_features": Field(_CNN["conv_features"], sequence(integer(1), non_empty=True)),
+    "kernel_size": Field(_CNN["kernel_size"], integer(1)),
+    # The convs'; pools are VALID.
+    "padding": Field(_CNN["padding"], choice_of(_MODELS, "PADDINGS")),
     # No pooling = "stride": the convs stride by pool_window.
-    "pool": Field("max", choice_of(_MODELS, "POOL_KINDS")),
-    "pool_window": Field(2, integer(1)),
-    "dense_features": Field((256,), sequence(integer(1))),
-    "permute_flat": Field(False, boolean()),  # The flattened vector by one fixed permutation.
+    "pool": Field(_CNN["pool"], choice_of(_MODELS, "POOL_KINDS")),
+    "pool_window": Field(_CNN["pool_window"], integer(1)),
+    "dense_features": Field(_CNN["dense_features"], sequence(integer(1))),
+    # The flattened vector by one fixed permutation.
+    "permute_flat": Field(_CNN["permute_flat"], boolean()),
     # ops.conv2d's lowering.
-    "conv_lowering": Field("auto", choice_of("cnnflat_jax.nn.ops", "CONV_LOWERINGS")),
+    "conv_lowering": Field(
+        _CNN["conv_lowering"], choice_of("cnnflat_jax.nn.ops", "CONV_LOWERINGS")
+    ),
     "layers": Field(
         None, Rule("a tuple of layer specs: " + layers.USAGE, lambda v: _layers_fault(v))
     ),

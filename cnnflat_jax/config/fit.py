@@ -18,6 +18,8 @@ def check_devices(config: ml_collections.ConfigDict) -> None:
     """Limits that depend on this run's devices and processes."""
     import jax
 
+    from cnnflat_jax.train import sharding
+
     devices, processes = jax.device_count(), jax.process_count()
     if config.num_devices > devices:
         raise ConfigError(
@@ -28,13 +30,13 @@ def check_devices(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(
             "num_devices", config.num_devices, "a multi-process run uses every device", "0"
         )
-    data_shards = config.data_shards or processes
+    data_shards = sharding.data_shards(config)
     if data_shards % processes:
         raise ConfigError(
             "data_shards", config.data_shards,
             f"not a multiple of the {processes} processes", f"a multiple of {processes}",
         )  # fmt: skip
-    num_devices = config.num_devices or devices
+    num_devices = sharding.device_count(config.num_devices)
     for key, shards in (("batch_size", data_shards), ("eval_batch_size", processes)):
         multiple = math.lcm(num_devices, shards)
         if config[key] % multiple:
@@ -60,9 +62,9 @@ def check_data(
 
     With ``num_classes``, the model must also output one logit per class.
     """
-    import jax
+    from cnnflat_jax.train import sharding
 
-    data_shards = config.data_shards or jax.process_count()
+    data_shards = sharding.data_shards(config)
     held = config.validation_examples
     if held % data_shards:
         raise ConfigError(

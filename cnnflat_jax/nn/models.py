@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from cnnflat_jax.nn import layers, ops
+from cnnflat_jax.nn import layers, ops, presets
 
 __all__ = [
     "POOL_KINDS",
@@ -164,14 +164,14 @@ class CNN(nn.Module):
     """
 
     num_classes: int = 10
-    conv_features: Sequence[int] = (32, 64)
-    kernel_size: int = 3
-    padding: str = "SAME"
-    pool: str = "max"
-    pool_window: int = 2
-    dense_features: Sequence[int] = (256,)
-    permute_flat: bool = False
-    conv_lowering: str = "auto"  # How ops.conv2d computes; values are the same.
+    conv_features: Sequence[int] = presets.CNN["conv_features"]
+    kernel_size: int = presets.CNN["kernel_size"]
+    padding: str = presets.CNN["padding"]
+    pool: str = presets.CNN["pool"]
+    pool_window: int = presets.CNN["pool_window"]
+    dense_features: Sequence[int] = presets.CNN["dense_features"]
+    permute_flat: bool = presets.CNN["permute_flat"]
+    conv_lowering: str = presets.CNN["conv_lowering"]  # How ops.conv2d computes.
 
     def specs(self) -> tuple[str, ...]:
         """This CNN as layer specs."""

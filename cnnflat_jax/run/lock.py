@@ -107,7 +107,7 @@ def workdir_lock(workdir: str, lease_sec: float = 60.0) -> Iterator[None]:
 def _lock_holder(workdir: str) -> str:
     """The PID in ``workdir/.lock``, read without following a link; "unknown" if none."""
     try:
-        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+        flags = os.O_RDONLY | workdir_lib.NO_FOLLOW
         with os.fdopen(os.open(workdir_lib.path(workdir, workdir_lib.LOCK), flags)) as f:
             return f.read(32).strip() or "unknown"
     except OSError:

@@ -62,7 +62,7 @@ def _run(
     phases = reporting.Phases()
     with phases("data"):
         mesh = sharding.data_mesh(config.num_devices)
-        data_shards = config.data_shards or jax.process_count()
+        data_shards = sharding.data_shards(config)
         data = input_pipeline.load_data(config, data_shards)
         _stop_if_asked(stopping, "loading the data")
         config_lib.check_data(config, data.image_shape, data.train_total, data.num_classes)

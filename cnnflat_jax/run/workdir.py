@@ -87,7 +87,7 @@ def read_bytes(target: str | os.PathLike) -> bytes:
     """
     if is_remote(target):
         return paths.remote(target).read_bytes()
-    descriptor = os.open(not_a_link(target), os.O_RDONLY | _NO_FOLLOW)
+    descriptor = os.open(not_a_link(target), os.O_RDONLY | NO_FOLLOW)
     with os.fdopen(descriptor, "rb") as f:
         return f.read()
 
@@ -126,7 +126,7 @@ def explain_figure(index: int) -> str:
 
 
 # Never through a symbolic link, and never inherited by a child process.
-_NO_FOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
+NO_FOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def not_a_link(target: str | os.PathLike) -> str:
@@ -176,7 +176,7 @@ def replace_file(target: str | os.PathLike, content: bytes | str) -> None:
     temporary = target + ".tmp"
     with contextlib.suppress(FileNotFoundError):
         os.unlink(temporary)  # Removes a link itself, never its target.
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NO_FOLLOW, 0o666)
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | NO_FOLLOW, 0o666)
     with os.fdopen(descriptor, "wb") as f:
         f.write(content)
     os.replace(temporary, target)
@@ -195,7 +195,7 @@ def append(target: str | os.PathLike, content: bytes | str) -> None:
         before = read_bytes(target) if exists(target) else b""
         replace_file(target, before + content)
         return
-    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | _NO_FOLLOW
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | NO_FOLLOW
     with os.fdopen(os.open(not_a_link(target), flags, 0o666), "ab") as f:
         f.write(content)
 

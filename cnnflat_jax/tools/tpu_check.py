@@ -202,7 +202,7 @@ def check(
         dataset_shape = DATASETS[config.dataset]
     image_shape, num_classes, train_total, test_total = dataset_shape
     num_classes = config.num_classes or num_classes
-    chips = config.num_devices or len(devices)
+    chips = sharding.device_count(config.num_devices, devices)
     processes = len({d.process_index for d in devices[:chips]})
     for field in ("batch_size", "eval_batch_size"):
         if config[field] % chips:

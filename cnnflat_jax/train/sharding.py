@@ -11,6 +11,8 @@ See ``cnnflat_jax.data.shards`` for which examples each process loads.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -60,10 +62,22 @@ def initialize_distributed(
     )  # fmt: skip
 
 
+def device_count(num_devices: int, devices: Sequence | None = None) -> int:
+    """The devices a run uses: ``num_devices``, or all of ``devices`` (this run's,
+    ``jax.devices()``, by default) when it is 0."""
+    return num_devices or len(jax.devices() if devices is None else devices)
+
+
+def data_shards(config: Any) -> int:
+    """How many shards a run's data is cut into: ``config.data_shards``, or one
+    per process when it is 0 (``cnnflat_jax.data.shards``)."""
+    return config.data_shards or jax.process_count()
+
+
 def data_mesh(num_devices: int = 0) -> Mesh:
     """A 1-D ``data`` mesh over the first ``num_devices`` (0: all), ordered by process."""
     devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
-    return Mesh(np.array(devices[: num_devices or None]), (AXIS,))
+    return Mesh(np.array(devices[: device_count(num_devices, devices)]), (AXIS,))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -75,9 +75,8 @@ def optimizer_factory(
     """
     shape = schedule_shape(config, steps_per_epoch)
     total_steps = config.num_epochs * steps_per_epoch
-    if config.schedule == "warmup_cosine" and (
-        int(min(config.warmup_epochs, config.num_epochs) * steps_per_epoch) > total_steps // 2
-    ):
+    asked = int(min(config.warmup_epochs, config.num_epochs) * steps_per_epoch)
+    if config.schedule == "warmup_cosine" and asked > warmup_steps(config, steps_per_epoch):
         logging.warning(
             "warmup_epochs=%g is more than half of the %d epoch(s): warming up for "
             "%d of the %d steps instead", config.warmup_epochs, config.num_epochs,
@@ -116,14 +115,19 @@ def schedule_shape(config: ml_collections.ConfigDict, steps_per_epoch: int) -> o
     if config.schedule == "constant":
         return optax.constant_schedule(1.0)
     if config.schedule == "warmup_cosine":
-        total_steps = config.num_epochs * steps_per_epoch
-        warmup_steps = min(
-            int(min(config.warmup_epochs, config.num_epochs) * steps_per_epoch), total_steps // 2
-        )
         return optax.warmup_cosine_decay_schedule(
-            init_value=0.0, peak_value=1.0, warmup_steps=warmup_steps, decay_steps=total_steps
-        )
+            init_value=0.0, peak_value=1.0, warmup_steps=warmup_steps(config, steps_per_epoch),
+            decay_steps=config.num_epochs * steps_per_epoch,
+        )  # fmt: skip
     raise ValueError(f"unknown schedule {config.schedule!r}; choose one of {SCHEDULES}")
+
+
+def warmup_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
+    """The warmup's steps: ``warmup_epochs`` of them, at most half of training."""
+    total_steps = config.num_epochs * steps_per_epoch
+    return min(
+        int(min(config.warmup_epochs, config.num_epochs) * steps_per_epoch), total_steps // 2
+    )
 
 
 def config_hparams(config: ml_collections.ConfigDict) -> dict[str, float]:
