@@ -3,7 +3,6 @@ over the devices and data shards, and a model that fits the images and the memor
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -84,8 +83,6 @@ def check_data(
             f"would move {_hwc(image_shape)} images wholly off their canvas",
             f"0 to {smallest - 1}",
         )  # fmt: skip
-    if config.model.name == "cnn":
-        _check_cnn_sizes(config.model, image_shape)
     variables = _check_model_shapes(config.model, image_shape, num_classes)
     _check_memory(config, variables, image_shape)
 
@@ -104,6 +101,8 @@ def _check_model_shapes(model: Mapping[str, Any], image_shape, num_classes: int 
             lambda x: module.init_with_output(jax.random.key(0), x, mutable=True), x
         )
     except layers.SpecError as e:
+        if model["name"] == "cnn":  # Named by the field that sets the layer.
+            raise _cnn_field_error(model, e, image_shape) from None
         raise ConfigError(
             f"model.layers[{e.position}]", e.spec, f"on {_hwc(image_shape)} images: {e.why}",
             "layers that fit the maps they get",
@@ -154,39 +153,33 @@ def _hwc(shape) -> str:
     return "x".join(map(str, shape))
 
 
-def _check_cnn_sizes(model: Mapping[str, Any], image_shape: tuple[int, ...]) -> None:
-    """Every conv kernel and pooling window must fit the map it slides over."""
+def _cnn_field_error(model: Mapping[str, Any], error: layers.SpecError, image_shape) -> ConfigError:
+    """The CNN's layer that does not fit its map (the model's own ``SpecError``),
+    named by the field that sets it: ``kernel_size`` for a conv, ``pool_window``
+    for a pool."""
+    import jax
+
     from cnnflat_jax.nn import models
 
-    fields = {**models.CNN.__dataclass_fields__, **model}
-
-    def value(key):
-        field = fields[key]
-        return field.default if isinstance(field, dataclasses.Field) else field
-
-    kernel, window, pool, padding = (
-        value(key) for key in ("kernel_size", "pool_window", "pool", "padding")
-    )
+    specs = models.layer_specs(models.from_fields(model, 1))
     height, width = image_shape[:2]
-    for i, _ in enumerate(value("conv_features")):
+    if error.position:  # The map the failing layer gets: the layers before it, run.
+        before = models.Sequential(layers=specs[: error.position])
+        x = jax.ShapeDtypeStruct((1, *image_shape), jax.numpy.float32)
+        output, _ = jax.eval_shape(lambda x: before.init_with_output(jax.random.key(0), x), x)
+        height, width = output.shape[1:3]
+    conv = sum(spec.startswith("conv") for spec in specs[: error.position + 1]) - 1
+    if specs[error.position].startswith("conv"):
+        padding = model["padding"]
         # VALID: the kernel must fit the map. SAME: each tap must touch it somewhere.
-        size = min(height, width)
-        limit = size if padding == "VALID" else 2 * size - 1
-        if kernel > limit:
-            raise ConfigError(
-                "model.kernel_size", kernel,
-                f"too large for the {height}x{width} map of conv layer {i} ({padding} padding)",
-                f"1 to {limit}",
-            )  # fmt: skip
-        if padding == "VALID":
-            height, width = height - kernel + 1, width - kernel + 1
-        if window > min(height, width):
-            raise ConfigError(
-                "model.pool_window", window,
-                f"larger than the {height}x{width} map after conv layer {i}",
-                f"1 to {min(height, width)}",
-            )  # fmt: skip
-        if pool == "stride":  # The conv strides by the window, SAME or VALID alike.
-            height, width = -(-height // window), -(-width // window)
-        else:
-            height, width = height // window, width // window
+        limit = min(height, width) if padding == "VALID" else 2 * min(height, width) - 1
+        return ConfigError(
+            "model.kernel_size", model["kernel_size"],
+            f"too large for the {height}x{width} map of conv layer {conv} ({padding} padding)",
+            f"1 to {limit}",
+        )  # fmt: skip
+    return ConfigError(
+        "model.pool_window", model["pool_window"],
+        f"larger than the {height}x{width} map after conv layer {conv}",
+        f"1 to {min(height, width)}",
+    )  # fmt: skip

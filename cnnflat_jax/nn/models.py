@@ -58,6 +58,12 @@ class Conv2D(nn.Module):
         c_in = x_NHWC.shape[-1]
         size = self.kernel_size
         kh, kw = (size, size) if isinstance(size, int) else size
+        height, width = x_NHWC.shape[-3:-1]
+        if self.padding == "SAME" and (kh > 2 * height - 1 or kw > 2 * width - 1):
+            raise ValueError(  # Its outer taps would only ever meet padding.
+                f"kernel {kh}x{kw} with SAME padding is too large for the {height}x{width} "
+                f"map: some taps never touch it (at most {2 * height - 1}x{2 * width - 1})"
+            )
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (kh, kw, c_in, self.features))
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
         return ops.conv2d(
