@@ -36,7 +36,10 @@ class Field:
 
 
 _SEED = integer(-(2**63), 2**63 - 1)
-_TRAIN_LIB, _MODELS = "cnnflat_jax.train.train_lib", "cnnflat_jax.nn.models"
+_OPTIMIZER, _STEP, _TRAIN_LIB = (
+    f"cnnflat_jax.train.{m}" for m in ("optimizer", "step", "train_lib")
+)
+_MODELS = "cnnflat_jax.nn.models"
 
 # Every field but config.model's: one row each. ``defaults()`` builds the
 # default config from it (configs/default.py); ``check`` holds a config to it.
@@ -71,18 +74,18 @@ FIELDS: dict[str, Field] = {
     # grain: files from python -m cnnflat_jax.array_records; "" = TFDS's
     # ArrayRecord data source (the dataset prepared with that file format).
     "array_record_dir": Field("", existing_directory()),
-    "optimizer": Field("adam", choice_of(_TRAIN_LIB, "OPTIMIZERS")),
+    "optimizer": Field("adam", choice_of(_OPTIMIZER, "OPTIMIZERS")),
     "learning_rate": Field(2e-3, number(0, low_open=True)),
     "momentum": Field(0.9, number(0, 1, high_open=True)),  # sgd only
     "weight_decay": Field(0.0, number(0)),  # adamw only
-    "schedule": Field("warmup_cosine", choice_of(_TRAIN_LIB, "SCHEDULES")),
+    "schedule": Field("warmup_cosine", choice_of(_OPTIMIZER, "SCHEDULES")),
     "warmup_epochs": Field(1.0, number(0)),
     # Every training image moves by a random shift of up to N pixels each step
     # (zero fill; 0 = off).
     "augment_shift": Field(0, integer(0)),
     # The model's arithmetic; parameters, optimizer state and sums stay float32.
     # bfloat16 is for TPUs (and GPUs); on CPUs it is slower than float32.
-    "compute_dtype": Field("float32", choice_of(_TRAIN_LIB, "COMPUTE_DTYPES")),
+    "compute_dtype": Field("float32", choice_of(_STEP, "COMPUTE_DTYPES")),
     "batch_size": Field(128, integer(1)),
     "eval_batch_size": Field(1000, integer(1)),
     "num_epochs": Field(10, integer(1)),

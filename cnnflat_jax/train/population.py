@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from cnnflat_jax.train import train_lib
+from cnnflat_jax.train import optimizer, step
 
 # config.population list -> the member field it sets.
 MEMBER_LISTS = {
@@ -38,8 +38,8 @@ class Population:
 
     Attributes:
       members: one dict per member: ``seed`` and every hyperparameter of
-        ``train_lib.HPARAMS`` (one dict for one model).
-      mode: the step's ``train_lib.STEP_FNS`` key: "single", or for a
+        ``step.HPARAMS`` (one dict for one model).
+      mode: the step's ``step.STEP_FNS`` key: "single", or for a
         population "shared" (one data order) or "independent" (each member's
         order from its seed, as a single run with that seed would have).
     """
@@ -62,7 +62,7 @@ def of_config(config: ml_collections.ConfigDict) -> Population:
     population = config.population
     members = []
     for k in range(population.size):
-        member = {"seed": config.seed + k, **train_lib.config_hparams(config)}
+        member = {"seed": config.seed + k, **optimizer.config_hparams(config)}
         for list_name, field in MEMBER_LISTS.items():
             if population[list_name]:
                 member[field] = population[list_name][k]
@@ -88,7 +88,7 @@ def create_population(
     clip_per_example: bool = False,
     max_shift: int = 0,
     compute_dtype: str = "float32",
-) -> train_lib.TrainState:
+) -> step.TrainState:
     """A stacked TrainState: every leaf gains a leading member axis ``K``.
 
     Member ``k`` is initialised exactly as a single run with its seed and
@@ -96,18 +96,18 @@ def create_population(
     """
     keys = jnp.stack([run_keys(m["seed"])[0] for m in member_list])
     hparams = {
-        name: jnp.asarray([m[name] for m in member_list], jnp.float32) for name in train_lib.HPARAMS
+        name: jnp.asarray([m[name] for m in member_list], jnp.float32) for name in step.HPARAMS
     }
 
     def create(key, hparams):
-        return train_lib.create_train_state(
+        return step.create_train_state(
             model, image_shape, make_tx, hparams, key, clip_per_example, max_shift, compute_dtype
         )
 
     return jax.vmap(create)(keys, hparams)
 
 
-def member_state(state: train_lib.TrainState, k: int) -> train_lib.TrainState:
+def member_state(state: step.TrainState, k: int) -> step.TrainState:
     """Member ``k`` of a stacked state, as a single-model state."""
     return jax.tree.map(lambda leaf: leaf[k], state)
 
@@ -118,10 +118,10 @@ def initial_state(
     model: nn.Module,
     image_shape: tuple[int, ...],
     steps_per_epoch: int,
-) -> tuple[train_lib.TrainState, list[jax.Array]]:
+) -> tuple[step.TrainState, list[jax.Array]]:
     """A run's initial state (stacked for a population) and its data-order keys:
     one, or one per member for the "independent" mode."""
-    make_tx = train_lib.optimizer_factory(config, steps_per_epoch)
+    make_tx = optimizer.optimizer_factory(config, steps_per_epoch)
     options = {
         "clip_per_example": config.per_example.clip_norm > 0,
         "max_shift": config.augment_shift,
@@ -131,7 +131,7 @@ def initial_state(
         state = create_population(model, image_shape, make_tx, team.members, **options)
     else:
         key = run_keys(config.seed)[0]
-        state = train_lib.create_train_state(
+        state = step.create_train_state(
             model, image_shape, make_tx, team.members[0], key, **options
         )
     seeds = [m["seed"] for m in team.members] if team.mode == "independent" else [config.seed]
