@@ -28,28 +28,47 @@ class DivergedError(Error, RuntimeError):
     checkpoint is kept."""
 
 
-def check_same_run(workdir: str, config: ml_collections.ConfigDict) -> None:
-    """Refuses to resume a run in ``workdir`` with a config that computes otherwise.
+def check_identity(
+    workdir: str, config: ml_collections.ConfigDict, saved_config: dict[str, Any] | None
+) -> None:
+    """The one identity gate of a resume: refuses a config that computes
+    otherwise than the run in ``workdir``, once its checkpoint restored and
+    before anything is written.
 
-    A workdir with a checkpoint and a ``config.json`` holds a run whose
-    identity is that config's identity fields (``config.is_identity``).
+    The run's identity is ``saved_config``, the config that the checkpoint
+    resumed from saved (its identity fields, ``config.is_identity``);
+    checkpoints of earlier versions saved none (None), and then
+    ``config.json`` holds it. ``config.json`` is the run's copy for people
+    and tools: unreadable, it stops the resume (something damaged the
+    workdir); missing or edited, it is written again from the checkpoint.
 
     Raises:
-      RunError: naming every differing field as ``old -> new``.
+      RunError: naming every differing field as ``old -> new``; or an
+        unreadable ``config.json``.
     """
     path = workdir_lib.not_a_link(workdir_lib.path(workdir, workdir_lib.CONFIG))
-    saved = workdir_lib.path(workdir, workdir_lib.CHECKPOINTS)
-    if not workdir_lib.list_names(saved):
+    on_disk = _config_json(path)
+    if saved_config is None:
+        if on_disk is not None:
+            _refuse_another_run(workdir, on_disk, config, path)
         return
+    _refuse_another_run(workdir, saved_config, config, "saved in its checkpoints")
+    if on_disk != saved_config and jax.process_index() == 0:
+        logging.warning("%s was missing or edited; rebuilt it from the checkpoint", path)
+        workdir_lib.write_json(path, saved_config)
+
+
+def _config_json(path: str) -> dict[str, Any] | None:
+    """``config.json``'s content; None if there is none."""
     try:
-        saved_config = json.loads(workdir_lib.read_bytes(path))
+        content = json.loads(workdir_lib.read_bytes(path))
     except FileNotFoundError:
-        return
+        return None
     except (OSError, ValueError) as e:
         raise RunError(f"{path} is unreadable ({e}); it describes the run to resume") from None
-    if not isinstance(saved_config, dict):
+    if not isinstance(content, dict):
         raise RunError(f"{path} is unreadable (not a JSON object); it describes the run to resume")
-    _refuse_another_run(workdir, saved_config, config, path)
+    return content
 
 
 def _refuse_another_run(
@@ -71,29 +90,6 @@ def _refuse_another_run(
             f"config ({source}) to resume it, or start a new run with another --workdir "
             "(a finished run is not extended: more epochs need a new run and schedule)"
         )
-
-
-def check_checkpoint_identity(
-    workdir: str, config: ml_collections.ConfigDict, saved_config: dict[str, Any] | None
-) -> None:
-    """Holds ``config`` to the run's identity as the checkpoint resumed from
-    saved it (``saved_config``; None in checkpoints of earlier versions), and
-    makes ``config.json`` its copy again if it was deleted or edited.
-
-    Raises:
-      RunError: ``config`` computes otherwise than the checkpoint's run.
-    """
-    if saved_config is None:
-        return
-    _refuse_another_run(workdir, saved_config, config, "saved in its checkpoints")
-    path = workdir_lib.path(workdir, workdir_lib.CONFIG)
-    try:
-        on_disk = json.loads(workdir_lib.read_bytes(path))
-    except (OSError, ValueError):
-        on_disk = None
-    if on_disk != saved_config and jax.process_index() == 0:
-        logging.warning("%s was missing or edited; rebuilt it from the checkpoint", path)
-        workdir_lib.write_json(path, saved_config)
 
 
 def global_step(state: Any) -> int:
@@ -145,8 +141,8 @@ class RunPosition:
         versions keep the file's records of the epochs before the position):
         later epochs are written again as they are trained again.
 
-        ``config`` is held to the run's identity that the checkpoint saved
-        (``check_checkpoint_identity``).
+        ``config`` is held to the run's identity (``check_identity``) once a
+        checkpoint restored: another model's shapes are named first.
 
         Raises:
           RunError: there are checkpoints, but none is intact; or ``config``
@@ -173,7 +169,7 @@ class RunPosition:
                     "an older one", step, failure, moved,
                 )  # fmt: skip
                 continue
-            check_checkpoint_identity(workdir, config, progress.get("config"))
+            check_identity(workdir, config, progress.get("config"))
             fields = {f.name for f in dataclasses.fields(cls)}
             position = cls(**{k: v for k, v in progress.items() if k in fields})
             # Checkpoints of earlier versions hold None at an epoch's start.

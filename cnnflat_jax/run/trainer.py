@@ -47,7 +47,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         signals.stop_signals() as stopping,
         lock.workdir_lock(workdir, config.workdir_lease_sec),
     ):
-        run_state.check_same_run(workdir, config)
         return _run(config, workdir, start, stopping)
 
 
@@ -78,8 +77,6 @@ def _run(
 
     lead = jax.process_index() == 0
     with phases("resume"):
-        learning_rates = train_lib.learning_rates(config, steps, team.members)
-        metrics_log = reporting.MetricsLog(workdir, enabled=lead, learning_rates=learning_rates)
         run_checkpoints = checkpoints.RunCheckpoints(
             workdir_lib.not_a_link(workdir_lib.path(workdir, workdir_lib.CHECKPOINTS)),
             config.checkpoints_to_keep,
@@ -87,6 +84,8 @@ def _run(
         )
         if lead and not run_checkpoints.all_steps():  # A new run: its config is its identity.
             workdir_lib.write_config(workdir, run_checkpoints.run_config)
+        learning_rates = train_lib.learning_rates(config, steps, team.members)
+        metrics_log = reporting.MetricsLog(workdir, enabled=lead, learning_rates=learning_rates)
         state, position = run_state.RunPosition.resume(run_checkpoints, state, metrics_log, config)
 
     with phases("compile"):
