@@ -16,6 +16,7 @@ import time
 
 import numpy as np
 
+from benchmarks.flatten_experiments import equivariance as shift_equivariance
 from benchmarks.flatten_experiments import receptive, runs, sweeps
 from cnnflat_jax.data import input_pipeline
 
@@ -55,7 +56,7 @@ def measure_seed(
         )
     if equivariance:
         result["equivariance"], result["equivariance_sec"] = timed(
-            equivariance.measure, workdir, test, data.test_labels
+            shift_equivariance.measure, workdir, test, data.test_labels
         )
     if field:
         gradient, result["field_sec"] = timed(receptive.field, workdir, test[: receptive.IMAGES])

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cnnflat_jax.errors import Error
-from cnnflat_jax.nn import layers, models, ops
+from cnnflat_jax.nn import arguments, layers, models, ops
 from cnnflat_jax.run import trained_run
 
 
@@ -231,7 +231,7 @@ def explicit_pads(spec: layers.Layer, shape: tuple) -> tuple[tuple[int, int], tu
     """``spec``'s padding as ((top, bottom), (left, right)) on an input of ``shape`` (HWC)."""
     effective = tuple(d * (k - 1) + 1 for k, d in zip(spec.kernel, spec.dilation))
     stride = spec.stride or ((1, 1) if spec.kind == "conv" else spec.kernel)
-    return ops._explicit_padding(spec.padding, shape[:2], effective, stride, spec.kind)
+    return arguments.explicit_padding(spec.padding, shape[:2], effective, stride, spec.kind)
 
 
 def from_workdir(
