@@ -284,6 +284,20 @@ def test_a_lease_held_from_another_machine_is_taken_over_only_once_it_lapses(gcs
     assert epoch_scores(workdir)[-1][0] == RUN["num_epochs"]
 
 
+@pytest.mark.parametrize("lease_sec", [None, "soon", -1])
+def test_a_hand_edited_lease_is_read_as_a_lease_of_this_run_s_seconds(gcs, data, lease_sec):
+    from google.cloud import storage
+
+    workdir = gcs.bucket() + "/run"
+    bucket, _, name = workdir.removeprefix("gs://").partition("/")
+    held = {"holder": "process 7 on another-vm", "lease_sec": lease_sec}
+    storage.Client().bucket(bucket).blob(f"{name}/.lock").upload_from_string(json.dumps(held))
+    command = [sys.executable, "train.py", *idx_flags(data, **RUN), "--workdir", workdir]
+    assert_in_use(
+        second_run(command, {**os.environ, **gcs.env}), workdir, "process 7 on another-vm"
+    )
+
+
 def second_run(command, env, *more):
     return subprocess.run(
         [*command, *more], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600

@@ -134,3 +134,27 @@ def test_two_processes_match_one_process_with_the_same_data_shards(tmp_path, pip
     assert records[-1]["test_count"] == 37 and records[-1]["validation_count"] == 6
     np.testing.assert_allclose(train_losses(workdir), train_losses(tmp_path / "one"), rtol=1e-5)
     assert_close_params(final_params(workdir), final_params(tmp_path / "one"))
+
+
+@pytest.mark.parametrize(
+    "flags,expected",
+    [
+        (["--num_processes=2", "--process_id=2"], "--process_id=2: not one of the 2 processes"),
+        (["--num_processes=-1", "--process_id=0"], "got --coordinator_address='localhost:1"),
+        (["--num_processes=0", "--process_id=0"], "the process count (>= 1)"),
+        (["--num_processes=2", "--process_id=0", "--coordinator_address=localhost"],
+         "--coordinator_address=localhost: not HOST:PORT"),
+    ],
+)  # fmt: skip
+def test_process_flags_that_cannot_start_a_run_are_one_error_line(tmp_path, flags, expected):
+    data = write_idx_dataset(tmp_path / "data")
+    result = subprocess.run(
+        [sys.executable, "train.py", *idx_flags(data), "--workdir", str(tmp_path / "run"),
+         "--coordinator_address=localhost:1", *flags],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert expected in errors[0]
+    assert not (tmp_path / "run").exists()

@@ -83,3 +83,44 @@ def test_a_model_too_large_for_a_chip_is_one_error_line():
 def test_an_unknown_topology_is_named():
     with pytest.raises(tpu_check.PreflightError, match="v9z:2x2"):
         tpu_check.check(tpu.get_config(), "v9z:2x2")
+
+
+@pytest.mark.parametrize(
+    "args,expected",
+    [
+        (["--config.nosuch=1"], "error: config.nosuch=1: unknown field; allowed: "),
+        (["--config", "nosuch"], "error: config file nosuch: OSError"),
+        (["--config.batch_size=abc"], "error: config.batch_size=abc: invalid literal"),
+        (["--image_shape=a,b,c"], "error: --image_shape=a,b,c --examples=60000,10000: not H,W,C"),
+        # Terabytes of temporaries per chip: the compiler's size in any unit.
+        (["--config.batch_size=1073741824"], "error: the train (1 steps) program needs "),
+        (["--topology", "v5e:0x0"], "error: TPU topology 'v5e:0x0': a v5e slice is 2 sizes"),
+        (["--topology", "v5e:4x4x4"], "error: TPU topology 'v5e:4x4x4': a v5e slice is 2"),
+    ],
+)  # fmt: skip
+def test_a_bad_flag_or_config_is_one_error_line(args, expected):
+    result = subprocess.run(
+        [sys.executable, "-m", "cnnflat_jax.tpu_check", *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert errors[0].startswith(expected)
+
+
+def test_collectives_are_counted_past_comments_in_their_types():
+    hlo = """
+  %all-reduce.1 = (f32[10]{0}, f32[3]{0}, s32[], f32[], f32[], /*index=5*/f32[4]{0}) all-reduce(f32[10]{0} %a, f32[3]{0} %b), to_apply=%add
+  ROOT %all-gather-start.2 = (f32[4]{0}, f32[8]{0}) all-gather-start(f32[4]{0} %c), dimensions={0}
+  %all-gather-done.2 = f32[8]{0} all-gather-done((f32[4]{0}, f32[8]{0}) %all-gather-start.2)
+  %add.3 = f32[2]{0} add(f32[2]{0} %p, f32[2]{0} %q)
+"""  # noqa: E501
+    assert tpu_check.count_collectives(hlo) == {"all-reduce": 1, "all-gather": 1}
+
+
+def test_per_example_clipping_reports_its_gradient_all_reduce():
+    config = tpu.get_config()
+    config.per_example.clip_norm = 1.0
+    report = tpu_check.check(config, "v5e:2x2")
+    assert report.collectives.get("all-reduce", 0) >= 1, report.collectives

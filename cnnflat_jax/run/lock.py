@@ -35,6 +35,7 @@ import contextlib
 import datetime
 import fcntl
 import json
+import math
 import os
 import socket
 import sys
@@ -147,6 +148,16 @@ def _start_time(pid: int) -> str | None:
     return stat.rsplit(")", 1)[1].split()[19]  # Field 22; the name before ")" may hold spaces.
 
 
+def _seconds(value: Any, default: float) -> float:
+    """A lease's seconds as its holder wrote them; ``default`` for anything else
+    (a lease edited by hand: null, a word, a negative number)."""
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        return default
+    return seconds if math.isfinite(seconds) and seconds > 0 else default
+
+
 def _holder_gone(held: dict) -> bool:
     """Whether the lease's holder ran on this machine and has ended."""
     machine = _this_machine()
@@ -211,7 +222,7 @@ class Lease:
         if not isinstance(held, dict):
             held = {}
         holder = held.get("holder", "an unknown run")
-        lease_sec = float(held.get("lease_sec", self.seconds))
+        lease_sec = _seconds(held.get("lease_sec"), self.seconds)
         why = "released meanwhile"
         if blob.updated is not None:
             age = max((datetime.datetime.now(datetime.UTC) - blob.updated).total_seconds(), 0)

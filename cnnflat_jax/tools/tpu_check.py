@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import re
+import sys
 from typing import Any
 
 import jax
@@ -44,14 +45,15 @@ class Chip:
 
     hbm_gib: float
     bf16_tflops: float  # Peak dense bfloat16 matrix throughput.
+    axes: int = 2  # A slice's shape: 2 sizes (v5e:4x4) or 3 (v5p:2x2x2).
 
 
 # Cloud TPU's published per-chip figures.
 CHIPS = {
-    "v4": Chip(32, 275),
-    "v5e": Chip(16, 197),
-    "v5p": Chip(95, 459),
-    "v6e": Chip(32, 918),
+    "v4": Chip(32, 275, axes=3),
+    "v5e": Chip(16, 197, axes=2),
+    "v5p": Chip(95, 459, axes=3),
+    "v6e": Chip(32, 918, axes=2),
 }
 
 # What a dataset's images look like, without reading it (the data catalog's):
@@ -147,7 +149,9 @@ def count_collectives(hlo: str) -> dict[str, int]:
     """How many of each collective the HLO text has (an async pair counts once)."""
     counts = {}
     for kind in COLLECTIVES:
-        n = len(re.findall(rf"= [^=]*? {kind}(?:-start)?\(", hlo))
+        # An instruction's line: its name, "=", its type (which may hold "=" in
+        # comments such as /*index=5*/), then the op and its operands.
+        n = len(re.findall(rf"^\s*(?:ROOT\s+)?\S+ = .*? {kind}(?:-start)?\(", hlo, re.MULTILINE))
         if n:
             counts[kind] = n
     return counts
@@ -156,6 +160,16 @@ def count_collectives(hlo: str) -> dict[str, int]:
 def _slice(topology: str):
     from jax.experimental import topologies
 
+    generation, _, shape = topology.partition(":")
+    if generation in CHIPS:  # Checked here: libtpu crashes the process on some bad shapes.
+        axes = CHIPS[generation].axes
+        dims = shape.split("x")
+        if len(dims) != axes or not all(d.isdigit() and int(d) > 0 for d in dims):
+            example = "x".join(["2"] * axes)
+            raise PreflightError(
+                f"TPU topology {topology!r}: a {generation} slice is {axes} sizes of at least "
+                f"1 chip, such as {generation}:{example}"
+            )
     try:
         description = topologies.get_topology_desc(topology_name=topology, platform="tpu")
     except Exception as e:  # No libtpu, or a name libtpu does not know.
@@ -270,10 +284,11 @@ def _fits(program: str, topology: str):
     try:
         yield
     except jax.errors.JaxRuntimeError as e:
-        needed = re.search(r"required for HLO temporaries \(([\d.]+G)\)", str(e))
-        if "RESOURCE_EXHAUSTED" not in str(e) or not needed:
+        if "RESOURCE_EXHAUSTED" not in str(e):
             raise
-        raise _too_large(program, f"{needed[1]}iB of temporaries", topology) from None
+        needed = re.search(r"required for HLO temporaries \(([\d.]+[KMGTPE])\)", str(e))
+        what = f"{needed[1]}iB of temporaries" if needed else "temporaries of a size it did not say"
+        raise _too_large(program, what, topology) from None
 
 
 def main() -> None:
@@ -281,9 +296,10 @@ def main() -> None:
     from absl import app, flags
     from ml_collections import config_flags
 
-    config_flag = config_flags.DEFINE_config_file(
-        "config", configs.path("tpu"), "A train.py config: a file, or a shipped config's name."
-    )
+    with command.config_errors(sys.argv):  # An unknown --config.FIELD fails here.
+        config_flag = config_flags.DEFINE_config_file(
+            "config", configs.path("tpu"), "A train.py config: a file, or a shipped config's name."
+        )
     topology = flags.DEFINE_string("topology", "v5e:2x2", "A Cloud TPU slice, e.g. v5e:4x4.")
     image_shape = flags.DEFINE_list("image_shape", None, "H,W,C for a dataset not on record.")
     num_classes = flags.DEFINE_integer("num_classes", 10, "Its classes.")
@@ -292,11 +308,27 @@ def main() -> None:
     def run(argv):
         if len(argv) > 1:
             command.usage(__doc__.splitlines()[0])
+        with command.config_errors(sys.argv):
+            config = config_flag.value
+            config.keys()  # A config file that failed to load raises on first use.
         shape = None
         if image_shape.value:
-            shape = (tuple(int(n) for n in image_shape.value), num_classes.value,
-                     *(int(n) for n in examples.value))  # fmt: skip
+            sizes = [_positive(n) for n in (*image_shape.value, *examples.value)]
+            if len(image_shape.value) != 3 or len(examples.value) != 2 or None in sizes:
+                command.fail(
+                    f"--image_shape={','.join(image_shape.value)} "
+                    f"--examples={','.join(examples.value)}: not H,W,C and TRAIN,TEST "
+                    "(integers >= 1)"
+                )
+            if num_classes.value < 1:
+                command.fail(f"--num_classes={num_classes.value}: not an integer >= 1")
+            shape = (tuple(sizes[:3]), num_classes.value, *sizes[3:])
         with command.one_line_failures():
-            print(check(config_flag.value, topology.value, shape))
+            print(check(config, topology.value, shape))
 
-    app.run(run, flags_parser=lambda argv: flags.FLAGS(configs.resolve_flags(argv)))
+    app.run(run, flags_parser=command.parse_config_flags)
+
+
+def _positive(text: str) -> int | None:
+    """``text`` as an integer >= 1, or None."""
+    return int(text) if text.strip().isdigit() and int(text) > 0 else None

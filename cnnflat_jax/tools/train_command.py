@@ -16,12 +16,9 @@ resumes from its latest checkpoint. Several processes (hosts):
 """
 
 import atexit
-import contextlib
 import logging as std_logging
 import os
-import re
 import sys
-from collections.abc import Iterator
 
 _exit_code: list[int] = []  # The command's exit code, once it has ended.
 
@@ -57,76 +54,9 @@ from cnnflat_jax import configs
 # or config need none of them, and answer in a fraction of a second.
 
 
-@contextlib.contextmanager
-def one_line_errors(argv: list[str]) -> Iterator[None]:
-    """Exits with one ``error:`` line if the block fails loading the config.
-
-    Wrap the definition, parsing and first use of a ``config_flags`` flag:
-    any exception there comes from the config file (missing, or raising as
-    it runs), from a ``--config.FIELD`` override naming no field, or from a
-    value that does not parse as its field's type.
-    """
-    try:
-        yield
-    except flags.Error as e:
-        match = re.match(r"flag --config\.([\w.]+)=(.*?): (.*)", str(e))
-        if not match:
-            command.fail(str(e))
-        key, value, why = match.groups()
-        field = config_lib.FIELDS.get(key) or config_lib.MODEL_FIELDS.get(
-            key.removeprefix("model.")
-        )
-        allowed = f"; allowed: {field.rule.allowed}" if field else ""
-        command.fail(f"config.{key}={value}: {why}{allowed}")
-    except (AttributeError, KeyError) as e:
-        command.fail(_unknown_override(e, argv))
-    except Exception as e:  # Whatever the config file's own code raised.
-        reason = [line.strip() for line in str(e).splitlines() if line.strip()]
-        detail = f"{type(e).__name__}: {reason[-1]}" if reason else type(e).__name__
-        spec = _flag_value(argv, "config")
-        if spec and not os.path.exists(configs.resolve(spec).partition(":")[0]):
-            detail += f"; a config is a file's path or a shipped one: {', '.join(configs.NAMES)}"
-        command.fail(f"config file {spec or 'default'}: {detail}")
-
-
-def _flag_value(argv: list[str], flag: str) -> str | None:
-    """The value of the last ``--flag=V`` or ``--flag V`` in ``argv``, if given."""
-    for i, arg in reversed(list(enumerate(argv))):
-        if arg.startswith(f"--{flag}="):
-            return arg.split("=", 1)[1]
-        if arg == f"--{flag}" and i + 1 < len(argv):
-            return argv[i + 1]
-    return None
-
-
-def _unknown_override(error: BaseException, argv: list[str]) -> str:
-    """``config.FIELD=VALUE: unknown field ...`` for ml_collections' KeyError."""
-    while error.args and isinstance(error.args[0], BaseException):
-        error = error.args[0]
-    detail = str(error.args[0] if error.args else error)
-    key = re.match(r"'?([^'\n]+)", detail)[1]
-    hint = re.search(r'Did you mean "([^"]+)"', detail)
-    why = "unknown field" + (f" (did you mean {hint[1]}?)" if hint else "")
-    for arg in argv:
-        path = arg.removeprefix("--").split("=", 1)[0]
-        if not (path.startswith("config.") and key in path.split(".")[1:]):
-            continue
-        value = arg.split("=", 1)[1] if "=" in arg else _flag_value(argv, path)
-        group = path.removeprefix("config.").rpartition(".")[0]
-        if group == "model":
-            known = sorted(config_lib.MODEL_FIELDS)
-        else:
-            prefix = f"{group}." if group else ""
-            known = sorted(
-                k.removeprefix(prefix) for k in config_lib.default_fields() if k.startswith(prefix)
-            )
-        return f"{path}={value}: {why}; allowed: {', '.join(known)}"
-    return f"config.{key}: {why}"
-
-
 # A broken default config file or an unknown --config.FIELD fails while the
 # flag is defined or parsed: say so in one line, not a traceback.
-with one_line_errors(sys.argv):
+with command.config_errors(sys.argv):
     _CONFIG = config_flags.DEFINE_config_file(
         "config", configs.path("default"), "A config file, or a shipped config's name.",
         lock_config=True,
@@ -139,21 +69,13 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Processes in a multi-
 _PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's index, 0 .. N - 1.")
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl's parser, with one ``error:`` line for a bad flag or config file; a
-    shipped config's name in ``--config`` stands for its file."""
-    argv = configs.resolve_flags(argv)
-    with one_line_errors(argv):
-        return flags.FLAGS(argv)
-
-
 def main() -> None:
     """The command line (``train.py``, ``cnnflat-train``)."""
     # ``--help`` lists the main module's key flags: this command's, whatever its script.
     for flag in (_CONFIG, _WORKDIR, _COORDINATOR, _NUM_PROCESSES, _PROCESS_ID):
         flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[flag.name])
     try:
-        app.run(run, flags_parser=parse_flags)
+        app.run(run, flags_parser=command.parse_config_flags)
     except SystemExit as e:  # Python prints a message given as the code, and exits 1.
         _exit_code.append(e.code if isinstance(e.code, int) else int(e.code is not None))
         raise
@@ -168,15 +90,16 @@ def run(argv):
         command.fail(f"unexpected arguments: {' '.join(argv[1:])}")
     # JAX logs, at INFO, each backend it finds missing (libtpu on every CPU run).
     std_logging.getLogger("jax._src.xla_bridge").setLevel(std_logging.WARNING)
-    with one_line_errors(sys.argv):
+    with command.config_errors(sys.argv):
         config = _CONFIG.value
         config.keys()  # A config file that failed to load raises on first use.
     with command.one_line_failures():  # The fields used before the whole config is checked.
         config_lib.check_field(config, "compilation_cache")
         config_lib.check_field(config, "peer_timeout_sec")
-    sharding.initialize_distributed(
-        _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, config.peer_timeout_sec
-    )
+    with command.one_line_failures():
+        sharding.initialize_distributed(
+            _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, config.peer_timeout_sec
+        )
     compilation_cache.enable(config.compilation_cache)
     with command.one_line_failures():  # Before the trainer's modules load: answered at once.
         config_lib.check(config)

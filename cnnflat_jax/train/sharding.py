@@ -19,6 +19,8 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from cnnflat_jax.errors import Error
+
 AXIS = "data"
 
 
@@ -39,19 +41,16 @@ def initialize_distributed(
     stop (JAX's heartbeat timeout).
     """
     address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS", "")
-    count = num_processes or int(os.environ.get("JAX_NUM_PROCESSES", 0))
-    index = process_id if process_id >= 0 else int(os.environ.get("JAX_PROCESS_ID", -1))
+    count = num_processes or _environment_int("JAX_NUM_PROCESSES", 0)
+    index = process_id if process_id >= 0 else _environment_int("JAX_PROCESS_ID", -1)
     if not address and not count:
         return
+    if address != "auto":
+        _check_processes(address, count, index)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if address == "auto":
         jax.distributed.initialize(heartbeat_timeout_seconds=peer_timeout_sec)
     else:
-        if not (address and count and index >= 0):
-            raise ValueError(
-                "a multi-process run needs a coordinator address, the process count and this "
-                f"process's id; got address={address!r}, count={count}, id={index}"
-            )
         jax.distributed.initialize(
             address, num_processes=count, process_id=index,
             heartbeat_timeout_seconds=peer_timeout_sec,
@@ -72,6 +71,37 @@ def data_shards(config: Any) -> int:
     """How many shards a run's data is cut into: ``config.data_shards``, or one
     per process when it is 0 (``cnnflat_jax.data.shards``)."""
     return config.data_shards or jax.process_count()
+
+
+class ProcessesError(Error, ValueError):
+    """The coordinator address, process count or process id cannot start a run."""
+
+
+def _environment_int(name: str, default: int) -> int:
+    text = os.environ.get(name, "")
+    try:
+        return int(text) if text else default
+    except ValueError:
+        raise ProcessesError(f"${name}={text}: not an integer") from None
+
+
+def _check_processes(address: str, count: int, index: int) -> None:
+    """One line for a multi-process start that cannot work, before JAX tries it."""
+    if not address or count < 1 or index < 0:
+        raise ProcessesError(
+            "a multi-process run needs a coordinator address (HOST:PORT), the process count "
+            f"(>= 1) and this process's id (0 to count - 1); got --coordinator_address={address!r} "
+            f"--num_processes={count} --process_id={index}"
+        )
+    if index >= count:
+        raise ProcessesError(
+            f"--process_id={index}: not one of the {count} processes' ids (0 to {count - 1})"
+        )
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ProcessesError(
+            f"--coordinator_address={address}: not HOST:PORT (a port from 1 to 65535)"
+        )
 
 
 def data_mesh(num_devices: int = 0) -> Mesh:
