@@ -308,6 +308,9 @@ def main() -> None:
     def run(argv):
         if len(argv) > 1:
             command.usage(__doc__.splitlines()[0])
+        # A compile-only TPU client cannot load a program back from JAX's persistent
+        # cache ($JAX_COMPILATION_CACHE_DIR): each would be a warning, then compiled.
+        jax.config.update("jax_enable_compilation_cache", False)
         with command.config_errors(sys.argv):
             config = config_flag.value
             config.keys()  # A config file that failed to load raises on first use.
