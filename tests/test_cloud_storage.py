@@ -298,6 +298,35 @@ def test_a_hand_edited_lease_is_read_as_a_lease_of_this_run_s_seconds(gcs, data,
     )
 
 
+def test_a_lease_taken_over_mid_run_is_always_its_one_error_line(gcs, data):
+    """Another holder writes the lease while the run saves a checkpoint every step
+    (each save holds stderr back for Orbax's noise): the run's line still comes."""
+    from google.cloud import storage
+
+    workdir = gcs.bucket() + "/run"
+    bucket, _, name = workdir.removeprefix("gs://").partition("/")
+    process = start(
+        data, workdir, {**os.environ, **gcs.env}, "--config.workdir_lease_sec=4", num_epochs=500
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not workdir_lib.list_names(workdir + "/checkpoints") and process.poll() is None:
+            assert time.monotonic() < deadline, "no checkpoint in 120 s"
+            time.sleep(0.2)
+        held = {"holder": "process 9 on another-vm", "lease_sec": 4}
+        lock = storage.Client().bucket(bucket).blob(f"{name}/.lock")
+        lock.upload_from_string(json.dumps(held))
+        _, err = process.communicate(timeout=120)
+    finally:
+        finish_all_killed([process])
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert process.returncode == 1 and "Traceback" not in err, err[-3000:]
+    assert errors == [
+        f"error: this run lost its lease on {workdir} to another run (this one was stalled "
+        "for more than 4 s); stopping without writing more"
+    ], err[-3000:]
+
+
 def second_run(command, env, *more):
     return subprocess.run(
         [*command, *more], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600

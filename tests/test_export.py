@@ -275,3 +275,15 @@ def test_a_workdir_that_is_not_a_finished_run_is_refused_in_one_line(tmp_path):
 def test_predict_imports_neither_flax_nor_the_model_code():
     modules = ("flax", "cnnflat_jax.nn", "cnnflat_jax.models", "cnnflat_jax.ops")
     assert loaded_by("cnnflat_jax.predict", modules) == []
+
+
+def test_final_params_with_their_data_deleted_are_one_error_line(trained, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(trained[0], workdir)
+    for name in ("d", "ocdbt.process_0"):
+        shutil.rmtree(workdir / "final_params" / name)
+    result = run("export", "--workdir", workdir)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert len(errors) == 1 and f"{workdir / 'final_params'} cannot be read (" in errors[0]
+    assert len(result.stderr.splitlines()) < 10, result.stderr[-3000:]  # Not 150.

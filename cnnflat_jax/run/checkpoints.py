@@ -47,17 +47,31 @@ def save_params(path: str | os.PathLike, params: Any) -> None:
         raise CheckpointWriteError(f"could not write {os.fspath(path)}: {_cause(e)}") from None
 
 
+class CheckpointReadError(Error, ValueError):
+    """Saved parameters that cannot be read: files missing or damaged, or another
+    model's shapes."""
+
+
 def load_params(path: str | os.PathLike, like: Any) -> Any:
     """Restores a tree saved by ``save_params`` into the structure of ``like``.
 
-    ``like`` may hold arrays or ``jax.ShapeDtypeStruct``s; a tree whose
-    shapes do not match raises ``ValueError`` naming the mismatch.
+    ``like`` may hold arrays or ``jax.ShapeDtypeStruct``s.
+
+    Raises:
+      CheckpointReadError: (a ``ValueError``) in one line: the files are
+        missing or damaged, or hold other shapes (named).
     """
     device = jax.sharding.make_single_device_sharding(jax.local_devices()[0])
     # On this process's first device, whatever topology trained them.
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), like)
-    with _orbax_quiet(), ocp.StandardCheckpointer() as checkpointer:
-        return checkpointer.restore(workdir_lib.absolute(path), abstract)
+    try:  # TensorStore's threads print their own tracebacks of a damaged file: held back.
+        with _orbax_quiet(), _stderr_held(), ocp.StandardCheckpointer() as checkpointer:
+            return checkpointer.restore(workdir_lib.absolute(path), abstract)
+    except Exception as e:
+        raise CheckpointReadError(
+            f"{os.fspath(path)} cannot be read ({_cause(e)[:300]}): its files are missing, "
+            "damaged or another model's"
+        ) from None
 
 
 @contextlib.contextmanager

@@ -38,7 +38,6 @@ import json
 import math
 import os
 import socket
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -201,6 +200,9 @@ class Lease:
     def __enter__(self) -> Lease:
         from google.api_core import exceptions
 
+        # Where the renewing thread's lines go: the process's stderr as it is now,
+        # even while a checkpoint's save holds stderr back (``checkpoints``).
+        self._stderr = os.dup(2)
         try:
             self._write(if_generation_match=0)
         except exceptions.PreconditionFailed:
@@ -252,19 +254,24 @@ class Lease:
                 try:  # Deleted by hand: nobody else holds it if it can be created again.
                     self._write(if_generation_match=0)
                 except exceptions.PreconditionFailed:
-                    self._lost()
+                    self._lost(
+                        f"to another run (this one was stalled for more than {self.seconds:g} s)"
+                    )
             except Exception as e:  # A network failure: the next renewal may succeed,
-                print(f"warning: could not renew the lease {self.uri}: {e}", file=sys.stderr)
+                cause = str(e).splitlines()[0] if str(e) else type(e).__name__
+                self._say(f"warning: could not renew the lease {self.uri}: {cause[:200]}")
                 if time.monotonic() - self._renewed_at > self.seconds:  # unless it expired.
-                    self._lost()
+                    self._lost(
+                        f"because its storage did not answer for more than {self.seconds:g} s "
+                        f"({cause[:200]})"
+                    )
 
-    def _lost(self) -> None:
-        print(
-            f"error: this run lost its lease on {self.workdir} to another run (it was stalled "
-            f"for more than {self.seconds:g} s); stopping without writing more",
-            file=sys.stderr,
-            flush=True,
-        )
+    def _say(self, line: str) -> None:
+        os.write(self._stderr, f"{line}\n".encode())
+
+    def _lost(self, why: str) -> None:
+        self._say(f"error: this run lost its lease on {self.workdir} {why}; stopping without "
+                  "writing more")  # fmt: skip
         os._exit(1)  # Any other way out could still write a checkpoint over the new holder's.
 
     def __exit__(self, *exc: object) -> None:
@@ -276,3 +283,4 @@ class Lease:
             _blob(self.uri).delete(if_generation_match=self._generation)
         except exceptions.GoogleAPIError:
             pass  # Taken over or gone: either way no longer this run's.
+        os.close(self._stderr)
