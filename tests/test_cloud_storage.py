@@ -327,6 +327,22 @@ def test_a_lease_taken_over_mid_run_is_always_its_one_error_line(gcs, data):
     ], err[-3000:]
 
 
+@pytest.mark.parametrize(
+    "workdir,expected",
+    [
+        ("gs://no-such-bucket-here/run", "there is no bucket 'no-such-bucket-here'"),
+        ("gs://", "not gs://BUCKET/FOLDER"),
+        ("gs:///run", "not gs://BUCKET/FOLDER"),
+    ],
+)
+def test_a_workdir_in_no_bucket_is_one_error_line(gcs, data, workdir, expected):
+    command = [sys.executable, "train.py", *idx_flags(data, **RUN), "--workdir", workdir]
+    result = second_run(command, {**os.environ, **gcs.env})
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert errors == [f"error: cannot use {workdir} as the workdir: {expected}"], errors
+
+
 def second_run(command, env, *more):
     return subprocess.run(
         [*command, *more], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600

@@ -69,6 +69,9 @@ def workdir_lock(workdir: str, lease_sec: float = 60.0) -> Iterator[None]:
         link, or another process holds the lock (named by its PID).
     """
     if workdir_lib.is_remote(workdir):
+        bucket, _, folder = workdir.removeprefix("gs://").partition("/")
+        if not bucket or not folder.strip("/"):
+            raise RunError(f"cannot use {workdir} as the workdir: not gs://BUCKET/FOLDER")
         if jax.process_index() > 0:
             yield
             return
@@ -207,6 +210,14 @@ class Lease:
             self._write(if_generation_match=0)
         except exceptions.PreconditionFailed:
             self._take_over_if_expired()
+        except exceptions.NotFound:
+            bucket = self.uri.removeprefix("gs://").partition("/")[0]
+            raise RunError(
+                f"cannot use {self.workdir} as the workdir: there is no bucket {bucket!r}"
+            ) from None
+        except exceptions.GoogleAPIError as e:  # Forbidden, unreachable, ...
+            cause = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise RunError(f"cannot use {self.workdir} as the workdir: {cause[:300]}") from None
         self._thread.start()
         return self
 
