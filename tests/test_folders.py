@@ -157,6 +157,23 @@ def test_a_single_folder_holds_out_its_test_pictures_by_a_fixed_shuffle(tmp_path
         folders.list_pictures(f"folder:{tmp_path / 'one'}", held_out=15)
 
 
+def test_a_class_folder_s_subfolders_are_read_too(tmp_path):
+    written = write_folder(str(tmp_path / "flat"), {"train": 4, "test": 1})
+    nested = tmp_path / "nested"
+    for path in written:  # Half of each class's pictures one folder down.
+        relative = os.path.relpath(path, tmp_path / "flat")
+        split, name, file = relative.split(os.sep)
+        where = nested / split / name / ("sub" if int(file[:3]) % 2 else "")
+        os.makedirs(where, exist_ok=True)
+        os.link(path, where / file)
+    os.symlink(nested / "train" / "nut", nested / "train" / "nut" / "loop")  # Not followed.
+    listing = folders.list_pictures(f"folder:{nested}", held_out=0)
+    assert len(listing.files["train"]) == 4 * len(CLASSES)
+    assert sorted(map(os.path.basename, listing.files["train"])) == sorted(
+        os.path.basename(p) for p in written if f"{os.sep}train{os.sep}" in p
+    )
+
+
 @pytest.mark.parametrize(
     "damage, message",
     [
@@ -165,6 +182,8 @@ def test_a_single_folder_holds_out_its_test_pictures_by_a_fixed_shuffle(tmp_path
         ("one class", "has 1 class folder; a dataset needs one folder per class"),
         ("unknown test class", "has class folders that train/ lacks: screw"),
         ("missing", "is not a directory"),
+        ("fifo", "train/nut/x.png: not a regular file"),
+        ("empty class", "train/washer holds no pictures"),
     ],
 )  # fmt: skip
 def test_a_bad_folder_is_one_error_line_and_no_run_is_written(tmp_path, damage, message):
@@ -182,6 +201,11 @@ def test_a_bad_folder_is_one_error_line_and_no_run_is_written(tmp_path, damage, 
         os.makedirs(root / "test" / "screw")
     elif damage == "missing":
         root = tmp_path / "nowhere"
+    elif damage == "fifo":  # Opened, it would block the run for ever.
+        os.mkfifo(root / "train" / "nut" / "x.png")
+    elif damage == "empty class":
+        for picture_file in (root / "train" / "washer").iterdir():
+            picture_file.unlink()
     result = train(f"--config.dataset=folder:{root}", "--workdir", str(tmp_path / "run"))
     assert result.returncode == 1 and len(errors_of(result)) == 1, result.stderr[-3000:]
     assert message in errors_of(result)[0], errors_of(result)[0]

@@ -8,15 +8,20 @@ or a single ``PATH/CLASS/*`` with no test folder: then the last
 ``held_out`` pictures of a fixed shuffle are the test split (and the run's
 ``validation_examples`` holds out as many again from the rest for
 validation). Class names are the class folders' names in sorted order, and
-labels their positions in it. Every picture is converted to one channel
-count and size (``pictures.read_picture``). Other files are skipped, as
-those readers skip them; a picture that cannot be read is an error naming
-it.
+labels their positions in it. A class folder's subfolders are read too,
+as Keras and torchvision read them (not through a symbolic link, which
+could loop). Every picture is converted to one channel count and size
+(``pictures.read_picture``). Other files are skipped, as those readers skip
+them; a picture that cannot be read, or that is not a regular file (a FIFO
+would block the run), is an error naming it, and so is a class folder of
+the training pictures that holds none.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import stat
 
 import numpy as np
 
@@ -97,13 +102,13 @@ def list_pictures(dataset: str, held_out: int) -> Listing:
                 raise FolderError(
                     f"{dataset}: {folder} has class folders that train/ lacks: {', '.join(unknown)}"
                 )
-            files[split], labels[split] = _pictures(folder, class_names)
+            files[split], labels[split] = _pictures(folder, class_names, split == "train")
         order = np.random.default_rng(_ORDER_SEED).permutation(len(files["train"]))
         files["train"] = [files["train"][i] for i in order]
         labels["train"] = labels["train"][order]
     else:
         class_names = _class_folders(top, dataset)
-        every, every_label = _pictures(top, class_names)
+        every, every_label = _pictures(top, class_names, every_class=True)
         if held_out <= 0:
             raise FolderError(
                 f"{dataset}: {top} has no train/ and test/ folders, so its test pictures are "
@@ -141,17 +146,39 @@ def _class_folders(folder: str, dataset: str) -> list[str]:
     return names
 
 
-def _pictures(folder: str, class_names: list[str]) -> tuple[list[str], np.ndarray]:
-    """Every picture under ``folder/CLASS/`` (by class, then name), and its label."""
+def _pictures(
+    folder: str, class_names: list[str], every_class: bool
+) -> tuple[list[str], np.ndarray]:
+    """Every picture under ``folder/CLASS/`` (by class, then path), and its label;
+    with ``every_class``, a class folder without pictures is refused (a test
+    split may lack a class)."""
     files, labels = [], []
     for label, name in enumerate(class_names):
         class_folder = paths.join(folder, name)
-        if not paths.is_directory(class_folder):
-            continue  # A test split may lack a class.
-        found = sorted(
-            n for n in paths.list_names(class_folder)
-            if n.lower().endswith(EXTENSIONS) and not n.startswith(".")
-        )  # fmt: skip
-        files += [paths.join(class_folder, n) for n in found]
+        found = _class_pictures(class_folder) if paths.is_directory(class_folder) else []
+        if every_class and not found:
+            raise FolderError(
+                f"{class_folder} holds no pictures ({', '.join(EXTENSIONS)}): a class needs "
+                "training pictures; remove the folder or add some"
+            )
+        files += found
         labels += [label] * len(found)
     return files, np.array(labels, np.int32)
+
+
+def _class_pictures(folder: str) -> list[str]:
+    """The pictures in ``folder`` and its subfolders, in sorted order at each level."""
+    found = []
+    for name in sorted(paths.list_names(folder)):
+        path = paths.join(folder, name)
+        if name.startswith("."):
+            continue
+        local = not paths.is_remote(path)
+        if paths.is_directory(path):
+            if not (local and os.path.islink(path)):  # A link could loop.
+                found += _class_pictures(path)
+        elif name.lower().endswith(EXTENSIONS):
+            if local and not stat.S_ISREG(os.stat(path).st_mode):
+                raise FolderError(f"{path}: not a regular file (a FIFO or a device never ends)")
+            found.append(path)
+    return found
