@@ -295,3 +295,21 @@ def test_rgb_pictures_of_another_size_train_a_small_cnn_from_a_single_folder(tmp
     result = module("predict", "--workdir", workdir, photo)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split("\t")[1] == "washer"
+
+
+def test_a_resume_on_pictures_added_or_removed_is_refused_in_one_line(tmp_path):
+    root = tmp_path / "pictures"
+    written = write_folder(str(root), {"train": 4, "test": 1})
+    flags = (f"--config.dataset=folder:{root}", "--workdir", str(tmp_path / "run"))
+    assert train(*flags).returncode == 0
+    scores = (tmp_path / "run" / "metrics.jsonl").read_text()
+    extra = root / "train" / "nut" / "extra.png"
+    save(str(extra), next(iter(written.values())))
+    for change in ("added", "removed"):
+        if change == "removed":
+            extra.unlink()
+            os.remove(next(p for p in written if f"{os.sep}train{os.sep}" in p))
+        result = train(*flags)
+        assert result.returncode == 1 and len(errors_of(result)) == 1, result.stderr[-3000:]
+        assert "holds a run on other pictures" in errors_of(result)[0], errors_of(result)[0]
+        assert (tmp_path / "run" / "metrics.jsonl").read_text() == scores  # Nothing rewritten.

@@ -61,6 +61,9 @@ class Dataset:
     test_total: int
     # A folder dataset's class folders, in label order (its pictures were resized).
     folder_classes: tuple[str, ...] = ()
+    # A folder dataset's pictures as a digest (``folders.Listing.contents``): part
+    # of the run's identity, since its name is only a path. Empty for others.
+    contents: str = ""
 
     @property
     def image_shape(self) -> tuple[int, int, int]:

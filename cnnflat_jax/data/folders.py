@@ -20,6 +20,7 @@ the training pictures that holds none.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import stat
 
@@ -59,6 +60,20 @@ class Listing:
     class_names: list[str]
     files: dict[str, list[str]]
     labels: dict[str, np.ndarray]
+
+    def contents(self) -> str:
+        """A digest of what the pictures are: each split's files by path relative
+        to the folder, size and modification time (a bucket's objects: size).
+        A picture added, removed, replaced or edited changes it."""
+        digest = hashlib.sha256()
+        for split in SPLITS:
+            for path in self.files[split]:
+                if paths.is_remote(path):
+                    facts = (paths.size(path),)
+                else:
+                    facts = (os.stat(path).st_size, os.stat(path).st_mtime_ns)
+                digest.update(f"{split}\0{path}\0{facts}\n".encode())
+        return digest.hexdigest()
 
     def read(self, split: str, start: int, stop: int, channels: int, size) -> np.ndarray:
         """Pictures ``start .. stop - 1`` of ``split`` as uint8 ``(N, H, W, channels)``."""

@@ -239,7 +239,9 @@ def _load_folder(name, part, num_classes, image_size, channels, held_out) -> Dat
     where = {split: f"{name} {split}" for split in folders.SPLITS}
     source = f"pictures in {folders.root(name)} ({_hwc((*image_size, channels))})"
     dataset = from_arrays(name, source, classes, arrays, totals, where)
-    return dataclasses.replace(dataset, folder_classes=tuple(listing.class_names))
+    return dataclasses.replace(
+        dataset, folder_classes=tuple(listing.class_names), contents=listing.contents()
+    )
 
 
 def _not_found_message(name: str, source: str, attempts: list[str]) -> str:

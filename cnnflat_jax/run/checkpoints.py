@@ -140,7 +140,8 @@ class RunCheckpoints:
     Each checkpoint holds the state's arrays (the PRNG key as raw key data)
     and, as JSON, ``progress``: where the data order stands (epoch, next
     dispatch, the epoch's metric sums so far) plus the shape of every array
-    and ``run_config``, the run's whole config: its identity, kept where a
+    and ``run_config``, the run's whole config, with ``data_contents``, a
+    picture folder's digest (``Dataset.contents``): its identity, kept where a
     resume finds it. Orbax writes each checkpoint to a temporary directory and renames it when
     complete, so a run killed mid-save leaves the previous checkpoint usable.
     Every process calls every method (Orbax's multi-host rules); the primary
@@ -148,7 +149,11 @@ class RunCheckpoints:
     """
 
     def __init__(
-        self, directory: str | os.PathLike, keep: int, run_config: dict[str, Any] | None = None
+        self,
+        directory: str | os.PathLike,
+        keep: int,
+        run_config: dict[str, Any] | None = None,
+        data_contents: str = "",
     ):
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
@@ -160,6 +165,7 @@ class RunCheckpoints:
             self._manager = ocp.CheckpointManager(workdir_lib.absolute(directory), options=options)
         self.directory = os.fspath(directory)
         self.run_config = run_config
+        self.data_contents = data_contents
 
     def latest_step(self) -> int | None:
         with _orbax_quiet():
@@ -191,7 +197,10 @@ class RunCheckpoints:
           CheckpointWriteError: it could not be written; the older ones are intact.
         """
         arrays = _arrays(state)
-        progress = {**progress, "shapes": _shapes(arrays), "config": self.run_config}
+        progress = {
+            **progress, "shapes": _shapes(arrays), "config": self.run_config,
+            "data_contents": self.data_contents,
+        }  # fmt: skip
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(arrays), progress=ocp.args.JsonSave(progress)
         )

@@ -29,23 +29,25 @@ class DivergedError(Error, RuntimeError):
 
 
 def check_identity(
-    workdir: str, config: ml_collections.ConfigDict, saved_config: dict[str, Any] | None
+    workdir: str, config: ml_collections.ConfigDict, progress: dict[str, Any], contents: str
 ) -> None:
     """The one identity gate of a resume: refuses a config that computes
     otherwise than the run in ``workdir``, once its checkpoint restored and
     before anything is written.
 
-    The run's identity is ``saved_config``, the config that the checkpoint
-    resumed from saved (its identity fields, ``config.is_identity``);
-    checkpoints of earlier versions saved none (None), and then
-    ``config.json`` holds it. ``config.json`` is the run's copy for people
-    and tools: unreadable, it stops the resume (something damaged the
-    workdir); missing or edited, it is written again from the checkpoint.
+    The run's identity is the config that the checkpoint resumed from saved
+    in its ``progress`` (its identity fields, ``config.is_identity``), and
+    for a folder of pictures their digest (``contents``, now); checkpoints
+    of earlier versions saved no config, and then ``config.json`` holds it.
+    ``config.json`` is the run's copy for people and tools: unreadable, it
+    stops the resume (something damaged the workdir); missing or edited, it
+    is written again from the checkpoint.
 
     Raises:
-      RunError: naming every differing field as ``old -> new``; or an
-        unreadable ``config.json``.
+      RunError: naming every differing field as ``old -> new``; pictures
+        that changed; or an unreadable ``config.json``.
     """
+    saved_config = progress.get("config")
     path = workdir_lib.not_a_link(workdir_lib.path(workdir, workdir_lib.CONFIG))
     on_disk = _config_json(path)
     if saved_config is None:
@@ -53,6 +55,12 @@ def check_identity(
             _refuse_another_run(workdir, on_disk, config, path)
         return
     _refuse_another_run(workdir, saved_config, config, "saved in its checkpoints")
+    if progress.get("data_contents", "") not in ("", contents):
+        raise RunError(
+            f"{workdir} holds a run on other pictures: those of config.dataset="
+            f"{config.dataset} were added, removed or changed since it started. Restore "
+            "them to resume it, or start a new run with another --workdir"
+        )
     if on_disk != saved_config and jax.process_index() == 0:
         logging.warning("%s was missing or edited; rebuilt it from the checkpoint", path)
         workdir_lib.write_json(path, saved_config)
@@ -169,7 +177,7 @@ class RunPosition:
                     "an older one", step, failure, moved,
                 )  # fmt: skip
                 continue
-            check_identity(workdir, config, progress.get("config"))
+            check_identity(workdir, config, progress, run_checkpoints.data_contents)
             fields = {f.name for f in dataclasses.fields(cls)}
             position = cls(**{k: v for k, v in progress.items() if k in fields})
             # Checkpoints of earlier versions hold None at an epoch's start.

@@ -81,6 +81,7 @@ def _run(
             workdir_lib.not_a_link(workdir_lib.path(workdir, workdir_lib.CHECKPOINTS)),
             config.checkpoints_to_keep,
             run_config=config_lib.as_json(config),
+            data_contents=data.contents,
         )
         if lead and not run_checkpoints.all_steps():  # A new run: its config is its identity.
             workdir_lib.write_config(workdir, run_checkpoints.run_config)
