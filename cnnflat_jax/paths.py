@@ -9,7 +9,10 @@ prefix that has objects under it.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+from collections.abc import Iterator
 
 
 def is_remote(target: str | os.PathLike) -> bool:
@@ -31,6 +34,17 @@ def remote(target: str | os.PathLike):
     for protocol in ("gs", "gcs"):
         fsspec.config.conf.setdefault(protocol, {})["use_listings_cache"] = False
     return epath.Path(os.fspath(target))
+
+
+def normal(target: str | os.PathLike) -> str:
+    """``target`` with a URI's repeated slashes as one (``gs://b//run`` is ``gs://b/run``
+    to Cloud Storage's clients, and one name must mean one place)."""
+    target = os.fspath(target)
+    scheme, _, rest = target.partition("://")
+    bucket, _, path = rest.partition("/")
+    if not is_remote(target) or not bucket:
+        return target
+    return "/".join([f"{scheme}://{bucket}", *(part for part in path.split("/") if part)])
 
 
 def absolute(target: str | os.PathLike) -> str:
@@ -96,12 +110,29 @@ def read_bytes(target: str | os.PathLike) -> bytes:
 
 def size(target: str | os.PathLike) -> int:
     """``target``'s size in bytes."""
-    return remote(target).stat().length if is_remote(target) else os.path.getsize(target)
+    if not is_remote(target):
+        return os.path.getsize(target)
+    with named(target):
+        return remote(target).stat().length
 
 
 def open_binary(target: str | os.PathLike):
     """``target`` opened for reading bytes (a file object)."""
-    return remote(target).open("rb") if is_remote(target) else open(target, "rb")
+    if not is_remote(target):
+        return open(target, "rb")
+    with named(target):
+        return remote(target).open("rb")
+
+
+@contextlib.contextmanager
+def named(target: str | os.PathLike) -> Iterator[None]:
+    """A missing object is named by its URI (gcsfs names it by its storage URL's path)."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            errno.ENOENT, os.strerror(errno.ENOENT), os.fspath(target)
+        ) from None
 
 
 _copies: dict[str, str] = {}
@@ -122,7 +153,7 @@ def local_copy(target: str | os.PathLike) -> str:
         folder = tempfile.mkdtemp(prefix="cnnflat_jax_copy.")
         atexit.register(shutil.rmtree, folder, ignore_errors=True)
         copy = os.path.join(folder, remote(target).name)
-        with remote(target).open("rb") as source, open(copy, "wb") as f:
+        with open_binary(target) as source, open(copy, "wb") as f:
             shutil.copyfileobj(source, f, length=1 << 24)
         _copies[target] = copy
     return _copies[target]

@@ -228,6 +228,31 @@ def test_export_to_gs_and_predict_from_gs(gcs, on_gcs, on_disk, tmp_path):
     assert len(predictions[0]) == 5 and predictions[0] == predictions[1]
 
 
+def test_a_missing_object_is_named_by_its_gs_uri(gcs, tmp_path):
+    np.save(tmp_path / "image.npy", np.zeros((8, 8, 1), np.uint8))
+    workdir = gcs.bucket() + "/never_exported"
+    result = run_command(
+        {**os.environ, **gcs.env}, "cnnflat_jax.predict", f"--workdir={workdir}",
+        str(tmp_path / "image.npy"),
+    )  # fmt: skip
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert result.returncode == 1 and len(errors) == 1, result.stderr[-3000:]
+    assert f"{workdir}/export/classes.json" in errors[0] and "%2F" not in errors[0], errors[0]
+
+
+def test_a_workdir_with_doubled_slashes_is_one_place(gcs, data):
+    from google.cloud import storage
+
+    bucket = gcs.bucket()
+    command = [sys.executable, "train.py", *idx_flags(data, **{**RUN, "num_epochs": 1}),
+               "--workdir", bucket + "//run"]  # fmt: skip
+    result = second_run(command, {**os.environ, **gcs.env})
+    assert result.returncode == 0, result.stderr[-3000:]
+    names = [blob.name for blob in storage.Client().list_blobs(bucket.removeprefix("gs://"))]
+    assert names and all(name.startswith("run/") for name in names), names
+    assert any(name.startswith("run/tensorboard/") for name in names), names
+
+
 def lease_generation(workdir):
     from google.cloud import storage
 

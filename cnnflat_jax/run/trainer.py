@@ -13,6 +13,7 @@ import numpy as np
 from absl import logging
 
 from cnnflat_jax import config as config_lib
+from cnnflat_jax import paths
 from cnnflat_jax.data import batching, input_pipeline
 from cnnflat_jax.run import checkpoints, lock, outputs, reporting, run_state, signals
 from cnnflat_jax.run import workdir as workdir_lib
@@ -43,6 +44,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     """
     start = time.perf_counter()
     config_lib.check(config)
+    workdir = paths.normal(workdir)  # gs://b//run is gs://b/run: one name for every writer.
     with (
         signals.stop_signals() as stopping,
         lock.workdir_lock(workdir, config.workdir_lease_sec),

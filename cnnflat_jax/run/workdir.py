@@ -86,7 +86,8 @@ def read_bytes(target: str | os.PathLike) -> bytes:
       RunError: ``target`` is a symbolic link.
     """
     if is_remote(target):
-        return paths.remote(target).read_bytes()
+        with paths.named(target):
+            return paths.remote(target).read_bytes()
     descriptor = os.open(not_a_link(target), os.O_RDONLY | NO_FOLLOW)
     with os.fdopen(descriptor, "rb") as f:
         return f.read()
