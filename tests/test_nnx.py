@@ -98,6 +98,14 @@ def test_parameters_of_another_model_or_shape_are_refused():
         nnx_models.from_linen(models.MLP(num_classes=10), params, (28, 28, 1))
     with pytest.raises(layers.SpecError, match="dense:3"):
         nnx_models.Sequential(("dense:3",), (4, 4, 1), rngs=nnx.Rngs(0))
+    no_bias = {**params, "Dense_1": {"kernel": params["Dense_1"]["kernel"]}}
+    with pytest.raises(ValueError, match=r"Dense_1 has no bias; it holds \['kernel'\]"):
+        nnx_models.from_linen(models.CNN(num_classes=10), no_bias, (28, 28, 1))
+    integers = {**params, "Dense_1": {**params["Dense_1"], "bias": np.zeros(10, np.int32)}}
+    with pytest.raises(ValueError, match="Dense_1.bias is int32, not floating point"):
+        nnx_models.from_linen(models.CNN(num_classes=10), integers, (28, 28, 1))
+    with pytest.raises(ValueError, match="Dense is not a Linen Sequential, CNN or MLP"):
+        nnx_models.from_linen(models.Dense(3), params, (28, 28, 1))
 
 
 def test_a_train_py_checkpoint_loads_into_nnx(tmp_path):

@@ -136,10 +136,16 @@ def from_linen(
     its Linen ``params`` (``{"Conv2D_0": {"kernel", "bias"}, ...}``).
 
     Raises:
-      ValueError: ``params`` are not the model's for ``image_shape`` inputs.
+      ValueError: ``linen_model`` is none of those, or ``params`` are not the
+        model's for ``image_shape`` inputs (names, shapes, a missing leaf, or
+        values that are not floating point).
     """
-    specs = linen_model.layers if isinstance(linen_model, models.Sequential) else None
-    specs = specs or linen_model.specs()
+    if not isinstance(linen_model, (models.Sequential, models.CNN, models.MLP)):
+        raise ValueError(
+            f"{type(linen_model).__name__} is not a Linen Sequential, CNN or MLP of "
+            "cnnflat_jax.models"
+        )
+    specs = models.layer_specs(linen_model)
     lowering = getattr(linen_model, "conv_lowering", "auto")
     model = Sequential(specs, image_shape, conv_lowering=lowering, rngs=nnx.Rngs(0))
     named = _linen_names(model)
@@ -150,7 +156,11 @@ def from_linen(
         )
     for name, module in named:
         for leaf in ("kernel", "bias"):
+            if leaf not in params[name]:
+                raise ValueError(f"{name} has no {leaf}; it holds {sorted(params[name])}")
             value = jnp.asarray(params[name][leaf])
+            if not jnp.issubdtype(value.dtype, jnp.floating):
+                raise ValueError(f"{name}.{leaf} is {value.dtype}, not floating point")
             variable = getattr(module, leaf)
             if value.shape != variable.get_value().shape:
                 raise ValueError(
