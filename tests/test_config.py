@@ -146,6 +146,9 @@ def test_a_config_file_that_fails_to_run_is_one_line(tmp_path):
     path.write_text("def get_config(:\n")
     expected = [f"config file {path}: SyntaxError"]
     assert_one_error_line(run_train(f"--config={path}", workdir=tmp_path / "run"), expected)
+    # An argument the config's get_config does not take: absl quotes the traceback.
+    expected = ["config file ", "smoke.py:foo: TypeError: get_config() takes 0 positional"]
+    assert_one_error_line(run_train("--config=smoke:foo", workdir=tmp_path / "run"), expected)
 
 
 @pytest.mark.parametrize(

@@ -71,6 +71,9 @@ def config_errors(argv: list[str]) -> Iterator[None]:
         yield
     except flags.Error as e:
         match = re.match(r"flag --config\.([\w.]+)=(.*?): (.*)", str(e))
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        if not match and len(lines) > 1:  # The config file raised: absl quotes its traceback.
+            fail(f"config file {_flag_value(argv, 'config') or 'default'}: {lines[-1]}")
         if not match:
             fail(str(e))
         key, value, why = match.groups()
