@@ -203,9 +203,6 @@ class Lease:
     def __enter__(self) -> Lease:
         from google.api_core import exceptions
 
-        # Where the renewing thread's lines go: the process's stderr as it is now,
-        # even while a checkpoint's save holds stderr back (``checkpoints``).
-        self._stderr = os.dup(2)
         try:
             self._write(if_generation_match=0)
         except exceptions.PreconditionFailed:
@@ -218,6 +215,9 @@ class Lease:
         except exceptions.GoogleAPIError as e:  # Forbidden, unreachable, ...
             cause = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise RunError(f"cannot use {self.workdir} as the workdir: {cause[:300]}") from None
+        # Where the renewing thread's lines go: the process's stderr as it is now,
+        # even while a checkpoint's save holds stderr back (``checkpoints``).
+        self._stderr = os.dup(2)
         self._thread.start()
         return self
 
