@@ -158,3 +158,38 @@ def test_process_flags_that_cannot_start_a_run_are_one_error_line(tmp_path, flag
     assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert expected in errors[0]
     assert not (tmp_path / "run").exists()
+
+
+def test_processes_given_other_configs_all_refuse_before_any_step(tmp_path):
+    data = write_idx_dataset(tmp_path / "data")
+    address = f"localhost:{free_port()}"
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    other = (["--config.learning_rate=0.01"], [])
+    processes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "train.py",
+                *idx_flags(data),
+                "--workdir",
+                str(tmp_path / "run"),
+                f"--coordinator_address={address}",
+                "--num_processes=2",
+                f"--process_id={i}",
+                "--config.peer_timeout_sec=10",
+                *other[i],
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for i in range(2)
+    ]
+    for process in processes:
+        _, err = process.communicate(timeout=300)
+        errors = [line for line in err.splitlines() if line.startswith("error: ")]
+        assert process.returncode == 1 and len(errors) == 1, err[-3000:]
+        assert "process 1 differs from process 0 in learning_rate 0.002 -> 0.01" in errors[0]
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -100,6 +100,46 @@ def _refuse_another_run(
         )
 
 
+def check_processes_agree(config: ml_collections.ConfigDict) -> None:
+    """Every process of a multi-process run holds one run identity: each
+    gathers every process's identity fields, before any data is read or any
+    step runs (other configs would train apart, deadlock or crash in a
+    collective), and all of them refuse alike.
+
+    Raises:
+      RunError: naming the first process whose identity differs from process
+        0's, and each differing field.
+    """
+    if jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils
+
+    identity = {
+        key: value
+        for key, value in config_lib.flat_fields(config_lib.as_json(config)).items()
+        if config_lib.is_identity(key)
+    }
+    text = np.frombuffer(json.dumps(identity, sort_keys=True).encode(), np.uint8)
+    longest = int(np.max(multihost_utils.process_allgather(np.array(len(text), np.int32))))
+    padded = np.zeros(longest, np.uint8)
+    padded[: len(text)] = text
+    every = multihost_utils.process_allgather(padded)
+    first = json.loads(bytes(every[0]).rstrip(b"\0"))
+    for process, row in enumerate(every[1:], start=1):
+        other = json.loads(bytes(row).rstrip(b"\0"))
+        changed = [
+            f"{key} {config_lib.show(first.get(key))} -> {config_lib.show(other.get(key))}"
+            for key in sorted(set(first) | set(other))
+            if first.get(key) != other.get(key)
+        ]
+        if changed:
+            raise RunError(
+                f"the processes of this run were given other configs: process {process} "
+                f"differs from process 0 in {'; '.join(changed)}; give every process the same "
+                "--config and --config.FIELD flags"
+            )
+
+
 def global_step(state: Any) -> int:
     """The state's step (a population's members step together)."""
     return int(np.max(state.step))

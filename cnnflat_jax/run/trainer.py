@@ -45,6 +45,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     start = time.perf_counter()
     config_lib.check(config)
     workdir = paths.normal(workdir)  # gs://b//run is gs://b/run: one name for every writer.
+    run_state.check_processes_agree(config)
     with (
         signals.stop_signals() as stopping,
         lock.workdir_lock(workdir, config.workdir_lease_sec),
