@@ -164,7 +164,7 @@ def test_processes_given_other_configs_all_refuse_before_any_step(tmp_path):
     data = write_idx_dataset(tmp_path / "data")
     address = f"localhost:{free_port()}"
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    other = (["--config.learning_rate=0.01"], [])
+    other = ([], ["--config.learning_rate=0.01"])
     processes = [
         subprocess.Popen(
             [
@@ -187,9 +187,9 @@ def test_processes_given_other_configs_all_refuse_before_any_step(tmp_path):
         )  # fmt: skip
         for i in range(2)
     ]
-    for process in processes:
-        _, err = process.communicate(timeout=300)
+    ends = [(process.communicate(timeout=300)[1], process.returncode) for process in processes]
+    for err, returncode in ends:
         errors = [line for line in err.splitlines() if line.startswith("error: ")]
-        assert process.returncode == 1 and len(errors) == 1, err[-3000:]
+        assert returncode == 1 and len(errors) == 1, err[-3000:]
         assert "process 1 differs from process 0 in learning_rate 0.002 -> 0.01" in errors[0]
     assert not (tmp_path / "run" / "checkpoints").exists()
