@@ -62,9 +62,9 @@ class Listing:
     labels: dict[str, np.ndarray]
 
     def contents(self) -> str:
-        """A digest of what the pictures are: each split's files by path relative
-        to the folder, size and modification time (a bucket's objects: size).
-        A picture added, removed, replaced or edited changes it."""
+        """A digest of what the pictures are: each split's files by path, size
+        and modification time (a bucket's objects: path and size). A picture
+        added, removed, replaced or edited changes it."""
         digest = hashlib.sha256()
         for split in SPLITS:
             for path in self.files[split]:
