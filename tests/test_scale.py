@@ -81,6 +81,35 @@ def free_port():
         return s.getsockname()[1]
 
 
+def start_two_processes(data, workdir, *flags, per_process=((), ()), overrides=None):
+    """Two processes of one run (gloo over localhost), 2 CPU devices each, with
+    ``flags``; ``per_process[i]`` are process i's own."""
+    address = f"localhost:{free_port()}"
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    return [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "train.py",
+                *idx_flags(data, **(overrides or {})),
+                "--workdir",
+                str(workdir),
+                f"--coordinator_address={address}",
+                "--num_processes=2",
+                f"--process_id={i}",
+                *flags,
+                *per_process[i],
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for i in range(2)
+    ]
+
+
 @pytest.mark.parametrize("pipeline", ["memory", "grain"])
 def test_two_processes_match_one_process_with_the_same_data_shards(tmp_path, pipeline):
     data = write_idx_dataset(tmp_path / "data", num_train=70)
@@ -97,30 +126,8 @@ def test_two_processes_match_one_process_with_the_same_data_shards(tmp_path, pip
             "--config.input_pipeline=grain",
             f"--config.array_record_dir={tmp_path / 'records'}",
         ]
-    address = f"localhost:{free_port()}"
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
     workdir = tmp_path / "two"
-    processes = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "train.py",
-                *idx_flags(data, **overrides),
-                "--workdir",
-                str(workdir),
-                f"--coordinator_address={address}",
-                "--num_processes=2",
-                f"--process_id={i}",
-                *streamed,
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )  # fmt: skip
-        for i in range(2)
-    ]
+    processes = start_two_processes(data, workdir, *streamed, overrides=overrides)
     outputs = [p.communicate(timeout=600) for p in processes]
     for p, (_, err) in zip(processes, outputs):
         assert p.returncode == 0, err[-3000:]
@@ -162,31 +169,10 @@ def test_process_flags_that_cannot_start_a_run_are_one_error_line(tmp_path, flag
 
 def test_processes_given_other_configs_all_refuse_before_any_step(tmp_path):
     data = write_idx_dataset(tmp_path / "data")
-    address = f"localhost:{free_port()}"
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    other = ([], ["--config.learning_rate=0.01"])
-    processes = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "train.py",
-                *idx_flags(data),
-                "--workdir",
-                str(tmp_path / "run"),
-                f"--coordinator_address={address}",
-                "--num_processes=2",
-                f"--process_id={i}",
-                "--config.peer_timeout_sec=10",
-                *other[i],
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )  # fmt: skip
-        for i in range(2)
-    ]
+    processes = start_two_processes(
+        data, tmp_path / "run", "--config.peer_timeout_sec=10",
+        per_process=((), ("--config.learning_rate=0.01",)),
+    )  # fmt: skip
     ends = [(process.communicate(timeout=300)[1], process.returncode) for process in processes]
     for err, returncode in ends:
         errors = [line for line in err.splitlines() if line.startswith("error: ")]

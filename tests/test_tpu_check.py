@@ -94,10 +94,6 @@ def test_an_unknown_topology_is_named():
         (["--config", "nosuch"], "error: config file nosuch: OSError"),
         (["--config.batch_size=abc"], "error: config.batch_size=abc: invalid literal"),
         (["--image_shape=a,b,c"], "error: --image_shape=a,b,c --examples=60000,10000: not H,W,C"),
-        # Terabytes of temporaries per chip: the compiler's size in any unit.
-        (["--config.batch_size=1073741824"], "error: the train (1 steps) program needs "),
-        (["--topology", "v5e:0x0"], "error: TPU topology 'v5e:0x0': a v5e slice is 2 sizes"),
-        (["--topology", "v5e:4x4x4"], "error: TPU topology 'v5e:4x4x4': a v5e slice is 2"),
     ],
 )  # fmt: skip
 def test_a_bad_flag_or_config_is_one_error_line(args, expected):
@@ -128,3 +124,17 @@ def test_per_example_clipping_reports_its_gradient_all_reduce():
     # would otherwise hold its eval program, which a compile-only client cannot load.
     report = tpu_check.check(config, "v5e:2x4")
     assert report.collectives.get("all-reduce", 0) >= 1, report.collectives
+
+
+@pytest.mark.parametrize("topology", ["v5e:0x0", "v5e:4x4x4", "v5p:2x2"])
+def test_a_slice_of_the_wrong_shape_is_refused_before_libtpu_sees_it(topology):
+    # libtpu ends the process on these (SIGFPE for 0x0, an abort for 4x4x4).
+    with pytest.raises(tpu_check.PreflightError, match=rf"TPU topology '{topology}': a v5. slice"):
+        tpu_check.check(tpu.get_config(), topology)
+
+
+def test_terabytes_of_temporaries_are_named_in_any_unit():
+    config = tpu.get_config()
+    config.batch_size = 2**30
+    with pytest.raises(tpu_check.PreflightError, match=r"needs [\d.]+TiB of temporaries per chip"):
+        tpu_check.check(config, "v5e:2x2")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import flax.linen as nn
 import jax
 import ml_collections
 from jax.sharding import Mesh
@@ -22,15 +21,12 @@ from cnnflat_jax.train import evaluation, population, sharding, train_lib
 
 @dataclasses.dataclass(frozen=True)
 class Start:
-    """Where a run starts: its model, one model or a population of them
-    (``team``), the initial state and the data-order keys
-    (``population.initial_state``), and its steps per epoch."""
+    """Where a run starts: one model or a population of them (``team``), the
+    initial state and the data-order keys (``population.initial_state``)."""
 
-    model: nn.Module
     team: population.Population
     state: train_lib.TrainState
     data_keys: list[jax.Array]
-    steps_per_epoch: int
 
 
 def start(
@@ -47,7 +43,7 @@ def start(
     state, keys = population.initial_state(config, team, model, image_shape, steps_per_epoch)
     if mesh is not None:
         state = sharding.replicate(state, mesh)
-    return Start(model, team, state, keys, steps_per_epoch)
+    return Start(team, state, keys)
 
 
 def steps_per_dispatch(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
